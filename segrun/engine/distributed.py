@@ -1,0 +1,80 @@
+"""Rank awareness in one place: the rest of segrun asks ``is_main()`` and never reads the environment.
+
+A run is distributed when launched by ``torchrun`` (``WORLD_SIZE`` > 1). The backend is NCCL on
+CUDA and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_distributed() -> bool:
+    """True when a launcher (torchrun) started several processes for this run."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def init(device: torch.device, backend: str = "auto", timeout_s: int = 1800) -> bool:
+    """Join the process group when launched distributed; returns whether we are distributed."""
+    if not launched_distributed():
+        return False
+    if dist.is_initialized():
+        return True
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a picklable object from ``src`` to every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (in place; a no-op outside DDP)."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+        t /= world_size()
+    return t
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under a DDP wrapper."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -1,0 +1,77 @@
+"""Streaming segmentation metrics from a confusion matrix kept on the device.
+
+Policy for absent classes: a class that appears neither in the ground truth nor in the prediction
+over the whole evaluation has an undefined IoU (0/0). It is reported as NaN and left out of every
+mean (mIoU, mean accuracy). A class present in the prediction but absent from the ground truth has
+IoU 0 (all its predictions are false positives) and counts in the mean.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+class ConfusionMatrix:
+    """``mat[t, p]`` counts pixels of true class ``t`` predicted as ``p``; ``ignore_index`` pixels are skipped.
+
+    ``update`` runs on the device with one ``bincount`` and never synchronises with the host.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.mat.zero_()
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """``pred`` and ``target`` are integer tensors of the same shape (class indices)."""
+        n = self.num_classes
+        valid = target != self.ignore_index
+        # out-of-range targets would silently alias other cells; they are treated as ignored
+        valid &= (target >= 0) & (target < n)
+        idx = target[valid].to(torch.int64) * n + pred[valid].to(torch.int64)
+        self.mat += torch.bincount(idx, minlength=n * n).view(n, n)
+
+    def all_reduce(self) -> None:
+        """Sum over processes (no-op outside DDP)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.mat)
+
+    def compute(self, class_names: Sequence[str] | None = None) -> dict:
+        return metrics_from_confusion(self.mat.detach().cpu(), class_names)
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    finite = values[~torch.isnan(values)]
+    return float(finite.mean()) if finite.numel() else math.nan
+
+
+def metrics_from_confusion(mat: torch.Tensor, class_names: Sequence[str] | None = None) -> dict:
+    """Pixel accuracy, mean class accuracy, mIoU, per-class IoU and frequency-weighted IoU."""
+    mat = mat.to(torch.float64)
+    n = mat.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
+    tp = mat.diag()
+    gt = mat.sum(1)
+    pred = mat.sum(0)
+    union = gt + pred - tp
+    total = mat.sum()
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
+    freq = gt / total if total > 0 else torch.zeros_like(gt)
+    fw = float((freq[union > 0] * iou[union > 0]).sum()) if total > 0 else math.nan
+    return {
+        "pixel_acc": float(tp.sum() / total) if total > 0 else math.nan,
+        "mean_acc": _nanmean(acc),
+        "mIoU": _nanmean(iou),
+        "fwIoU": fw,
+        "class_iou": {name: float(v) for name, v in zip(names, iou)},
+        "class_acc": {name: float(v) for name, v in zip(names, acc)},
+    }

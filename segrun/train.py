@@ -1,0 +1,75 @@
+"""The training task: ``python -m segrun [overrides]`` composes ``conf/train.yaml``, builds, trains.
+
+``trainer.resume=PATH`` continues a run in its own folder: the overrides stored in the checkpoint are
+replayed before the ones on the command line, so the composed config is the one the run started
+with (plus whatever you override now, e.g. a larger ``trainer.epochs``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from segrun.config import conf_dir
+from segrun.errors import report_user_errors
+
+RESUME_KEY = "trainer.resume"
+
+
+def _override_key(arg: str) -> str:
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """Expand ``trainer.resume=PATH`` into the run's original overrides plus its run folder."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    resume = [a for a in argv if _override_key(a) == RESUME_KEY and "=" in a]
+    if not resume:
+        return argv
+    path = Path(resume[-1].split("=", 1)[1])
+    if str(path) in ("", "null", "None"):
+        return argv
+    from segrun.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    given = {_override_key(a) for a in argv if "=" in a}
+    original = [a for a in ckpt.get("overrides", []) if _override_key(a) not in given
+                and _override_key(a) != RESUME_KEY and not _override_key(a).startswith("hydra.")]
+    extra = []
+    if "hydra.run.dir" not in given and path.resolve().parent.name == "checkpoints":
+        extra.append(f"hydra.run.dir={path.resolve().parent.parent}")
+    return original + argv + extra
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    """Hydra task: returns the best monitored value (what sweepers optimise)."""
+    from segrun.engine.trainer import Trainer
+    from segrun.engine import distributed
+
+    hc = HydraConfig.get()
+    overrides = [o for o in hc.overrides.task if _override_key(o) != RESUME_KEY]
+
+    def run() -> float | None:
+        try:
+            return Trainer(cfg, hc.runtime.output_dir, overrides).fit()
+        finally:
+            distributed.cleanup()
+
+    return report_user_errors(run)
+
+
+def main() -> None:
+    """Console entry point (``segrun`` / ``python -m segrun``)."""
+    argv = report_user_errors(lambda: resume_argv(sys.argv[1:]))
+    sys.argv = [sys.argv[0], *argv]
+    train()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Shared helpers: composing the real config tree and running the CLI on tiny settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from segrun.config import conf_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: a run small enough for a test: a few dozen 32-48 px images, a 2-level U-Net of width 4
+TINY = [
+    "dataset.sizes={train: 24, val: 8, test: 4}",
+    "dataset.min_size=32",
+    "dataset.max_size=48",
+    "dataset.base_size=40",
+    "dataset.crop_size=32",
+    "model.width=4",
+    "model.depth=2",
+    "loader.batch_size=4",
+    "loader.num_workers=0",
+    "trainer.progress=false",
+    "trainer.log_every=2",
+    "trainer.vis_samples=2",
+]
+
+
+def compose_cfg(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)
+
+
+def run_cli(args: list[str], module: str = "segrun", timeout: float = 300, cwd: Path | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` with one intra-op thread (stable on shared 2-core machines)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO, env=full_env)
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)

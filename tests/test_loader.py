@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from segrun.data import Shapes, TrainTransform
+from segrun.data.loader import EpochSampler, build_loader, pad_collate
+
+
+def test_sampler_depends_only_on_seed_and_epoch():
+    a, b = EpochSampler(20, seed=1), EpochSampler(20, seed=1)
+    a.set_epoch(3), b.set_epoch(3)
+    assert list(a) == list(b)
+    b.set_epoch(4)
+    assert [k[0] for k in a] != [k[0] for k in b]
+    assert sorted(k[0] for k in a) == list(range(20))
+
+
+def test_distributed_shards_cover_everything_with_equal_lengths():
+    shards = [list(EpochSampler(10, seed=0, rank=r, world_size=3)) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    assert {k[0] for s in shards for k in s} == set(range(10))
+    val = [list(EpochSampler(10, shuffle=False, rank=r, world_size=3, pad=False)) for r in range(3)]
+    assert sorted(k[0] for s in val for k in s) == list(range(10))
+
+
+def test_pad_collate_pads_labels_with_ignore():
+    batch = [{"image": torch.ones(3, 4, 5, dtype=torch.uint8), "label": torch.zeros(4, 5, dtype=torch.int64)},
+             {"image": torch.ones(3, 6, 3, dtype=torch.uint8), "label": torch.ones(6, 3, dtype=torch.int64)}]
+    out = pad_collate(batch, ignore_index=255)
+    assert out["image"].shape == (2, 3, 6, 5) and out["label"].shape == (2, 6, 5)
+    assert (out["label"][0, 4:] == 255).all() and (out["label"][1, :, 3:] == 255).all()
+    assert out["size"] == [(4, 5), (6, 3)]
+
+
+def test_augmentation_is_independent_of_worker_count():
+    ds = Shapes(split="train", sizes={"train": 12}, min_size=32, max_size=48,
+                transform=TrainTransform(32, base_size=40, blur=0.5))
+    batches = {}
+    for workers in (0, 2):
+        loader = build_loader(ds, 4, train=True, num_workers=workers, seed=5)
+        loader.sampler.set_epoch(2)
+        batches[workers] = [b["image"] for b in loader]
+    assert all(torch.equal(x, y) for x, y in zip(batches[0], batches[2]))
+
+
+def test_drop_last_guard_names_the_option():
+    ds = Shapes(split="val", sizes={"val": 3})
+    with pytest.raises(ValueError, match="loader.batch_size"):
+        build_loader(ds, 8, train=True)
+
+
+def test_val_split_carves_disjoint_seeded_subsets():
+    kw = dict(sizes={"train": 50}, val_split=0.2, split_seed=3)
+    train, val = Shapes(split="train", **kw), Shapes(split="val", **kw)
+    assert len(val) == 10 and len(train) == 40
+    assert not set(train.items) & set(val.items)
+    assert Shapes(split="val", **kw).items == val.items
+
+
+def test_shapes_is_deterministic_and_has_all_classes():
+    a, b = Shapes(split="train", sizes={"train": 30}), Shapes(split="train", sizes={"train": 30})
+    import numpy as np
+
+    for i in range(3):
+        ia, la = a.read(i)
+        ib, lb = b.read(i)
+        assert np.array_equal(ia, ib) and np.array_equal(la, lb)
+    present = set()
+    for i in range(30):
+        present |= set(np.unique(a.read(i)[1]).tolist())
+    assert present == {0, 1, 2, 3, 4}
+    assert "Shapes(split='train', size=30" in repr(a)

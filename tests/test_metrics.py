@@ -1,0 +1,60 @@
+import math
+
+import torch
+
+from segrun.metrics import ConfusionMatrix, metrics_from_confusion
+
+
+def test_confusion_counts_and_ignore():
+    cm = ConfusionMatrix(3, ignore_index=255)
+    target = torch.tensor([[0, 0, 1, 1], [2, 255, 255, 2]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 2]])
+    cm.update(pred, target)
+    expected = torch.tensor([[1, 1, 0], [0, 2, 0], [1, 0, 1]])
+    assert torch.equal(cm.mat, expected)
+
+
+def test_metrics_against_hand_computation():
+    # rows: truth, cols: prediction
+    mat = torch.tensor([[3, 1, 0], [0, 2, 0], [1, 0, 1]])
+    m = metrics_from_confusion(mat, ["a", "b", "c"])
+    # IoU: a 3/(4+4-3)=0.6, b 2/(2+3-2)=2/3, c 1/(2+1-1)=0.5
+    assert math.isclose(m["class_iou"]["a"], 0.6)
+    assert math.isclose(m["class_iou"]["b"], 2 / 3)
+    assert math.isclose(m["class_iou"]["c"], 0.5)
+    assert math.isclose(m["mIoU"], (0.6 + 2 / 3 + 0.5) / 3)
+    assert math.isclose(m["pixel_acc"], 6 / 8)
+    assert math.isclose(m["mean_acc"], (3 / 4 + 1 + 1 / 2) / 3)
+    assert math.isclose(m["fwIoU"], 4 / 8 * 0.6 + 2 / 8 * (2 / 3) + 2 / 8 * 0.5)
+
+
+def test_absent_class_is_nan_and_excluded_but_false_positive_class_counts():
+    # class 2 never in truth nor prediction -> NaN, excluded; class 3 only predicted -> IoU 0, included
+    mat = torch.tensor([[2, 0, 0, 1], [0, 3, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    m = metrics_from_confusion(mat)
+    assert math.isnan(m["class_iou"]["2"])
+    assert m["class_iou"]["3"] == 0.0
+    assert math.isclose(m["mIoU"], (2 / 3 + 1.0 + 0.0) / 3)
+    assert math.isclose(m["mean_acc"], (2 / 3 + 1.0) / 2)  # class 3 has no truth pixels: accuracy undefined
+
+
+def test_streaming_equals_one_shot_and_out_of_range_is_ignored():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 4, (6, 8, 8), generator=g)
+    p = torch.randint(0, 4, (6, 8, 8), generator=g)
+    t[:, 0, 0] = 255
+    one = ConfusionMatrix(4)
+    one.update(p, t)
+    streamed = ConfusionMatrix(4)
+    for i in range(6):
+        streamed.update(p[i], t[i])
+    assert torch.equal(one.mat, streamed.mat)
+    assert int(one.mat.sum()) == 6 * 64 - 6
+    cm = ConfusionMatrix(4)
+    cm.update(torch.tensor([0, 1]), torch.tensor([7, 1]))
+    assert int(cm.mat.sum()) == 1
+
+
+def test_empty_evaluation_is_nan_not_crash():
+    m = ConfusionMatrix(3).compute()
+    assert math.isnan(m["mIoU"]) and math.isnan(m["pixel_acc"])

@@ -1,0 +1,86 @@
+"""In-process training runs on tiny settings: outputs, TensorBoard tags, the non-finite guard, monitors."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY, compose_cfg
+from segrun.engine.checkpoint import load_checkpoint
+from segrun.engine.trainer import MonitorError, NonFiniteLossError, Trainer
+
+
+def _trainer(tmp_path, extra=()):
+    cfg = compose_cfg([*TINY, *extra])
+    return Trainer(cfg, tmp_path, overrides=list(extra))
+
+
+def test_run_writes_checkpoints_metrics_and_tensorboard(tmp_path):
+    t = _trainer(tmp_path, ["trainer.epochs=2"])
+    best = t.fit()
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    best_ckpt = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert last["epoch"] == 2 and last["global_step"] == 2 * t.iters_per_epoch
+    assert best_ckpt["epoch"] == last["best_epoch"]
+    assert not any(k.startswith("module.") for k in last["model"])
+    for key in ("optimizer", "scheduler", "rng", "config", "class_names", "palette", "segrun_version",
+                "stale_validations", "best_metric"):
+        assert key in last, key
+    assert last["config"]["model"]["width"] == 4
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_metric"] == pytest.approx(best)
+    assert metrics["best_epoch"] in (1, 2)
+    assert set(metrics["class_iou"]) == {"background", "ellipse", "rectangle", "triangle", "ring"}
+    for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU"):
+        assert key in metrics
+    assert metrics["mIoU"] == pytest.approx(best)
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "lr/head", "train/mIoU", "train/epoch_loss", "val/loss", "val/mIoU",
+                "val/pixel_acc", "val/mean_acc", "val/fwIoU", "val_class_iou/ring"):
+        assert tag in scalars, tag
+    assert "val/predictions" in acc.Tags()["images"]
+    assert [e.step for e in acc.Scalars("val/mIoU")] == [1, 2]
+    image = acc.Images("val/predictions")[0]
+    assert image.width > 3 * 32 and image.height >= 2 * 160
+
+
+class _NaNAfter(torch.nn.Module):
+    """Wraps a loss and returns NaN from the ``n``-th training call on (validation calls don't count)."""
+
+    def __init__(self, loss, n):
+        super().__init__()
+        self.loss, self.n, self.calls = loss, n, 0
+
+    def forward(self, out, target):
+        self.calls += int(torch.is_grad_enabled())
+        value = self.loss(out, target)
+        return value * float("nan") if self.calls >= self.n else value
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(tmp_path):
+    t = _trainer(tmp_path, ["trainer.epochs=3", "trainer.log_every=100"])
+    per_epoch = t.iters_per_epoch
+    t.criterion = _NaNAfter(t.criterion, per_epoch + 2)  # second step of epoch 2
+    with pytest.raises(NonFiniteLossError, match=rf"epoch 2, step {per_epoch + 2}\b"):
+        t.fit()
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_monitor_min_loss_and_early_stop(tmp_path):
+    t = _trainer(tmp_path, ["trainer.epochs=6", "trainer.monitor=min val/loss", "trainer.early_stop=1",
+                            "optimizer.lr=0.0"])  # nothing learns: the second validation cannot improve
+    t.fit()
+    assert t.epoch == 2 and t.best_epoch == 1
+
+
+def test_bad_monitor_names_available_metrics(tmp_path):
+    with pytest.raises(MonitorError, match="val/mIoU"):
+        _trainer(tmp_path, ["trainer.epochs=1", "trainer.monitor=max val/nope"]).fit()
+    with pytest.raises(MonitorError, match="trainer.monitor"):
+        _trainer(tmp_path, ["trainer.monitor=biggest val/mIoU"])

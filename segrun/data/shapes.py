@@ -1,8 +1,10 @@
 """``shapes``: a procedurally generated dataset, so ``python -m segrun`` trains with nothing to download.
 
-Every sample is a function of ``(seed, split, index)``: textured, noisy backgrounds with filled
-ellipses, rectangles, triangles and rings of random size, colour, rotation and overlap. Colours
-are random, so the model has to learn shape, not colour. Nothing is stored on disk.
+Every sample is a function of ``(seed, split, index)``: muted, textured, noisy backgrounds with
+filled ellipses, rectangles, triangles and rings of random size, rotation, shading and overlap.
+Each class draws its colour from its own hue family with random saturation and brightness, and
+ellipses and rings share neighbouring hues, so a model needs both colour and shape -- enough to
+be a fair smoke test that still converges in a few CPU minutes. Nothing is stored on disk.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Shapes(SegDataset):
         max_size: int = 128,
         max_shapes: int = 4,
         shape_size: Sequence[float] = (0.12, 0.3),
-        noise: float = 8.0,
+        noise: float = 4.0,
         seed: int = 0,
         num_classes: int = len(CLASSES),
         class_names: Sequence[str] | None = CLASSES,
@@ -78,11 +80,10 @@ class Shapes(SegDataset):
         h, w = (int(v) for v in rng.integers(self.min_size, self.max_size + 1, size=2))
         image = _background(rng, h, w)
         label = np.zeros((h, w), np.uint8)
-        base = np.median(image.reshape(-1, 3), axis=0)
         for _ in range(int(rng.integers(1, self.max_shapes + 1))):
             cls = int(rng.integers(1, len(CLASSES)))
             mask = _shape_mask(rng, cls, h, w, self.shape_size)
-            colour = _contrasting_colour(rng, base)
+            colour = _class_colour(rng, cls)
             shade = _gradient(rng, h, w, amplitude=15.0)
             region = mask.astype(bool)
             image[region] = np.clip(colour[None, :] + shade[region, None], 0, 255)
@@ -101,23 +102,33 @@ def _gradient(rng: np.random.Generator, h: int, w: int, amplitude: float) -> np.
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Float32 HxWx3: a base colour, a ramp, and smooth blotchy texture."""
-    base = rng.uniform(40, 215, size=3).astype(np.float32)
+    """Float32 HxWx3: a base colour, a ramp, smooth blotches and a fine grain.
+
+    The grain is what tells background from the smoothly shaded shapes locally, as texture does in
+    real scenes; colour alone never does, since both are random.
+    """
+    grey = rng.uniform(50, 200)
+    base = (grey + rng.uniform(-20, 20, size=3)).astype(np.float32)  # muted: low saturation
     image = np.broadcast_to(base, (h, w, 3)).copy()
     image += _gradient(rng, h, w, amplitude=20.0)[..., None]
     cells = int(rng.integers(3, 9))
     coarse = rng.normal(0, 15, size=(cells, cells, 3)).astype(np.float32)
     image += cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+    grain = cv2.GaussianBlur(rng.standard_normal((h, w), dtype=np.float32), (0, 0), 0.8)
+    image += (rng.uniform(25, 45) * grain)[..., None]
     return image
 
 
-def _contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_distance: float = 150.0) -> np.ndarray:
-    """A random colour at least ``min_distance`` (L1) from the background's typical colour."""
-    for _ in range(20):
-        colour = rng.uniform(0, 255, size=3).astype(np.float32)
-        if np.abs(colour - background).sum() >= min_distance:
-            return colour
-    return (255.0 - background).astype(np.float32)
+#: centre hue (degrees) of each foreground class's colour family
+_CLASS_HUES = {1: 0.0, 2: 120.0, 3: 220.0, 4: 50.0}
+
+
+def _class_colour(rng: np.random.Generator, cls: int) -> np.ndarray:
+    """A saturated RGB colour from the class's hue family (as sky tends to be blue and grass green)."""
+    hue = (_CLASS_HUES[cls] + rng.uniform(-25, 25)) % 360
+    sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0)
+    hsv = np.array([[[hue / 2, sat * 255, val * 255]]], np.uint8)  # OpenCV hue is 0..179
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
 
 
 def _shape_mask(rng: np.random.Generator, cls: int, h: int, w: int, size: Sequence[float]) -> np.ndarray:

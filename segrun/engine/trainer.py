@@ -329,7 +329,7 @@ class Trainer:
         metrics = cm.compute(self.class_names)
         metrics["loss"] = float(dist.all_reduce_mean(epoch_loss)) / max(1, self.iters_per_epoch)
         self.tb.scalars("train", {"epoch_loss": metrics["loss"], "mIoU": metrics["mIoU"],
-                                  "pixel_acc": metrics["pixel_acc"]}, epoch)
+                                  "pixel_acc": metrics["pixel_acc"]}, self.global_step)
         log.info("epoch %d train: loss %.4f mIoU %.4f pixel_acc %.4f", epoch, metrics["loss"],
                  metrics["mIoU"], metrics["pixel_acc"])
         return metrics
@@ -371,12 +371,13 @@ class Trainer:
             torch.distributed.all_reduce(counts)
         metrics = cm.compute(self.class_names)
         metrics["loss"] = float(loss_sum) / max(1.0, float(counts))
-        self.tb.scalars("val", {k: metrics[k] for k in ("loss", "mIoU", "pixel_acc", "mean_acc", "fwIoU")}, epoch)
+        step = self.global_step  # every TensorBoard event is indexed by global step, so a resume can purge cleanly
+        self.tb.scalars("val", {k: metrics[k] for k in ("loss", "mIoU", "pixel_acc", "mean_acc", "fwIoU")}, step)
         for name, iou in metrics["class_iou"].items():
-            self.tb.scalar(f"val_class_iou/{name}", iou, epoch)
+            self.tb.scalar(f"val_class_iou/{name}", iou, step)
         if vis:
             images, labels, preds = zip(*vis)
-            self.tb.image("val/predictions", prediction_grid(images, labels, preds, self.palette, self.ignore_index), epoch)
+            self.tb.image("val/predictions", prediction_grid(images, labels, preds, self.palette, self.ignore_index), step)
         self.tb.flush()
         log.info("epoch %d val: loss %.4f mIoU %.4f pixel_acc %.4f mean_acc %.4f fwIoU %.4f", epoch,
                  metrics["loss"], metrics["mIoU"], metrics["pixel_acc"], metrics["mean_acc"], metrics["fwIoU"])

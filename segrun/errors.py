@@ -29,6 +29,8 @@ def one_line(exc: BaseException) -> str:
                 key = line.split(":", 1)[1].strip()
         target = str(exc).splitlines()[0].replace("Error in call to target ", "").rstrip(":")
         inner = one_line(cause) if cause is not None else str(exc)
+        if isinstance(cause, SegrunError) or type(cause).__name__ in ("DatasetError", "DatasetNotFoundError"):
+            return inner  # these messages already name the file or key at fault
         where = f"config '{key}' ({target})" if key else target
         return " ".join(f"{where}: {inner}".split())
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)

@@ -34,3 +34,15 @@ def test_missing_resume_checkpoint_is_named(tmp_path):
     r = run_cli([f"trainer.resume={missing}"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"checkpoint {missing} does not exist" in r.stderr
+
+
+def test_multirun_sweeps_one_run_per_value(tmp_path):
+    r = run_cli(["-m", *TINY, "trainer.epochs=1", "optimizer.lr=0.01,0.02", f"hydra.sweep.dir={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for job in ("0", "1"):
+        assert (tmp_path / job / "checkpoints" / "best.pt").is_file()
+        assert (tmp_path / job / "metrics.json").is_file()
+    from segrun.engine.checkpoint import load_checkpoint
+
+    lrs = {load_checkpoint(tmp_path / j / "checkpoints" / "last.pt")["config"]["optimizer"]["lr"] for j in "01"}
+    assert lrs == {0.01, 0.02}

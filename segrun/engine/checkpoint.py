@@ -90,7 +90,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, pickle of foreign objects...
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "format" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a segrun checkpoint (no 'model'/'format' entries)")
     return ckpt

@@ -1,0 +1,155 @@
+"""``segrun.infer``: outputs, agreement with the validation prediction path, TTA modes, user errors."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from conftest import TINY, compose_cfg, run_cli
+from segrun.data.io import read_image
+from segrun.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segrun.engine.predict import Normalize, predict
+from segrun.engine.trainer import Trainer
+from segrun.infer import InferError, check_outputs, run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """A checkpoint from a tiny real training run, and a folder of assorted images.
+
+    One epoch leaves the model predicting background everywhere, which would make "the masks
+    match" vacuous; the conv weights are perturbed (and saved in the same checkpoint format) so
+    the masks hold several classes.
+    """
+    root = tmp_path_factory.mktemp("infer")
+    cfg = compose_cfg([*TINY, "trainer.epochs=1", "trainer.tensorboard=false"])
+    Trainer(cfg, root / "run").fit()
+    ckpt = load_checkpoint(root / "run" / "checkpoints" / "best.pt")
+    g = torch.Generator().manual_seed(0)
+    ckpt["model"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.dim() == 4 else v
+                     for k, v in ckpt["model"].items()}
+    ckpt_path = root / "model.pt"
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "segrun_version")}, ckpt_path)
+
+    shapes = instantiate(cfg.dataset, split="val", transform=None)
+    pics = [shapes.read(i)[0] for i in range(3)]
+    images = root / "images"
+    images.mkdir()
+    Image.fromarray(pics[0]).save(images / "a.png")
+    Image.fromarray(np.ascontiguousarray(pics[0][:, ::-1])).save(images / "a2.png")  # same size as a.png
+    Image.fromarray(pics[1]).save(images / "b.jpg", quality=95)
+    Image.fromarray(pics[2]).convert("L").save(images / "c_gray.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(images / "d.bmp")
+    (images / "notes.txt").write_text("not an image")
+    return {"root": root, "ckpt": ckpt_path, "images": images, "ckpt_data": ckpt,
+            "names": ["a", "a2", "b", "c_gray", "d"]}
+
+
+def _reference(ckpt: dict, path: Path, **settings) -> np.ndarray:
+    """The validation path on one image: the model rebuilt from the checkpoint, then ``predict``."""
+    model = instantiate(ckpt["config"]["model"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    x = torch.from_numpy(np.array(read_image(path))).permute(2, 0, 1)[None]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the CLI run (OMP_NUM_THREADS=1), so the float arithmetic is the same
+    try:
+        return predict(model, x, Normalize(ckpt["mean"], ckpt["std"]), **settings).argmax(1)[0].numpy()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _infer_cfg(setup: dict, out: Path, *extra: str):
+    return compose_cfg([f"ckpt={setup['ckpt']}", f"images={setup['images']}", f"out={out}", "progress=false",
+                        *extra], config_name="infer")
+
+
+def test_cli_writes_palette_masks_equal_to_validation(setup):
+    out = setup["root"] / "out"
+    r = run_cli([f"ckpt={setup['ckpt']}", f"images={setup['images']}", f"out={out}"], module="segrun.infer")
+    assert r.returncode == 0, r.stderr
+    assert "predicted 5 image(s)" in r.stdout and str(out) in r.stdout
+    ckpt = setup["ckpt_data"]
+    names = setup["names"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.png" for n in names] + [f"{n}_overlay.jpg" for n in names])
+    flat_palette = [v for colour in ckpt["palette"] for v in colour]
+    classes = set()
+    for name in names:
+        src = next(setup["images"].glob(f"{name}.*"))
+        h, w = read_image(src).shape[:2]
+        with Image.open(out / f"{name}.png") as im:
+            assert im.mode == "P" and im.size == (w, h)
+            assert im.getpalette()[: len(flat_palette)] == flat_palette
+            mask = np.asarray(im)
+        assert mask.max() < ckpt["num_classes"]
+        np.testing.assert_array_equal(mask, _reference(ckpt, src))
+        classes |= set(np.unique(mask).tolist())
+        with Image.open(out / f"{name}_overlay.jpg") as ov:
+            assert ov.mode == "RGB" and ov.size == (w, h)
+    assert len(classes) > 1  # the comparison is not between two all-background masks
+
+
+def test_slide_flip_scales_and_batching(setup, tmp_path):
+    tta = ["mode=slide", "stride=16", "scales=[0.75,1.25]", "flip=true", "overlay=false"]
+    result = run(_infer_cfg(setup, tmp_path / "slide", *tta))
+    assert result["crop_size"] == 32  # null -> the window validation used (the checkpoint's dataset.crop_size)
+    assert sorted(p.name for p in (tmp_path / "slide").iterdir()) == [f"{n}.png" for n in setup["names"]]
+    src = setup["images"] / "c_gray.png"
+    mask = np.asarray(Image.open(tmp_path / "slide" / "c_gray.png"))
+    assert mask.shape == read_image(src).shape[:2]
+    np.testing.assert_array_equal(mask, _reference(setup["ckpt_data"], src, mode="slide", crop_size=32, stride=16,
+                                                   scales=[0.75, 1.25], flip=True))
+
+    # a.png and a2.png share a size, so batch_size=2 runs them through one forward pass
+    run(_infer_cfg(setup, tmp_path / "single", "overlay=false"))
+    run(_infer_cfg(setup, tmp_path / "batched", "overlay=false", "batch_size=2"))
+    for name in setup["names"]:
+        single = np.asarray(Image.open(tmp_path / "single" / f"{name}.png"))
+        batched = np.asarray(Image.open(tmp_path / "batched" / f"{name}.png"))
+        assert (single == batched).mean() > 0.999  # equal up to float ties between batch kernels
+
+
+def test_config_and_checkpoint_mistakes_raise_named_errors(setup, tmp_path):
+    with pytest.raises(InferError, match="ckpt is required"):
+        run(compose_cfg([f"images={setup['images']}"], config_name="infer"))
+    with pytest.raises(InferError, match="mode=tiles"):
+        run(_infer_cfg(setup, tmp_path, "mode=tiles"))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a segrun checkpoint"):
+        run(compose_cfg([f"ckpt={foreign}", f"images={setup['images']}"], config_name="infer"))
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=f"checkpoint {junk} could not be read"):
+        run(compose_cfg([f"ckpt={junk}", f"images={setup['images']}"], config_name="infer"))
+    # outputs must not overwrite inputs, nor two inputs share an output
+    with pytest.raises(InferError, match="overwrite the input"):
+        check_outputs([setup["images"] / "a.png"], setup["images"], overlay=True)
+    with pytest.raises(InferError, match="both be written"):
+        check_outputs([tmp_path / "x.jpg", tmp_path / "x.png"], tmp_path / "out", overlay=False)
+
+
+def test_bad_inputs_exit_2_with_one_line(setup, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    cases = {
+        "checkpoint": ([f"ckpt={tmp_path / 'missing.pt'}", f"images={setup['images']}"], str(tmp_path / "missing.pt")),
+        "images": ([f"ckpt={setup['ckpt']}", f"images={tmp_path / 'nowhere'}"], str(tmp_path / "nowhere")),
+        "empty": ([f"ckpt={setup['ckpt']}", f"images={empty}"], "no image files"),
+    }
+    with ThreadPoolExecutor(len(cases)) as pool:  # the interpreter start-ups overlap, not one after another
+        results = dict(zip(cases, pool.map(lambda c: run_cli([*c[0], f"out={tmp_path / 'o'}"], module="segrun.infer"),
+                                           cases.values())))
+    for name, r in results.items():
+        assert r.returncode == 2, (name, r.stderr)
+        assert "Traceback" not in r.stderr, name
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, r.stderr)
+    assert not (tmp_path / "o").exists()

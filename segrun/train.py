@@ -64,9 +64,32 @@ def train(cfg: DictConfig) -> float | None:
     return report_user_errors(run)
 
 
+def worker_argv(argv: list[str]) -> list[str]:
+    """Overrides that keep a non-zero torchrun rank from writing into the run folder.
+
+    Every rank composes its own config, but only rank 0 writes checkpoints, metrics and TensorBoard.
+    The others skip Hydra's ``.hydra/`` and log file (duplicates, written concurrently) and log
+    warnings only to the console. Unless the run folder is given, they also stay in the current
+    directory: ``${now:...}`` can differ by a second between ranks and leave an empty folder behind.
+    """
+    from segrun.engine.distributed import launch_rank
+
+    rank = launch_rank()
+    if rank == 0:
+        return argv
+    keys = {_override_key(a) for a in argv if "=" in a}
+    extra = ["hydra.output_subdir=null"]
+    if "hydra/job_logging" not in keys:
+        extra += ["hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING",
+                  f"hydra.job_logging.formatters.simple.format='[rank {rank}][%(levelname)s] - %(message)s'"]
+    if "hydra.run.dir" not in keys:
+        extra.append("hydra.run.dir=.")
+    return argv + extra
+
+
 def main() -> None:
     """Console entry point (``segrun`` / ``python -m segrun``)."""
-    argv = report_user_errors(lambda: resume_argv(sys.argv[1:]))
+    argv = report_user_errors(lambda: worker_argv(resume_argv(sys.argv[1:])))
     sys.argv = [sys.argv[0], *argv]
     train()
 

@@ -34,6 +34,11 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 
+def launch_rank() -> int:
+    """The rank the launcher assigned, readable before the process group exists (Hydra setup)."""
+    return int(os.environ.get("RANK", 0)) if launched_distributed() else 0
+
+
 def init(device: torch.device, backend: str = "auto", timeout_s: int = 1800) -> bool:
     """Join the process group when launched distributed; returns whether we are distributed."""
     if not launched_distributed():
@@ -60,6 +65,18 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (BatchNorm statistics).
+
+    Without SyncBatchNorm each rank updates its own running statistics on its own shard; DDP only
+    re-broadcasts them at the next training forward. Evaluating with the bare module therefore needs
+    this, so every rank scores with the weights rank 0 checkpoints.
+    """
+    if world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=src)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

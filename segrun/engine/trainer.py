@@ -311,7 +311,7 @@ class Trainer:
             if i % log_every == 0 or i == self.iters_per_epoch:
                 self.check_finite(bad_step, epoch)
                 n = log_every if i % log_every == 0 else i % log_every
-                mean_loss = float(loss_sum) / n
+                mean_loss = float(dist.all_reduce_mean(loss_sum)) / n
                 loss_sum.zero_()
                 elapsed = time.perf_counter() - window_start
                 ips = window_images * dist.world_size() / max(elapsed, 1e-9)
@@ -335,6 +335,10 @@ class Trainer:
         return metrics
 
     def check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
+        """Raise on the first non-finite loss of any rank, so every process stops with the same message."""
+        if dist.world_size() > 1:
+            bad_step = bad_step.clone()
+            torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MAX)
         step = int(bad_step)
         if step >= 0:
             raise NonFiniteLossError(
@@ -344,7 +348,11 @@ class Trainer:
     @torch.no_grad()
     def validate(self, epoch: int) -> dict[str, Any]:
         tcfg = self.tcfg
-        self.model.eval()
+        # the bare model: DDP's forward may run a collective (buffer broadcast), which would hang when
+        # ranks run different numbers of validation batches (a rank may even have none)
+        model = dist.unwrap(self.model)
+        dist.broadcast_buffers(model)
+        model.eval()
         cm = ConfusionMatrix(self.num_classes, self.ignore_index, self.device)
         loss_sum = torch.zeros((), device=self.device)
         n_batches = 0
@@ -354,7 +362,7 @@ class Trainer:
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, enabled=self.amp):
-                scores = predict(self.model, images, self.normalize, mode=pcfg.mode, crop_size=pcfg.crop_size,
+                scores = predict(model, images, self.normalize, mode=pcfg.mode, crop_size=pcfg.crop_size,
                                  stride=pcfg.stride, scales=list(pcfg.scales), flip=bool(pcfg.flip))
                 loss_sum += self.criterion(scores.float(), labels).detach()
             pred = scores.argmax(1)

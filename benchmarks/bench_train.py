@@ -58,7 +58,7 @@ def full_loop(trainer: Trainer, epoch: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     overrides = ["trainer.progress=false", "trainer.tensorboard=false", "dataset.sizes={train: 240, val: 8, test: 8}",
@@ -74,10 +74,12 @@ def main() -> None:
             fulls.append(full_loop(trainer, r + 1))
     f, b = statistics.median(fulls), statistics.median(bares)
     print(f"device {trainer.device}, threads {torch.get_num_threads()}, batch {cfg.loader.batch_size}, "
-          f"crop {cfg.dataset.crop_size}, workers {cfg.loader.num_workers}, model {type(trainer.model).__name__}")
+          f"crop {cfg.dataset.crop_size}, workers {trainer.train_loader.num_workers}, model {type(trainer.model).__name__}")
     print(f"bare forward/backward/step : {b:8.1f} img/s  (rounds: {', '.join(f'{v:.1f}' for v in bares)})")
     print(f"full segrun train loop     : {f:8.1f} img/s  (rounds: {', '.join(f'{v:.1f}' for v in fulls)})")
-    print(f"ratio full / bare          : {f / b:8.3f}")
+    pairs = [x / y for x, y in zip(fulls, bares)]
+    print(f"ratio full / bare          : {f / b:8.3f}  (median of medians)")
+    print(f"ratio per round            : {statistics.median(pairs):8.3f}  (median; rounds: {', '.join(f'{v:.2f}' for v in pairs)})")
 
 
 if __name__ == "__main__":

@@ -69,3 +69,15 @@ def test_shapes_is_deterministic_and_has_all_classes():
         present |= set(np.unique(a.read(i)[1]).tolist())
     assert present == {0, 1, 2, 3, 4}
     assert "Shapes(split='train', size=30" in repr(a)
+
+
+def test_shapes_cache_serves_the_same_arrays_as_generation():
+    import numpy as np
+
+    cached, fresh = Shapes(split="val", sizes={"val": 4}), Shapes(split="val", sizes={"val": 4}, cache=False)
+    for i in range(4):
+        cached.read(i)
+    for i in range(4):
+        for a, b in zip(cached.read(i), fresh.read(i)):
+            assert np.array_equal(a, b)
+    assert len(cached._cache) == 4 and not fresh._cache

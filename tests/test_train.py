@@ -84,3 +84,12 @@ def test_bad_monitor_names_available_metrics(tmp_path):
         _trainer(tmp_path, ["trainer.epochs=1", "trainer.monitor=max val/nope"]).fit()
     with pytest.raises(MonitorError, match="trainer.monitor"):
         _trainer(tmp_path, ["trainer.monitor=biggest val/mIoU"])
+
+
+def test_auto_workers_stay_off_the_cpu_compute_cores():
+    from segrun.engine.trainer import resolve_workers
+
+    assert resolve_workers("auto", torch.device("cpu")) == 0
+    assert resolve_workers(3, torch.device("cpu")) == 3
+    with pytest.raises(ValueError, match="loader.num_workers"):
+        resolve_workers(-1, torch.device("cpu"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -57,6 +58,19 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank())
     return device
+
+
+def resolve_workers(value: int | str, device: torch.device) -> int:
+    """``auto``: no worker processes when the model computes on the CPU (they would steal its cores;
+    measured in ``benchmarks/bench_train.py``), otherwise up to 8 per process."""
+    if value != "auto":
+        workers = int(value)
+        if workers < 0:
+            raise ValueError(f"loader.num_workers must be >= 0 or 'auto', got {value}")
+        return workers
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, dist.local_world_size())))
 
 
 def seed_everything(seed: int) -> None:
@@ -115,7 +129,7 @@ class Trainer:
         self.ignore_index = int(cfg.dataset.ignore_index)
         lcfg = cfg.loader
         pin = self.device.type == "cuda" if lcfg.pin_memory == "auto" else bool(lcfg.pin_memory)
-        common = dict(num_workers=int(lcfg.num_workers), seed=int(cfg.seed), rank=dist.rank(),
+        common = dict(num_workers=resolve_workers(lcfg.num_workers, self.device), seed=int(cfg.seed), rank=dist.rank(),
                       world_size=dist.world_size(), pin_memory=pin, persistent_workers=bool(lcfg.persistent_workers),
                       prefetch_factor=lcfg.prefetch_factor)
         self.train_loader = build_loader(self.train_set, int(lcfg.batch_size), train=True,

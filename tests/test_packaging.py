@@ -1,0 +1,28 @@
+"""A non-editable install finds conf/: build the wheel, unpack it elsewhere, run from another directory."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from conftest import REPO, run_cli
+
+
+def test_wheel_ships_conf_and_runs_from_elsewhere(tmp_path):
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("segrun-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for yaml in (REPO / "conf").rglob("*.yaml"):
+        assert f"segrun/conf/{yaml.relative_to(REPO / 'conf').as_posix()}" in names, yaml
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = run_cli(["--cfg", "job"], cwd=elsewhere, env={"PYTHONPATH": str(site), "PYTHONSAFEPATH": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "segrun.models.UNet" in r.stdout
+    where = subprocess.run([sys.executable, "-c", "import segrun.config as c; print(c.conf_dir())"], cwd=elsewhere,
+                           capture_output=True, text=True, env={"PYTHONPATH": str(site), "PATH": ""})
+    assert Path(where.stdout.strip()) == site / "segrun" / "conf", where.stderr

@@ -93,3 +93,20 @@ def test_auto_workers_stay_off_the_cpu_compute_cores():
     assert resolve_workers(3, torch.device("cpu")) == 3
     with pytest.raises(ValueError, match="loader.num_workers"):
         resolve_workers(-1, torch.device("cpu"))
+
+
+def test_psp_with_aux_combined_loss_and_backbone_lr_mult_trains(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("model.")]
+    overrides += ["model=psp", "model.backbone=resnet18", "model.head_channels=16", "model.aux_channels=8",
+                  "loss=ce_dice", "optimizer.backbone_lr_mult=0.1", "trainer.epochs=1"]
+    t = Trainer(compose_cfg(overrides), tmp_path, overrides=overrides)
+    groups = {g["name"]: g for g in t.optimizer.param_groups}
+    assert set(groups) == {"backbone", "head"}
+    assert groups["backbone"]["initial_lr"] == pytest.approx(0.1 * groups["head"]["initial_lr"])
+    outputs = t.model.train()(torch.zeros(2, 3, 32, 32))
+    assert set(outputs) == {"out", "aux"}
+    best = t.fit()
+    assert best is not None and 0.0 <= best <= 1.0
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert {"lr/backbone", "lr/head"} <= set(acc.Tags()["scalars"])

@@ -80,8 +80,9 @@ def test_monitor_min_loss_and_early_stop(tmp_path):
 
 
 def test_bad_monitor_names_available_metrics(tmp_path):
-    with pytest.raises(MonitorError, match="val/mIoU"):
-        _trainer(tmp_path, ["trainer.epochs=1", "trainer.monitor=max val/nope"]).fit()
+    with pytest.raises(MonitorError, match="val/mIoU"):  # refused before any training happens
+        _trainer(tmp_path, ["trainer.epochs=1", "trainer.monitor=max val/nope"])
+    assert not (tmp_path / "checkpoints").exists()
     with pytest.raises(MonitorError, match="trainer.monitor"):
         _trainer(tmp_path, ["trainer.monitor=biggest val/mIoU"])
 

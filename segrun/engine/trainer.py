@@ -79,11 +79,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: the scalar metrics of an epoch, recorded as ``train/<name>`` and ``val/<name>``
+SCALAR_METRICS = ("loss", "mIoU", "pixel_acc", "mean_acc", "fwIoU")
+MONITORABLE = tuple(f"{split}/{name}" for split in ("train", "val") for name in SCALAR_METRICS)
+
+
 def parse_monitor(monitor: str) -> tuple[str, str]:
-    """``"max val/mIoU"`` -> ``("max", "val/mIoU")``."""
+    """``"max val/mIoU"`` -> ``("max", "val/mIoU")``; checked before any training happens."""
     parts = str(monitor).split()
     if len(parts) != 2 or parts[0] not in ("min", "max"):
         raise MonitorError(f"trainer.monitor must look like 'max val/mIoU' or 'min val/loss', got {monitor!r}")
+    if parts[1] not in MONITORABLE:
+        raise MonitorError(f"trainer.monitor names {parts[1]!r}, which a run does not produce; "
+                           f"choose one of {list(MONITORABLE)}")
     return parts[0], parts[1]
 
 
@@ -244,12 +252,11 @@ class Trainer:
             while self.epoch < int(tcfg.epochs):
                 epoch = self.epoch + 1
                 train_metrics = self.train_one_epoch(epoch)
-                record: dict[str, Any] = {"epoch": epoch, **{f"train/{k}": v for k, v in train_metrics.items()
-                                                            if k != "class_iou"}}
+                record: dict[str, Any] = {"epoch": epoch, **{f"train/{k}": train_metrics[k] for k in SCALAR_METRICS}}
                 improved = False
                 if epoch % int(tcfg.val_every) == 0 or epoch == int(tcfg.epochs):
                     val_metrics = self.validate(epoch)
-                    record.update({f"val/{k}": v for k, v in val_metrics.items() if k not in ("class_iou", "class_acc")})
+                    record.update({f"val/{k}": val_metrics[k] for k in SCALAR_METRICS})
                     improved = self.update_monitor(record, val_metrics, epoch)
                 self.epoch = epoch
                 self.history.append({k: v for k, v in record.items()})
@@ -271,10 +278,6 @@ class Trainer:
 
     def update_monitor(self, record: dict[str, Any], val_metrics: dict[str, Any], epoch: int) -> bool:
         """Compare the monitored value with the best so far; True when this epoch is the new best."""
-        if self.monitor_key not in record:
-            available = sorted(k for k in record if k != "epoch")
-            raise MonitorError(f"trainer.monitor names {self.monitor_key!r}, which this run does not produce; "
-                               f"choose one of {available}")
         value = float(record[self.monitor_key])
         better = (self.best_metric is None or
                   (value > self.best_metric if self.mode == "max" else value < self.best_metric))

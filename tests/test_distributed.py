@@ -52,7 +52,7 @@ def _evaluate(ckpt):
         for batch in loader:
             scores = predict(model, batch["image"], normalize, mode=cfg.predict.mode, crop_size=cfg.predict.crop_size,
                              stride=cfg.predict.stride, scales=list(cfg.predict.scales), flip=bool(cfg.predict.flip))
-            losses.append(float(criterion(scores, batch["label"])))
+            losses.append(float(criterion(scores, batch["label"].long())))
             cm.update(scores.argmax(1), batch["label"])
     assert len(losses) == len(val_set)
     return cm.compute(), sum(losses) / len(losses)

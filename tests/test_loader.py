@@ -29,6 +29,16 @@ def test_pad_collate_pads_labels_with_ignore():
     assert out["image"].shape == (2, 3, 6, 5) and out["label"].shape == (2, 6, 5)
     assert (out["label"][0, 4:] == 255).all() and (out["label"][1, :, 3:] == 255).all()
     assert out["size"] == [(4, 5), (6, 3)]
+    assert out["label"].dtype == torch.int64
+
+
+def test_uint8_labels_stay_compact_through_collate():
+    same = [{"image": torch.ones(3, 4, 4, dtype=torch.uint8), "label": torch.full((4, 4), 7, dtype=torch.uint8)}] * 2
+    assert pad_collate(same)["label"].dtype == torch.uint8
+    mixed = same + [{"image": torch.ones(3, 2, 4, dtype=torch.uint8), "label": torch.ones(2, 4, dtype=torch.uint8)}]
+    out = pad_collate(mixed, ignore_index=255)
+    assert out["label"].dtype == torch.uint8 and (out["label"][2, 2:] == 255).all()
+    assert pad_collate(mixed, ignore_index=300)["label"].dtype == torch.int64
 
 
 def test_augmentation_is_independent_of_worker_count():

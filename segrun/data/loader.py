@@ -46,16 +46,22 @@ class EpochSampler(Sampler):
 
 
 def pad_collate(batch: Sequence[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
-    """Stack samples, padding images (0) and labels (``ignore_index``) bottom/right to the largest size."""
+    """Stack samples, padding images (0) and labels (``ignore_index``) bottom/right to the largest size.
+
+    Labels keep a compact dtype (uint8 when every sample's is and the ignore value fits), so the
+    batch crosses the worker boundary small; the trainer widens them to int64 on the device.
+    """
     h = max(s["image"].shape[-2] for s in batch)
     w = max(s["image"].shape[-1] for s in batch)
     c = batch[0]["image"].shape[0]
+    compact = all(s["label"].dtype == torch.uint8 for s in batch) and 0 <= ignore_index <= 255
+    label_dtype = torch.uint8 if compact else torch.int64
     if all(s["image"].shape[-2:] == (h, w) for s in batch):  # training crops: nothing to pad
         images = torch.stack([s["image"] for s in batch])
-        labels = torch.stack([s["label"] for s in batch]).to(torch.int64)
+        labels = torch.stack([s["label"].to(label_dtype) for s in batch])
     else:
         images = torch.zeros((len(batch), c, h, w), dtype=batch[0]["image"].dtype)
-        labels = torch.full((len(batch), h, w), ignore_index, dtype=torch.int64)
+        labels = torch.full((len(batch), h, w), ignore_index, dtype=label_dtype)
         for i, s in enumerate(batch):
             ih, iw = s["image"].shape[-2:]
             images[i, :, :ih, :iw] = s["image"]

@@ -303,7 +303,7 @@ class Trainer:
                    disable=not (tcfg.progress and dist.is_main()), dynamic_ncols=True)
         for i, batch in enumerate(self.train_loader, start=1):
             images = batch["image"].to(self.device, non_blocking=True)
-            labels = batch["label"].to(self.device, non_blocking=True)
+            labels = batch["label"].to(self.device, non_blocking=True).long()
             with torch.autocast(self.device.type, enabled=self.amp):
                 outputs = self.model(self.normalize(images))
                 loss = self.criterion(outputs, labels)
@@ -377,7 +377,7 @@ class Trainer:
         pcfg = self.cfg.predict
         for batch in tqdm(self.val_loader, desc="val", leave=False, disable=not (tcfg.progress and dist.is_main())):
             images = batch["image"].to(self.device, non_blocking=True)
-            labels = batch["label"].to(self.device, non_blocking=True)
+            labels = batch["label"].to(self.device, non_blocking=True).long()
             with torch.autocast(self.device.type, enabled=self.amp):
                 scores = predict(model, images, self.normalize, mode=pcfg.mode, crop_size=pcfg.crop_size,
                                  stride=pcfg.stride, scales=list(pcfg.scales), flip=bool(pcfg.flip))

@@ -111,3 +111,12 @@ def test_psp_with_aux_combined_loss_and_backbone_lr_mult_trains(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert {"lr/backbone", "lr/head"} <= set(acc.Tags()["scalars"])
+
+
+def test_val_every_and_save_period(tmp_path):
+    t = _trainer(tmp_path, ["trainer.epochs=3", "trainer.val_every=2", "trainer.save_period=2"])
+    t.fit()
+    validated = [h["epoch"] for h in t.history if "val/mIoU" in h]
+    assert validated == [2, 3]  # every second epoch, and always the last
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["best.pt", "epoch_0002.pt", "last.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "epoch_0002.pt")["epoch"] == 2

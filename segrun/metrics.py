@@ -17,7 +17,9 @@ import torch
 class ConfusionMatrix:
     """``mat[t, p]`` counts pixels of true class ``t`` predicted as ``p``; ``ignore_index`` pixels are skipped.
 
-    ``update`` runs on the device with one ``bincount`` and never synchronises with the host.
+    ``update`` runs on the device with one ``scatter_add_`` into a fixed-size buffer and never
+    synchronises with the host (boolean-mask indexing and ``bincount`` both would on CUDA: they
+    need a size computed from the data).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu") -> None:
@@ -32,11 +34,13 @@ class ConfusionMatrix:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """``pred`` and ``target`` are integer tensors of the same shape (class indices)."""
         n = self.num_classes
-        valid = target != self.ignore_index
+        target, pred = target.to(torch.int64), pred.to(torch.int64)
         # out-of-range targets would silently alias other cells; they are treated as ignored
-        valid &= (target >= 0) & (target < n)
-        idx = target[valid].to(torch.int64) * n + pred[valid].to(torch.int64)
-        self.mat += torch.bincount(idx, minlength=n * n).view(n, n)
+        valid = (target != self.ignore_index) & (target >= 0) & (target < n)
+        idx = torch.where(valid, target * n + pred, n * n).reshape(-1)  # invalid pixels -> spare bin
+        counts = torch.zeros(n * n + 1, dtype=torch.int64, device=self.mat.device)
+        counts.scatter_add_(0, idx, torch.ones_like(idx))
+        self.mat += counts[:-1].view(n, n)
 
     def all_reduce(self) -> None:
         """Sum over processes (no-op outside DDP)."""

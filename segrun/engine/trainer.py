@@ -298,6 +298,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         epoch_loss = torch.zeros((), device=self.device)
         bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        step = torch.full((), self.global_step, dtype=torch.int64, device=self.device)  # device-side twin
         window_images, window_start = 0, time.perf_counter()
         bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch}/{int(tcfg.epochs)}", leave=False,
                    disable=not (tcfg.progress and dist.is_main()), dynamic_ncols=True)
@@ -318,8 +319,8 @@ class Trainer:
             self.global_step += 1
 
             detached = loss.detach()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached),
-                                   torch.tensor(self.global_step, device=self.device), bad_step)
+            step += 1  # a host int would be copied to the device every step
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
             loss_sum += detached
             epoch_loss += detached
             cm.update(main_output(outputs).detach().argmax(1), labels)

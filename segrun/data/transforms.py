@@ -17,7 +17,7 @@ import numpy as np
 Array = np.ndarray
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+def size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     """(h, w) from an int or a pair."""
     if isinstance(size, int):
         return size, size
@@ -79,7 +79,7 @@ class TrainTransform:
         fill: float | Sequence[float] = 0,
         ignore_index: int = 255,
     ) -> None:
-        self.crop = _pair(crop_size)
+        self.crop = size_pair(crop_size)
         self.base_size = base_size
         self.scale = tuple(scale) if scale is not None else None
         if self.scale is not None and not (0 < self.scale[0] <= self.scale[1]):
@@ -145,7 +145,7 @@ class ValTransform:
         if protocol == "center_crop" and crop_size is None:
             raise ValueError("augment.val.crop_size is required with protocol=center_crop")
         self.protocol = protocol
-        self.crop = _pair(crop_size) if crop_size is not None else None
+        self.crop = size_pair(crop_size) if crop_size is not None else None
         self.ignore_index = ignore_index
 
     def __call__(self, image: Array, label: Array, rng: np.random.Generator | None = None) -> tuple[Array, Array]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segrun.data.transforms import size_pair
 from segrun.models.base import main_output
 
 
@@ -27,10 +28,6 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) / self.std
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +67,8 @@ def _single(model: nn.Module, x: torch.Tensor, mode: str, crop_size, stride) -> 
     if mode == "slide":
         if crop_size is None:
             raise ValueError("predict mode 'slide' needs crop_size")
-        crop = _pair(crop_size)
-        st = _pair(stride) if stride is not None else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+        crop = size_pair(crop_size)
+        st = size_pair(stride) if stride is not None else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
         return _slide(model, x, crop, st)
     raise ValueError(f"predict mode must be 'whole' or 'slide', got {mode!r}")
 

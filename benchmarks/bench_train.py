@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from segrun.config import conf_dir  # noqa: E402
+from segrun.build import build_trainer  # noqa: E402
 from segrun.engine.trainer import Trainer  # noqa: E402
 from segrun.models.base import main_output  # noqa: E402
 
@@ -30,10 +31,10 @@ def bare_loop(trainer: Trainer, steps: int) -> float:
     """img/s of forward/backward/step on fixed tensors (no data, no metrics, no scheduler)."""
     model = copy.deepcopy(trainer.model).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    bs = int(trainer.cfg.loader.batch_size)
-    h, w = trainer.train_set.transform.crop
+    bs = int(trainer.train_loader.batch_size)
+    h, w = trainer.train_loader.dataset.transform.crop
     x = torch.randn(bs, 3, h, w, device=trainer.device)
-    y = torch.randint(0, trainer.num_classes, (bs, h, w), device=trainer.device)
+    y = torch.randint(0, trainer.meta.num_classes, (bs, h, w), device=trainer.device)
     crit = trainer.criterion
     for i in range(steps + 3):
         if i == 3:
@@ -53,7 +54,7 @@ def full_loop(trainer: Trainer, epoch: int) -> float:
     trainer.train_one_epoch(epoch)
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
-    return trainer.iters_per_epoch * int(trainer.cfg.loader.batch_size) / (time.perf_counter() - start)
+    return trainer.iters_per_epoch * int(trainer.train_loader.batch_size) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -66,7 +67,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, run_dir)
+        trainer = build_trainer(cfg, run_dir)
         full_loop(trainer, 0)  # warm-up: worker start, allocator
         fulls, bares = [], []
         for r in range(args.rounds):

@@ -11,8 +11,17 @@ from hydra.errors import InstantiationException
 T = TypeVar("T")
 log = logging.getLogger("segrun")
 
+
 class SegrunError(Exception):
     """Base of segrun's own run-stopping errors whose message is enough on its own."""
+
+
+class ConfigError(SegrunError, ValueError):
+    """A config value is out of range or of the wrong type; the message names the key and what was expected."""
+
+
+class MonitorError(ConfigError):
+    """``trainer.monitor`` is malformed or names a metric the run does not produce."""
 
 
 #: exceptions that mean "the user's config or data is wrong", not "segrun has a bug"

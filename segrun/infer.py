@@ -28,7 +28,7 @@ from segrun.data.io import IMAGE_EXTENSIONS, read_image
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
 from segrun.engine.logging import colorize
 from segrun.engine.predict import Normalize, predict
-from segrun.engine.trainer import resolve_device
+from segrun.engine.runtime import resolve_device
 from segrun.errors import SegrunError, report_user_errors
 
 

@@ -49,7 +49,7 @@ def resume_argv(argv: list[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def train(cfg: DictConfig) -> float | None:
     """Hydra task: returns the best monitored value (what sweepers optimise)."""
-    from segrun.engine.trainer import Trainer
+    from segrun.build import build_trainer
     from segrun.engine import distributed
 
     hc = HydraConfig.get()
@@ -57,7 +57,8 @@ def train(cfg: DictConfig) -> float | None:
 
     def run() -> float | None:
         try:
-            return Trainer(cfg, hc.runtime.output_dir, overrides).fit()
+            trainer = build_trainer(cfg, hc.runtime.output_dir, overrides, choices=hc.runtime.choices)
+            return trainer.fit()
         finally:
             distributed.cleanup()
 

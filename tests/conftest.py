@@ -45,6 +45,14 @@ def run_cli(args: list[str], module: str = "segrun", timeout: float = 300, cwd: 
                           timeout=timeout, cwd=cwd or REPO, env=full_env)
 
 
+def make_trainer(run_dir: Path, overrides: list[str] | None = None, tiny: bool = True):
+    """A trainer built the way ``python -m segrun`` builds one, on TINY settings plus ``overrides``."""
+    from segrun.build import build_trainer
+
+    overrides = [*(TINY if tiny else []), *(overrides or [])]
+    return build_trainer(compose_cfg(overrides), run_dir, overrides=overrides)
+
+
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)

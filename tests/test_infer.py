@@ -11,11 +11,10 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, compose_cfg, make_trainer, run_cli
 from segrun.data.io import read_image
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segrun.engine.predict import Normalize, predict
-from segrun.engine.trainer import Trainer
 from segrun.infer import InferError, check_outputs, run
 
 
@@ -29,7 +28,7 @@ def setup(tmp_path_factory) -> dict:
     """
     root = tmp_path_factory.mktemp("infer")
     cfg = compose_cfg([*TINY, "trainer.epochs=1", "trainer.tensorboard=false"])
-    Trainer(cfg, root / "run").fit()
+    make_trainer(root / "run", ["trainer.epochs=1", "trainer.tensorboard=false"]).fit()
     ckpt = load_checkpoint(root / "run" / "checkpoints" / "best.pt")
     g = torch.Generator().manual_seed(0)
     ckpt["model"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.dim() == 4 else v

@@ -6,14 +6,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, compose_cfg
+from conftest import TINY, make_trainer
 from segrun.engine.checkpoint import load_checkpoint
-from segrun.engine.trainer import MonitorError, NonFiniteLossError, Trainer
+from segrun.engine.trainer import NonFiniteLossError
+from segrun.errors import MonitorError
 
 
 def _trainer(tmp_path, extra=()):
-    cfg = compose_cfg([*TINY, *extra])
-    return Trainer(cfg, tmp_path, overrides=list(extra))
+    return make_trainer(tmp_path, list(extra))
 
 
 def test_run_writes_checkpoints_metrics_and_tensorboard(tmp_path):
@@ -73,10 +73,12 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(tmp_pa
 
 
 def test_monitor_min_loss_and_early_stop(tmp_path):
-    t = _trainer(tmp_path, ["trainer.epochs=6", "trainer.monitor=min val/loss", "trainer.early_stop=1",
-                            "optimizer.lr=0.0"])  # nothing learns: the second validation cannot improve
+    t = _trainer(tmp_path, ["trainer.epochs=6", "trainer.monitor=min val/loss", "trainer.early_stop=1"])
+    for group in t.optimizer.param_groups:  # nothing learns: the second validation cannot improve
+        group["lr"] = 0.0
+    t.scheduler.base_lrs = [0.0] * len(t.scheduler.base_lrs)
     t.fit()
-    assert t.epoch == 2 and t.best_epoch == 1
+    assert t.epoch == 2 and t.monitor.best_epoch == 1
 
 
 def test_bad_monitor_names_available_metrics(tmp_path):
@@ -88,7 +90,7 @@ def test_bad_monitor_names_available_metrics(tmp_path):
 
 
 def test_auto_workers_stay_off_the_cpu_compute_cores():
-    from segrun.engine.trainer import resolve_workers
+    from segrun.engine.runtime import resolve_workers
 
     assert resolve_workers("auto", torch.device("cpu")) == 0
     assert resolve_workers(3, torch.device("cpu")) == 3
@@ -100,7 +102,7 @@ def test_psp_with_aux_combined_loss_and_backbone_lr_mult_trains(tmp_path):
     overrides = [o for o in TINY if not o.startswith("model.")]
     overrides += ["model=psp", "model.backbone=resnet18", "model.head_channels=16", "model.aux_channels=8",
                   "loss=ce_dice", "optimizer.backbone_lr_mult=0.1", "trainer.epochs=1"]
-    t = Trainer(compose_cfg(overrides), tmp_path, overrides=overrides)
+    t = make_trainer(tmp_path, overrides, tiny=False)
     groups = {g["name"]: g for g in t.optimizer.param_groups}
     assert set(groups) == {"backbone", "head"}
     assert groups["backbone"]["initial_lr"] == pytest.approx(0.1 * groups["head"]["initial_lr"])

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segrun.errors import SegrunError
 
-class DatasetError(ValueError):
+
+class DatasetError(SegrunError, ValueError):
     """A problem with the user's data or dataset config; the message is shown as one line."""
 
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from segrun import __version__
+from segrun.errors import SegrunError
 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SegrunError, ValueError):
     """A checkpoint path or file the user named is missing or not a segrun checkpoint."""
 
 

@@ -1,0 +1,248 @@
+"""From a composed config to plain parts: datasets, loaders, model, loss, optimizer, scheduler.
+
+``build_trainer`` is what ``python -m segrun`` runs; the ``build_*`` functions underneath are
+what ``segrun.eval``/``infer`` and tests reuse. Every config value is checked here, once, before
+anything is built, so a mistake stops with one line naming the key (``check_config``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from segrun.config import conf_dir
+from segrun.data.loader import build_loader
+from segrun.engine import distributed as dist
+from segrun.engine.predict import Normalize
+from segrun.engine.runtime import configure_backends, resolve_device, resolve_workers, seed_everything
+from segrun.engine.settings import TrainSettings, check_int, check_number, check_size
+from segrun.errors import ConfigError
+from segrun.models.base import count_parameters
+from segrun.optim import build_optimizer
+
+log = logging.getLogger("segrun")
+
+#: config groups whose option files give the expected type of every key
+GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "augment", "trainer")
+
+
+@dataclass
+class DatasetMeta:
+    """What a checkpoint needs to draw and score predictions without the dataset at hand."""
+
+    class_names: list[str]
+    palette: list[list[int]]
+    num_classes: int
+    ignore_index: int
+    mean: list[float]
+    std: list[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"class_names": self.class_names, "palette": self.palette, "num_classes": self.num_classes,
+                "ignore_index": self.ignore_index, "mean": self.mean, "std": self.std}
+
+
+@dataclass
+class Parts:
+    """Everything the trainer runs, already on its device (the model possibly wrapped in DDP)."""
+
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    normalize: Normalize
+    train_loader: DataLoader
+    val_loader: DataLoader
+    meta: DatasetMeta
+    device: torch.device
+
+
+# ---------------------------------------------------------------------------------------------
+# checking
+# ---------------------------------------------------------------------------------------------
+def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> TrainSettings:
+    """Check the values a user is likely to get wrong; returns the trainer settings.
+
+    With ``choices`` (Hydra's group -> option map) every key is also checked against the type of
+    its default in the option's YAML file: a number stays a number, an integer stays an integer.
+    """
+    if choices:
+        check_value_types(cfg, choices)
+    lc = cfg.loader
+    check_int("loader.batch_size", lc.batch_size, 1)
+    check_int("loader.val_batch_size", lc.val_batch_size, 1)
+    if lc.prefetch_factor is not None:
+        check_int("loader.prefetch_factor", lc.prefetch_factor, 1)
+    if lc.num_workers != "auto":
+        check_int("loader.num_workers", lc.num_workers, 0)
+    ds = cfg.dataset
+    check_int("dataset.num_classes", ds.num_classes, 1)
+    for key in ("crop_size", "base_size"):
+        if ds.get(key) is not None:
+            check_size(f"dataset.{key}", ds[key])
+    for key in ("mean", "std"):
+        values = list(ds[key])
+        if not values:
+            raise ConfigError(f"dataset.{key}=[]: expected one number per image channel")
+        for v in values:
+            check_number(f"dataset.{key}", v, 0.0, exclusive=key == "std")
+    oc = cfg.optimizer
+    check_number("optimizer.lr", oc.lr, 0.0, exclusive=True)
+    for key in ("weight_decay", "momentum", "backbone_lr_mult"):
+        if oc.get(key) is not None:
+            check_number(f"optimizer.{key}", oc[key], 0.0)
+    return TrainSettings.from_config(cfg)
+
+
+def _option_defaults(group: str, option: str) -> DictConfig | None:
+    """The raw (unresolved) keys of ``conf/<group>/<option>.yaml``, with its own defaults merged in."""
+    path = Path(conf_dir()) / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    node = OmegaConf.load(path)
+    merged = OmegaConf.create()
+    for entry in node.pop("defaults", []) if "defaults" in node else []:
+        if isinstance(entry, str) and entry != "_self_":
+            base = _option_defaults(group, entry)
+            if base is not None:
+                merged = OmegaConf.merge(merged, base)
+    return OmegaConf.merge(merged, node)
+
+
+def _type_errors(default: Any, value: Any, key: str) -> str | None:
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+        return None if ok else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    return None  # strings, nulls and interpolations are checked where they are used
+
+
+def check_value_types(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
+    """Each key set on the command line keeps the type of its default (``trainer.epochs=1.5`` fails here)."""
+    for group in GROUPS:
+        option = choices.get(group)
+        if not isinstance(option, str) or group not in cfg:
+            continue
+        defaults = _option_defaults(group, option)
+        if defaults is None:
+            continue
+        _compare_types(defaults, cfg[group], group, f"conf/{group}/{option}.yaml")
+
+
+def _compare_types(default: Any, actual: Any, key: str, source: str) -> None:
+    if isinstance(default, DictConfig):
+        if not isinstance(actual, DictConfig):
+            return
+        for k in default:
+            if k in actual and not OmegaConf.is_interpolation(default, k):
+                _compare_types(default._get_node(k), actual._get_node(k), f"{key}.{k}", source)
+        return
+    if isinstance(default, ListConfig):
+        return
+    d = default._value() if hasattr(default, "_value") else default
+    if isinstance(d, str) and "${" in d:
+        return
+    try:
+        a = actual._value() if hasattr(actual, "_value") else actual
+    except Exception:
+        return
+    if isinstance(a, (DictConfig, ListConfig)) or a is None:
+        return
+    expected = _type_errors(d, a, key)
+    if expected is not None:
+        raise ConfigError(f"{key}={a!r}: expected {expected} (default {d!r} in {source})")
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+# ---------------------------------------------------------------------------------------------
+def build_dataset(cfg: DictConfig, split: str, train: bool) -> Dataset:
+    """One split with the training or the validation transform."""
+    transform = instantiate(cfg.augment.train if train else cfg.augment.val)
+    return instantiate(cfg.dataset, split=split, transform=transform)
+
+
+def dataset_meta(cfg: DictConfig, dataset: Dataset) -> DatasetMeta:
+    return DatasetMeta(class_names=[str(c) for c in dataset.class_names],
+                       palette=[[int(v) for v in c] for c in dataset.palette],
+                       num_classes=int(cfg.dataset.num_classes), ignore_index=int(cfg.dataset.ignore_index),
+                       mean=[float(v) for v in cfg.dataset.mean], std=[float(v) for v in cfg.dataset.std])
+
+
+def build_data_loader(cfg: DictConfig, dataset: Dataset, train: bool, device: torch.device) -> DataLoader:
+    """A loader with ``cfg.loader``'s settings, sharded over this process's rank."""
+    lc = cfg.loader
+    pin = device.type == "cuda" if lc.pin_memory == "auto" else bool(lc.pin_memory)
+    return build_loader(dataset, int(lc.batch_size if train else lc.val_batch_size), train=train,
+                        num_workers=resolve_workers(lc.num_workers, device), seed=int(cfg.seed),
+                        rank=dist.rank(), world_size=dist.world_size(), pin_memory=pin,
+                        persistent_workers=bool(lc.persistent_workers), prefetch_factor=lc.prefetch_factor,
+                        drop_last=bool(lc.drop_last))
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
+    """The model on ``device``; under DDP converted to SyncBatchNorm (CUDA) and wrapped."""
+    model = instantiate(cfg.model)
+    total, trainable = count_parameters(model)
+    log.info("model %s: %s parameters (%s trainable)", type(model).__name__, f"{total:,}", f"{trainable:,}")
+    tc = cfg.trainer
+    distributed = dist.world_size() > 1
+    if distributed and tc.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                    find_unused_parameters=bool(tc.find_unused_parameters))
+    return model
+
+
+def build_parts(cfg: DictConfig, settings: TrainSettings) -> Parts:
+    """Set up the process (device, process group, seeds) and build every part from ``cfg``."""
+    device = resolve_device(settings.device)
+    if settings.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"trainer.precision=fp16 needs a CUDA device (this run uses {device}); "
+                          "use trainer.precision=bf16 or fp32")
+    dist.init(device, str(cfg.trainer.dist_backend))
+    seed_everything(settings.seed + dist.rank())
+    configure_backends(device, settings.deterministic)
+
+    train_set = build_dataset(cfg, "train", train=True)
+    val_set = build_dataset(cfg, "val", train=False)
+    log.info("train: %r", train_set)
+    log.info("val:   %r", val_set)
+    train_loader = build_data_loader(cfg, train_set, True, device)
+    val_loader = build_data_loader(cfg, val_set, False, device)
+    model = build_model(cfg, device)
+    criterion = instantiate(cfg.loss).to(device)
+    optimizer = build_optimizer(cfg.optimizer, dist.unwrap(model))
+    total_iters = settings.epochs * len(train_loader)
+    scheduler = instantiate(cfg.scheduler, optimizer=optimizer, total_iters=total_iters)
+    return Parts(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
+                 normalize=Normalize(cfg.dataset.mean, cfg.dataset.std).to(device),
+                 train_loader=train_loader, val_loader=val_loader, meta=dataset_meta(cfg, train_set), device=device)
+
+
+def build_trainer(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = (),
+                  choices: Mapping[str, Any] | None = None):
+    """Check ``cfg``, build its parts and a ``Trainer`` in ``run_dir`` (resumed when ``trainer.resume`` is set)."""
+    from segrun.engine.trainer import Trainer
+
+    settings = check_config(cfg, choices)
+    parts = build_parts(cfg, settings)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    trainer = Trainer(parts, settings, run_dir, config=config, overrides=list(overrides))
+    if settings.resume:
+        trainer.resume(settings.resume)
+    return trainer

@@ -1,0 +1,140 @@
+"""The trainer's settings as one typed object, validated once before anything is built.
+
+Every check names the config key, the value it got and what it expected, so a wrong value stops
+the run with one line (``SegrunError``) instead of a traceback from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from segrun.engine.monitor import parse_monitor
+from segrun.errors import ConfigError
+
+log = logging.getLogger("segrun")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def check_int(key: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an int (a float with no fractional part is accepted), else a one-line ``ConfigError``."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value, ok = int(value), True
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected an integer" + (f" >= {minimum}" if minimum is not None else ""))
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}={value!r}: expected an integer >= {minimum}")
+    return int(value)
+
+
+def check_number(key: str, value: Any, minimum: float | None = None, exclusive: bool = False) -> float:
+    """``value`` as a finite float above ``minimum`` (strictly when ``exclusive``), else a ``ConfigError``."""
+    bound = "" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: expected a number{bound}")
+    if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        raise ConfigError(f"{key}={value!r}: expected a number{bound}")
+    return float(value)
+
+
+def check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    return value
+
+
+def check_size(key: str, value: Any) -> tuple[int, int]:
+    """A positive int or an ``[h, w]`` pair of positive ints."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != 2:
+            raise ConfigError(f"{key}={list(value)!r}: expected a size, an integer > 0 or [height, width]")
+        return check_int(key, value[0], 1), check_int(key, value[1], 1)
+    try:
+        n = check_int(key, value, 1)
+    except ConfigError:
+        raise ConfigError(f"{key}={value!r}: expected a size, an integer > 0 or [height, width]") from None
+    return n, n
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How validation (and ``segrun.infer``/``eval``) turns images into class scores."""
+
+    mode: str = "whole"
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+
+    @classmethod
+    def from_config(cls, pcfg: Any, prefix: str = "predict") -> "PredictSettings":
+        mode = str(pcfg.mode)
+        if mode not in ("whole", "slide"):
+            raise ConfigError(f"{prefix}.mode={mode!r}: expected whole or slide")
+        crop = check_size(f"{prefix}.crop_size", pcfg.crop_size) if pcfg.crop_size is not None else None
+        if mode == "slide" and crop is None:
+            raise ConfigError(f"{prefix}.mode=slide needs {prefix}.crop_size (the window size)")
+        stride = check_size(f"{prefix}.stride", pcfg.stride) if pcfg.stride is not None else None
+        scales = tuple(check_number(f"{prefix}.scales", s, 0.0, exclusive=True) for s in (pcfg.scales or [1.0]))
+        return cls(mode, crop, stride, scales, check_bool(f"{prefix}.flip", pcfg.flip))
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``engine.predict.predict``."""
+        return {"mode": self.mode, "crop_size": self.crop_size, "stride": self.stride,
+                "scales": list(self.scales), "flip": self.flip}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """``trainer.*`` (plus ``seed`` and ``predict.*``), checked; see ``conf/trainer/default.yaml``."""
+
+    epochs: int = 8
+    val_every: int = 1
+    monitor: str = "max val/mIoU"
+    early_stop: int = 0
+    save_period: int = 0
+    resume: str | None = None
+    log_every: int = 10
+    vis_samples: int = 4
+    tensorboard: bool = True
+    progress: bool = True
+    precision: str = "fp32"
+    grad_clip: float | None = None
+    deterministic: bool = False
+    device: str = "auto"
+    seed: int = 0
+    predict: PredictSettings = field(default_factory=PredictSettings)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TrainSettings":
+        """Read ``cfg.trainer``, ``cfg.seed`` and ``cfg.predict`` of a composed ``train.yaml``."""
+        t = cfg.trainer
+        precision = str(t.get("precision", "fp32"))
+        if precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if t.get("amp"):
+            log.warning("trainer.amp=true is deprecated: use trainer.precision=fp16 (bf16 on recent GPUs and CPUs)")
+            precision = "fp16" if precision == "fp32" else precision
+        parse_monitor(t.monitor)
+        return cls(
+            epochs=check_int("trainer.epochs", t.epochs, 1),
+            val_every=check_int("trainer.val_every", t.val_every, 1),
+            monitor=str(t.monitor),
+            early_stop=check_int("trainer.early_stop", t.early_stop or 0, 0),
+            save_period=check_int("trainer.save_period", t.save_period or 0, 0),
+            resume=None if t.resume in (None, "") else str(t.resume),
+            log_every=check_int("trainer.log_every", t.log_every, 1),
+            vis_samples=check_int("trainer.vis_samples", t.vis_samples, 0),
+            tensorboard=check_bool("trainer.tensorboard", t.tensorboard),
+            progress=check_bool("trainer.progress", t.progress),
+            precision=precision,
+            grad_clip=None if t.grad_clip is None else check_number("trainer.grad_clip", t.grad_clip, 0.0, exclusive=True),
+            deterministic=check_bool("trainer.deterministic", t.deterministic),
+            device=str(t.device),
+            seed=check_int("seed", cfg.seed),
+            predict=PredictSettings.from_config(cfg.predict),
+        )

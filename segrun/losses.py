@@ -5,6 +5,10 @@ and the base adds ``aux_weight * pixel_loss(aux)`` whenever the model returned a
 Every loss honours ``ignore_index`` (no value, no gradient) and leaves its target untouched; a
 batch without a single valid pixel gives a zero loss (still attached to the graph), not NaN.
 
+No loss waits on the host in its per-step path (no ``.item()``, no data-dependent shapes): empty
+cases are handled with ``torch.where`` and masked sums. Label values are range-checked on a
+loss's first call only (one host round-trip); the datasets check every label map as they load it.
+
 Losses: ``CrossEntropyLoss``, ``OhemCrossEntropyLoss``, ``DiceLoss``, ``FocalLoss``,
 ``LovaszSoftmaxLoss`` and ``CombinedLoss`` (weighted sum of any of them, e.g. ``conf/loss/ce_dice.yaml``).
 """
@@ -27,11 +31,16 @@ class SegLoss(nn.Module):
         super().__init__()
         self.ignore_index = ignore_index
         self.aux_weight = aux_weight
+        self.labels_checked = False
 
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, outputs: torch.Tensor | dict, target: torch.Tensor) -> torch.Tensor:
+        if not self.labels_checked:
+            main = outputs["out"] if isinstance(outputs, dict) else outputs
+            _check_label_range(main.shape[1], target, self.ignore_index)
+            self.labels_checked = True
         if isinstance(outputs, dict):
             loss = self.pixel_loss(outputs["out"], target)
             if outputs.get("aux") is not None and self.aux_weight:
@@ -75,21 +84,24 @@ class CrossEntropyLoss(SegLoss):
 
 
 def _check_targets(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Validate shapes/labels once; return the boolean mask of pixels that count."""
+    """Check shapes (host metadata only, no sync); return the boolean mask of pixels that count."""
     if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(
             f"loss expects logits (N,K,H,W) and target (N,H,W); got {tuple(logits.shape)} and {tuple(target.shape)}"
         )
+    return target != ignore_index
+
+
+def _check_label_range(num_classes: int, target: torch.Tensor, ignore_index: int) -> None:
+    """Raise when a non-ignored label lies outside ``[0, num_classes)``; one host round-trip."""
     valid = target != ignore_index
-    if valid.any():
-        labels = target[valid]
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= logits.shape[1]:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"target contains label {bad}, outside [0, {logits.shape[1] - 1}] and not ignore_index={ignore_index}"
-            )
-    return valid
+    lo = int(torch.where(valid, target, torch.zeros_like(target)).min())
+    hi = int(torch.where(valid, target, torch.zeros_like(target)).max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"target contains label {bad}, outside [0, {num_classes - 1}] and not ignore_index={ignore_index}"
+        )
 
 
 def _safe_target(target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -141,15 +153,15 @@ class OhemCrossEntropyLoss(SegLoss):
             prob = torch.exp(-ce)  # softmax probability of the true class
             prob = torch.where(valid, prob, torch.full_like(prob, 2.0))  # ignored pixels sort last
             hard = prob < self.thresh
-            k = min(self.min_kept, int(valid.sum()))
-            if k > 0:  # top up with the k lowest-probability pixels
+            # top up with the k lowest-probability pixels. k needs no count of the valid pixels: when
+            # fewer than k are valid, the k-th value is an ignored pixel's 2.0 and every valid one is kept
+            k = min(self.min_kept, prob.numel())
+            if k > 0:
                 hard |= prob <= prob.flatten().kthvalue(k).values
             keep = valid & hard
-        if not keep.any():
-            return _zero(logits)
         w = self.weight[safe] if self.weight is not None else torch.ones_like(ce)
         w = w * keep
-        return (ce * w).sum() / w.sum()
+        return (ce * w).sum() / w.sum().clamp_min(1e-12)  # nothing kept: 0, still attached to the graph
 
 
 class DiceLoss(SegLoss):
@@ -183,10 +195,9 @@ class DiceLoss(SegLoss):
         card = prob.sum(dims) + onehot.sum(dims)
         dice = (2 * inter + self.smooth) / (card + self.smooth).clamp_min(1e-12)
         if self.classes == "present":
-            present = onehot.sum(dims) > 0
-            if not present.any():
-                return _zero(logits)
-            dice = dice[present]
+            present = (onehot.sum(dims) > 0).to(dice.dtype)
+            mean = (dice * present).sum() / present.sum().clamp_min(1.0)
+            return torch.where(present.sum() > 0, 1.0 - mean, _zero(logits))
         return 1.0 - dice.mean()
 
 
@@ -216,8 +227,6 @@ class FocalLoss(SegLoss):
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         valid = _check_targets(logits, target, self.ignore_index)
-        if not valid.any():
-            return _zero(logits)
         safe = _safe_target(target, valid)
         logp = logits.log_softmax(dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
         loss = -((1.0 - logp.exp()) ** self.gamma) * logp
@@ -230,30 +239,28 @@ class FocalLoss(SegLoss):
                 )
             else:
                 loss = loss * self.alpha[safe]
-        return loss[valid].mean()
+        mask = valid.to(loss.dtype)
+        return (loss * mask).sum() / mask.sum().clamp_min(1.0)  # no valid pixel: 0
 
 
-def _lovasz_grad(fg_sorted: torch.Tensor) -> torch.Tensor:
-    """Gradient of the Lovász extension of the Jaccard loss w.r.t. errors sorted in decreasing order."""
-    gts = fg_sorted.sum()
+def _lovasz_losses(prob: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lovász hinge of every class at once for ``prob`` (P, K), ``labels`` (P,), ``valid`` (P,).
+
+    Returns the per-class losses (K,) and which classes are present. Ignored pixels get error 0
+    and are not foreground, so they sort last and add nothing: no boolean indexing, no host sync.
+    """
+    k = prob.shape[1]
+    fg = (labels.unsqueeze(1) == torch.arange(k, device=labels.device)) & valid.unsqueeze(1)
+    fg = fg.to(prob.dtype)
+    errors = (fg - prob).abs() * valid.unsqueeze(1).to(prob.dtype)
+    errors_sorted, order = errors.sort(dim=0, descending=True)
+    fg_sorted = fg.gather(0, order)
+    gts = fg_sorted.sum(0)
     intersection = gts - fg_sorted.cumsum(0)
-    union = gts + (1.0 - fg_sorted).cumsum(0)
+    union = gts + (1.0 - fg_sorted).cumsum(0)  # >= 1 everywhere
     jaccard = 1.0 - intersection / union
-    jaccard[1:] = jaccard[1:] - jaccard[:-1]
-    return jaccard
-
-
-def _lovasz_softmax_flat(prob: torch.Tensor, labels: torch.Tensor, classes: str) -> torch.Tensor | None:
-    """Mean Lovász hinge over classes for ``prob`` (P, K) and ``labels`` (P,); None if no class counts."""
-    losses = []
-    for c in range(prob.shape[1]):
-        fg = (labels == c).to(prob.dtype)
-        if classes == "present" and fg.sum() == 0:
-            continue
-        errors = (fg - prob[:, c]).abs()
-        errors_sorted, order = errors.sort(descending=True)
-        losses.append(torch.dot(errors_sorted, _lovasz_grad(fg[order])))
-    return torch.stack(losses).mean() if losses else None
+    grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]], dim=0)
+    return (errors_sorted * grad).sum(0), gts > 0
 
 
 class LovaszSoftmaxLoss(SegLoss):
@@ -279,14 +286,16 @@ class LovaszSoftmaxLoss(SegLoss):
         prob = logits.softmax(dim=1)
         k = prob.shape[1]
         groups = zip(prob, target, valid) if self.per_image else [(prob, target, valid)]
-        losses = []
+        losses, counts = [], []
         for p, t, v in groups:
             flat_p = p.movedim(-3, -1).reshape(-1, k)  # channel last, then one row per pixel
-            flat_v = v.reshape(-1)
-            loss = _lovasz_softmax_flat(flat_p[flat_v], t.reshape(-1)[flat_v], self.classes)
-            if loss is not None:
-                losses.append(loss)
-        return torch.stack(losses).mean() if losses else _zero(logits)
+            per_class, present = _lovasz_losses(flat_p, t.reshape(-1), v.reshape(-1))
+            used = (present if self.classes == "present" else torch.ones_like(present)).to(per_class.dtype)
+            losses.append((per_class * used).sum() / used.sum().clamp_min(1.0))
+            counts.append(used.sum() > 0)  # an image without a class that counts is left out of the mean
+        has = torch.stack(counts).to(prob.dtype)
+        mean = (torch.stack(losses) * has).sum() / has.sum().clamp_min(1.0)
+        return torch.where(has.sum() > 0, mean, _zero(logits))
 
 
 class CombinedLoss(SegLoss):

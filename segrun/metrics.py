@@ -17,29 +17,39 @@ import torch
 class ConfusionMatrix:
     """``mat[t, p]`` counts pixels of true class ``t`` predicted as ``p``; ``ignore_index`` pixels are skipped.
 
-    ``update`` runs on the device with one ``scatter_add_`` into a fixed-size buffer and never
-    synchronises with the host (boolean-mask indexing and ``bincount`` both would on CUDA: they
-    need a size computed from the data).
+    ``update`` never synchronises with the host. Every pixel gets a cell index (invalid pixels a
+    spare bin), then the counts are added: on CUDA by ``scatter_add_`` into a fixed-size buffer
+    (``bincount`` would sync there, its output size depends on the data), on the CPU by
+    ``bincount`` of int32 indices, which measured 3x faster than the scatter there
+    (``benchmarks/bench_metrics.py``). ``method`` forces one of the two ("auto" picks by device).
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu",
+                 method: str = "auto") -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
-
-    def reset(self) -> None:
-        self.mat.zero_()
+        if method == "auto":
+            method = "bincount" if self.mat.device.type == "cpu" else "scatter"
+        if method not in ("bincount", "scatter"):
+            raise ValueError(f"ConfusionMatrix method must be auto, bincount or scatter, got {method!r}")
+        self.method = method
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """``pred`` and ``target`` are integer tensors of the same shape (class indices)."""
         n = self.num_classes
-        target, pred = target.to(torch.int64), pred.to(torch.int64)
+        bins = n * n + 1
+        dtype = torch.int32 if bins < 2**31 and self.method == "bincount" else torch.int64
+        target, pred = target.to(dtype), pred.to(dtype)
         # out-of-range targets would silently alias other cells; they are treated as ignored
         valid = (target != self.ignore_index) & (target >= 0) & (target < n)
         idx = torch.where(valid, target * n + pred, n * n).reshape(-1)  # invalid pixels -> spare bin
-        counts = torch.zeros(n * n + 1, dtype=torch.int64, device=self.mat.device)
-        counts.scatter_add_(0, idx, torch.ones_like(idx))
+        if self.method == "bincount":
+            counts = torch.bincount(idx, minlength=bins)
+        else:
+            counts = torch.zeros(bins, dtype=torch.int64, device=self.mat.device)
+            counts.scatter_add_(0, idx, torch.ones_like(idx))
         self.mat += counts[:-1].view(n, n)
 
     def all_reduce(self) -> None:

@@ -15,9 +15,6 @@ from torch import nn
 
 from segrun.models.base import model_param_groups
 
-SEGRUN_KEYS = ("backbone_lr_mult",)
-
-
 def build_param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
     """Named ``backbone``/``head`` groups of trainable parameters; empty groups are dropped."""
     groups = model_param_groups(model)

@@ -14,7 +14,6 @@ loads it nor on the process history -- which is what makes resume exact.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -122,12 +121,6 @@ class SegDataset(Dataset):
                 f"set dataset.val_split=0.1 to carve a validation set out of train"
             )
         return self.scan(split)
-
-    def subset(self, indices: Sequence[int]) -> "SegDataset":
-        """A shallow copy restricted to ``indices`` (used for debug subsets)."""
-        new = copy.copy(self)
-        new.items = [self.items[i] for i in indices]
-        return new
 
     def __len__(self) -> int:
         return len(self.items)

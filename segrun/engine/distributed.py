@@ -58,20 +58,6 @@ def init(device: torch.device, backend: str = "auto", timeout_s: int = 1800) -> 
     return True
 
 
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a picklable object from ``src`` to every rank."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank ``src``'s buffers (BatchNorm statistics).
 

@@ -8,6 +8,7 @@ anything is built, so a mistake stops with one line naming the key (``check_conf
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,6 +33,8 @@ log = logging.getLogger("segrun")
 
 #: config groups whose option files give the expected type of every key
 GROUPS = ("dataset", "model", "loss", "optimizer", "scheduler", "augment", "trainer")
+#: keys whose default is a bool but that also take a name (checked by TrainSettings instead)
+MIXED_TYPE_KEYS = {"trainer.compile"}
 
 
 @dataclass
@@ -141,6 +144,8 @@ def check_value_types(cfg: DictConfig, choices: Mapping[str, Any]) -> None:
 
 
 def _compare_types(default: Any, actual: Any, key: str, source: str) -> None:
+    if key in MIXED_TYPE_KEYS:
+        return
     if isinstance(default, DictConfig):
         if not isinstance(actual, DictConfig):
             return
@@ -191,8 +196,10 @@ def build_data_loader(cfg: DictConfig, dataset: Dataset, train: bool, device: to
                         drop_last=bool(lc.drop_last))
 
 
-def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
-    """The model on ``device``; under DDP converted to SyncBatchNorm (CUDA) and wrapped."""
+def build_model(cfg: DictConfig, device: torch.device, settings: TrainSettings | None = None) -> nn.Module:
+    """The model on ``device`` (channels-last on request); under DDP converted to SyncBatchNorm
+    (CUDA) and wrapped; then compiled on request. ``dist.unwrap`` gives back the plain module."""
+    settings = settings or TrainSettings()
     model = instantiate(cfg.model)
     total, trainable = count_parameters(model)
     log.info("model %s: %s parameters (%s trainable)", type(model).__name__, f"{total:,}", f"{trainable:,}")
@@ -201,11 +208,30 @@ def build_model(cfg: DictConfig, device: torch.device) -> nn.Module:
     if distributed and tc.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                     find_unused_parameters=bool(tc.find_unused_parameters))
+    if settings.compile:
+        check_compile_support(device)
+        model = torch.compile(model, mode=settings.compile)
     return model
+
+
+def check_compile_support(device: torch.device) -> None:
+    """``torch.compile`` fails late and at length where it cannot work; say so up front in one line."""
+    import shutil
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError("trainer.compile: torch.compile is not supported with this Python/torch build; "
+                          "set trainer.compile=false")
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise ConfigError("trainer.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
+                          "install one or set trainer.compile=false")
 
 
 def build_parts(cfg: DictConfig, settings: TrainSettings) -> Parts:
@@ -224,10 +250,10 @@ def build_parts(cfg: DictConfig, settings: TrainSettings) -> Parts:
     log.info("val:   %r", val_set)
     train_loader = build_data_loader(cfg, train_set, True, device)
     val_loader = build_data_loader(cfg, val_set, False, device)
-    model = build_model(cfg, device)
+    model = build_model(cfg, device, settings)
     criterion = instantiate(cfg.loss).to(device)
     optimizer = build_optimizer(cfg.optimizer, dist.unwrap(model))
-    total_iters = settings.epochs * len(train_loader)
+    total_iters = settings.epochs * math.ceil(len(train_loader) / settings.accumulate)  # optimizer steps
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer, total_iters=total_iters)
     return Parts(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
                  normalize=Normalize(cfg.dataset.mean, cfg.dataset.std).to(device),

@@ -84,5 +84,11 @@ def cleanup() -> None:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under a DDP wrapper."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The bare model under ``torch.compile`` and DDP wrappers (its state dict has the plain keys)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model

@@ -17,6 +17,7 @@ from segrun.errors import ConfigError
 log = logging.getLogger("segrun")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_int(key: str, value: Any, minimum: int | None = None) -> int:
@@ -105,6 +106,11 @@ class TrainSettings:
     precision: str = "fp32"
     grad_clip: float | None = None
     deterministic: bool = False
+    channels_last: bool = False
+    compile: str | None = None  # None = off, else a torch.compile mode
+    accumulate: int = 1
+    ema_decay: float = 0.0
+    prefetch: str = "auto"  # auto | true | false
     device: str = "auto"
     seed: int = 0
     predict: PredictSettings = field(default_factory=PredictSettings)
@@ -134,7 +140,35 @@ class TrainSettings:
             precision=precision,
             grad_clip=None if t.grad_clip is None else check_number("trainer.grad_clip", t.grad_clip, 0.0, exclusive=True),
             deterministic=check_bool("trainer.deterministic", t.deterministic),
+            channels_last=check_bool("trainer.channels_last", t.get("channels_last", False)),
+            compile=_compile_mode(t.get("compile", False)),
+            accumulate=check_int("trainer.accumulate", t.get("accumulate", 1), 1),
+            ema_decay=_ema_decay(t.get("ema", {}).get("decay", 0.0)),
+            prefetch=_auto_bool("trainer.prefetch", t.get("prefetch", "auto")),
             device=str(t.device),
             seed=check_int("seed", cfg.seed),
             predict=PredictSettings.from_config(cfg.predict),
         )
+
+
+def _compile_mode(value: Any) -> str | None:
+    if value is False or value is None:
+        return None
+    if value is True:
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ConfigError(f"trainer.compile={value!r}: expected false, true or a mode ({', '.join(COMPILE_MODES)})")
+
+
+def _ema_decay(value: Any) -> float:
+    decay = check_number("trainer.ema.decay", value, 0.0)
+    if decay >= 1.0:
+        raise ConfigError(f"trainer.ema.decay={value!r}: expected a number in [0, 1) (0 turns EMA off)")
+    return decay
+
+
+def _auto_bool(key: str, value: Any) -> str:
+    if value == "auto" or isinstance(value, bool):
+        return str(value).lower()
+    raise ConfigError(f"{key}={value!r}: expected auto, true or false")

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from segrun import __version__
+from segrun.data.prefetch import DevicePrefetcher
 from segrun.engine import distributed as dist
 from segrun.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, strip_module_prefix
 from segrun.engine.logging import TensorBoard, prediction_grid, write_json
@@ -67,9 +70,15 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.config = config or {}
         self.overrides = list(overrides)
-        self.iters_per_epoch = len(self.train_loader)
+        self.batches_per_epoch = len(self.train_loader)
+        self.iters_per_epoch = math.ceil(self.batches_per_epoch / settings.accumulate)  # optimizer steps
         self.autocast_dtype = AUTOCAST_DTYPES[settings.precision]
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16")
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        prefetch = settings.prefetch == "true" or (settings.prefetch == "auto" and self.device.type == "cuda")
+        self.batches = DevicePrefetcher(self.train_loader, self.device) if prefetch else self.train_loader
+        self.ema = (AveragedModel(dist.unwrap(self.model), multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay),
+                                  use_buffers=True) if settings.ema_decay else None)
         self.logger: TensorBoard | None = None
         # state that checkpoints carry
         self.epoch = 0  # epochs completed
@@ -129,23 +138,31 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def run_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """One optimisation step; returns the detached loss, the model outputs and the int64 labels."""
+    def run_step(self, batch: dict[str, Any], share: float = 1.0, step: bool = True) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Forward and backward of one (micro-)batch, then the optimizer step unless more
+        micro-batches are to be accumulated. ``share`` scales the loss (1/N of N micro-batches).
+        Returns the detached loss, the model outputs and the int64 labels."""
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True).long()
         with self.autocast():
-            outputs = self.model(self.normalize(images))
+            outputs = self.model(self.normalize(images).contiguous(memory_format=self.memory_format))
             loss = self.criterion(outputs, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * share if share != 1.0 else loss).backward()
+        if step:
+            self.optimizer_step()
+        return loss.detach(), outputs, labels
+
+    def optimizer_step(self) -> None:
         if self.settings.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(dist.unwrap(self.model))
         self.global_step += 1
-        return loss.detach(), outputs, labels
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
         s = self.settings
@@ -154,13 +171,18 @@ class Trainer:
         self.train_loader.sampler.set_epoch(epoch)
         cm = ConfusionMatrix(self.meta.num_classes, self.meta.ignore_index, self.device)
         window = _LossWindow(self.device, self.global_step)
-        bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch}/{s.epochs}", leave=False,
+        n, acc = self.batches_per_epoch, s.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(total=n, desc=f"epoch {epoch}/{s.epochs}", leave=False,
                    disable=not (s.progress and dist.is_main()), dynamic_ncols=True)
-        for i, batch in enumerate(self.train_loader, start=1):
-            loss, outputs, labels = self.run_step(batch)
-            window.add(loss, batch["image"].shape[0])
+        for i, batch in enumerate(self.batches, start=1):
+            group_start = (i - 1) // acc * acc  # micro-batches before this optimizer step's group
+            step = i % acc == 0 or i == n
+            with self._grad_sync(step):
+                loss, outputs, labels = self.run_step(batch, share=1.0 / min(acc, n - group_start), step=step)
+            window.add(loss, batch["image"].shape[0], stepped=step)
             cm.update(main_output(outputs).detach().max(1).indices, labels)
-            if i % s.log_every == 0 or i == self.iters_per_epoch:
+            if i % s.log_every == 0 or i == n:
                 self.check_finite(window.bad_step, epoch)
                 mean_loss, ips = window.flush()
                 lrs = {g.get("name", str(k)): g["lr"] for k, g in enumerate(self.optimizer.param_groups)}
@@ -174,12 +196,18 @@ class Trainer:
         self.check_finite(window.bad_step, epoch)
         cm.all_reduce()
         metrics = cm.compute(self.meta.class_names)
-        metrics["loss"] = float(dist.all_reduce_mean(window.epoch_loss)) / max(1, self.iters_per_epoch)
+        metrics["loss"] = float(dist.all_reduce_mean(window.epoch_loss)) / max(1, n)
         self.logger.scalars("train", {"epoch_loss": metrics["loss"], "mIoU": metrics["mIoU"],
                                       "pixel_acc": metrics["pixel_acc"]}, self.global_step)
         log.info("epoch %d train: loss %.4f mIoU %.4f pixel_acc %.4f", epoch, metrics["loss"],
                  metrics["mIoU"], metrics["pixel_acc"])
         return metrics
+
+    def _grad_sync(self, step: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, gradients are all-reduced only on the micro-batch that ends an accumulation group."""
+        if step or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
         """Raise on the first non-finite loss of any rank, so every process stops with the same message."""
@@ -192,13 +220,17 @@ class Trainer:
                 f"loss became non-finite at epoch {epoch}, step {step} (global); stopping without overwriting "
                 f"checkpoints in {self.ckpt_dir}. Lower optimizer.lr, enable trainer.grad_clip, or check the data")
 
+    def inference_model(self) -> torch.nn.Module:
+        """The weights that validation, ``best.pt`` and inference use: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else dist.unwrap(self.model)
+
     @torch.no_grad()
     def validate(self, epoch: int) -> dict[str, Any]:
         s = self.settings
         # the bare model: DDP's forward may run a collective (buffer broadcast), which would hang when
         # ranks run different numbers of validation batches (a rank may even have none)
         self.open_logger()
-        model = dist.unwrap(self.model)
+        model = self.inference_model()
         dist.broadcast_buffers(model)
         model.eval()
         cm = ConfusionMatrix(self.meta.num_classes, self.meta.ignore_index, self.device)
@@ -244,8 +276,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue training exactly where it stands."""
-        return {
-            "model": strip_module_prefix(dist.unwrap(self.model).state_dict()),
+        state: dict[str, Any] = {
+            "model": strip_module_prefix(self.inference_model().state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -259,9 +291,16 @@ class Trainer:
             "monitor": self.monitor.spec,
             "rng": rng_state(),
         }
+        if self.ema is not None:  # "model" holds the EMA weights (what inference loads); these train on
+            state["train_model"] = strip_module_prefix(dist.unwrap(self.model).state_dict())
+            state["ema_updates"] = int(self.ema.n_averaged)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        dist.unwrap(self.model).load_state_dict(strip_module_prefix(state["model"]))
+        dist.unwrap(self.model).load_state_dict(strip_module_prefix(state.get("train_model", state["model"])))
+        if self.ema is not None and "train_model" in state:
+            self.ema.module.load_state_dict(strip_module_prefix(state["model"]))
+            self.ema.n_averaged.fill_(int(state["ema_updates"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled() and state.get("scaler"):
@@ -325,9 +364,11 @@ class _LossWindow:
         self.step = torch.full((), global_step, dtype=torch.int64, device=device)  # a host int would be copied each step
         self.steps, self.images, self.start = 0, 0, time.perf_counter()
 
-    def add(self, loss: torch.Tensor, n_images: int) -> None:
-        self.step += 1
-        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.step, self.bad_step)
+    def add(self, loss: torch.Tensor, n_images: int, stepped: bool = True) -> None:
+        """Record a micro-batch's loss; a non-finite one is blamed on the optimizer step it feeds."""
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.step + 1, self.bad_step)
+        if stepped:
+            self.step += 1
         self.loss_sum += loss
         self.epoch_loss += loss
         self.steps += 1

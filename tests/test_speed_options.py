@@ -1,0 +1,158 @@
+"""Precision, memory format, compilation, accumulation, EMA and prefetching: each changes speed, not results."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import make_trainer
+from segrun.build import DatasetMeta
+from segrun.data.loader import build_loader
+from segrun.data.prefetch import DevicePrefetcher
+from segrun.engine.checkpoint import load_checkpoint
+from segrun.engine.predict import Normalize
+from segrun.engine.settings import TrainSettings
+from segrun.engine.trainer import Trainer
+from segrun.errors import ConfigError
+from segrun.schedulers import PolyLR
+
+
+class Pixels(torch.utils.data.Dataset):
+    """Hand-made 2-class data: a pixel's class is its brightness; every pixel counts (no ignore)."""
+
+    class_names, palette, ignore_index = ["dark", "bright"], [[0, 0, 0], [255, 255, 255]], 255
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        g = torch.Generator().manual_seed(index)
+        label = (torch.rand(8, 8, generator=g) > 0.5).to(torch.uint8)
+        noise = torch.randint(0, 60, (3, 8, 8), generator=g)
+        return {"image": (label * 150 + noise).to(torch.uint8), "label": label}
+
+
+def hand_made_trainer(run_dir, batch_size, epochs=2, **settings):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))  # no BatchNorm
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    s = TrainSettings(epochs=epochs, progress=False, tensorboard=False, log_every=2, **settings)
+    loader = build_loader(Pixels(), batch_size, train=True)
+    steps = epochs * -(-len(loader) // s.accumulate)
+    parts = type("Parts", (), dict(
+        model=model, criterion=torch.nn.CrossEntropyLoss(), optimizer=optimizer,
+        scheduler=PolyLR(optimizer, total_iters=steps, power=0.9), normalize=Normalize([0.4] * 3, [0.3] * 3),
+        device=torch.device("cpu"), train_loader=loader, val_loader=build_loader(Pixels(), 4, train=False),
+        meta=DatasetMeta(Pixels.class_names, Pixels.palette, 2, 255, [0.4] * 3, [0.3] * 3)))
+    return Trainer(parts, s, run_dir)
+
+
+def test_accumulate_2_of_batch_b_equals_batch_2b(tmp_path):
+    small = hand_made_trainer(tmp_path / "a", batch_size=2, accumulate=2)
+    large = hand_made_trainer(tmp_path / "b", batch_size=4, accumulate=1)
+    small.fit()
+    large.fit()
+    assert small.global_step == large.global_step == 4  # optimizer steps, not micro-batches
+    assert small.scheduler.last_epoch == 4
+    for (name, a), b in zip(small.model.state_dict().items(), large.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # and the setting does change something: one step per micro-batch ends elsewhere
+    plain = hand_made_trainer(tmp_path / "c", batch_size=2, accumulate=1)
+    plain.fit()
+    assert not torch.allclose(plain.model[0].weight, large.model[0].weight, atol=1e-4)
+
+
+def test_ema_is_the_hand_computed_average_and_is_what_checkpoints_serve(tmp_path):
+    decay = 0.5
+    trainer = hand_made_trainer(tmp_path, batch_size=2, epochs=1, ema_decay=decay)
+    seen = []
+    step = trainer.optimizer_step
+
+    def record():
+        step()
+        seen.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+
+    trainer.optimizer_step = record
+    trainer.fit()
+    expected = dict(seen[0])  # the first update copies, later ones move (1 - decay) of the way
+    for weights in seen[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    for k, v in expected.items():
+        torch.testing.assert_close(last["model"][k], v)
+        torch.testing.assert_close(last["train_model"][k], seen[-1][k])
+    assert not torch.allclose(last["model"]["0.weight"], last["train_model"]["0.weight"])
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    torch.testing.assert_close(best["model"]["0.weight"], expected["0.weight"])  # the only epoch is the best
+
+
+def test_ema_resumes_exactly(tmp_path):
+    args = ["trainer.ema.decay=0.9", "trainer.epochs=2", "trainer.tensorboard=false",
+            "dataset.sizes={train: 8, val: 2, test: 2}"]
+    full = make_trainer(tmp_path / "full", args)
+    full.fit()
+    cut = make_trainer(tmp_path / "cut", args)
+    cut.settings = dataclasses.replace(cut.settings, epochs=1)
+    cut.fit()
+    resumed = make_trainer(tmp_path / "cut", [*args, f"trainer.resume={tmp_path / 'cut' / 'checkpoints' / 'last.pt'}"])
+    resumed.fit()
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert a["ema_updates"] == b["ema_updates"] == 2 * full.iters_per_epoch
+    for key in ("model", "train_model"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+
+
+def test_channels_last_gives_the_same_losses(tmp_path):
+    args = ["trainer.epochs=1", "trainer.tensorboard=false", "trainer.deterministic=true"]
+    plain = make_trainer(tmp_path / "plain", args)
+    nhwc = make_trainer(tmp_path / "nhwc", [*args, "trainer.channels_last=true"])
+    assert next(nhwc.model.parameters()).dim() == 4 and \
+        next(p for p in nhwc.model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    plain.fit()
+    nhwc.fit()
+    assert plain.history[0]["train/loss"] == pytest.approx(nhwc.history[0]["train/loss"], rel=1e-4)
+    for (name, a), b in zip(plain.model.state_dict().items(), nhwc.model.state_dict().values()):
+        torch.testing.assert_close(a, b.contiguous(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_compile_trains_and_checkpoints_plain_keys(tmp_path):
+    try:
+        built = make_trainer(tmp_path / "cfg", ["trainer.compile=true"])
+    except ConfigError as e:
+        pytest.skip(f"torch.compile unsupported here: {e}")
+    assert hasattr(built.model, "_orig_mod")  # the config path compiles; training it is slow on a CPU,
+    trainer = hand_made_trainer(tmp_path, batch_size=4, epochs=1)  # so train a small compiled model
+    trainer.model = torch.compile(trainer.model)
+    trainer.fit()
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert set(last["model"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert last["global_step"] == 2 and torch.isfinite(last["model"]["0.weight"]).all()
+
+
+def test_bad_speed_settings_name_their_key(tmp_path):
+    for override, message in [("trainer.compile=fastest", "trainer.compile='fastest'"),
+                              ("trainer.accumulate=0", "trainer.accumulate=0"),
+                              ("trainer.ema.decay=1.0", "trainer.ema.decay=1.0")]:
+        with pytest.raises(ConfigError, match=message):
+            make_trainer(tmp_path, [override])
+
+
+def test_prefetcher_yields_the_loaders_batches_on_the_device():
+    loader = build_loader(Pixels(), 3, train=True, drop_last=False)
+    expected = list(loader)
+    got = list(DevicePrefetcher(loader, torch.device("cpu")))
+    assert len(got) == len(expected) == len(DevicePrefetcher(loader, torch.device("cpu"))) == 3
+    for a, b in zip(got, expected):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefetcher_overlaps_and_matches():
+    loader = build_loader(Pixels(), 2, train=True, pin_memory=True)
+    device = torch.device("cuda")
+    for a, b in zip(DevicePrefetcher(loader, device), loader):
+        assert a["image"].device.type == "cuda"
+        assert torch.equal(a["image"].cpu(), b["image"])

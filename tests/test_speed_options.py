@@ -156,3 +156,46 @@ def test_cuda_prefetcher_overlaps_and_matches():
     for a, b in zip(DevicePrefetcher(loader, device), loader):
         assert a["image"].device.type == "cuda"
         assert torch.equal(a["image"].cpu(), b["image"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_precision_trains_and_resumes(tmp_path, precision):
+    args = [f"trainer.precision={precision}", "trainer.device=cuda", "trainer.tensorboard=false", "trainer.epochs=2",
+            "trainer.deterministic=true", "trainer.ema.decay=0.9"]
+    full = make_trainer(tmp_path / "full", args)
+    assert full.scaler.is_enabled() == (precision == "fp16")
+    full.fit()
+    cut = make_trainer(tmp_path / "cut", args)
+    cut.settings = dataclasses.replace(cut.settings, epochs=1)
+    cut.fit()
+    if precision == "fp16":
+        assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["scaler"] is not None
+    make_trainer(tmp_path / "cut", [*args, f"trainer.resume={tmp_path / 'cut' / 'checkpoints' / 'last.pt'}"]).fit()
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    for name, value in a["train_model"].items():  # cuDNN kernels may differ in the last bits
+        torch.testing.assert_close(value, b["train_model"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_syncbn_in_a_one_gpu_process_group(monkeypatch):
+    import socket
+
+    from segrun.models.unet import UNet
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    torch.distributed.init_process_group("nccl")
+    try:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(UNet(num_classes=3, width=4, depth=2)).cuda()
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0])
+        out = ddp(torch.randn(2, 3, 32, 32, device="cuda"))
+        out.mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    finally:
+        torch.distributed.destroy_process_group()

@@ -123,3 +123,10 @@ def test_the_loader_hands_each_sample_its_seed_and_epoch():
             expected = ds[(index, seed, ep)]
             assert torch.equal(batches[k // 2]["image"][k % 2], expected["image"])
             assert torch.equal(batches[k // 2]["label"][k % 2], expected["label"])
+
+
+def test_a_set_smaller_than_half_the_ranks_still_gives_every_rank_a_sample():
+    # found by the sampler property in test_properties: one image on three ranks left rank 2 empty
+    shards = [list(EpochSampler(1, seed=0, rank=r, world_size=3)) for r in range(3)]
+    assert [[k[0] for k in s] for s in shards] == [[0], [0], [0]]
+    assert all(len(EpochSampler(1, rank=r, world_size=3)) == 1 for r in range(3))

@@ -112,7 +112,7 @@ def test_psp_with_aux_combined_loss_and_backbone_lr_mult_trains(tmp_path):
     best = t.fit()
     # the monitored value is the best epoch's val/mIoU, a real number (NaN or None would fail)
     assert isinstance(best, float) and math.isfinite(best) and 0.0 < best <= 1.0
-    assert best == t.history[t.best_epoch - 1]["val/mIoU"]
+    assert best == t.history[t.monitor.best_epoch - 1]["val/mIoU"]
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert {"lr/backbone", "lr/head"} <= set(acc.Tags()["scalars"])

@@ -106,3 +106,21 @@ def test_random_cases_with_absent_and_predicted_but_absent_classes(seed):
     assert all(math.isnan(got["class_iou"][str(c)]) for c in absent)
     fp_only = set(in_pred.tolist()) - set(np.unique(target[target != 255]).tolist())
     assert all(got["class_iou"][str(c)] == 0.0 for c in fp_only)
+
+
+def test_single_pixel_evaluation_and_empty_evaluation_edges():
+    # one pixel of class a, predicted a: every rate is exactly 1, class b is undefined
+    m = metrics_from_confusion(torch.tensor([[1, 0], [0, 0]]), ["a", "b"])
+    assert (m["pixel_acc"], m["mean_acc"], m["mIoU"], m["fwIoU"]) == (1.0, 1.0, 1.0, 1.0)
+    assert m["class_iou"]["a"] == 1.0 and math.isnan(m["class_iou"]["b"])
+    assert m["class_acc"]["a"] == 1.0 and math.isnan(m["class_acc"]["b"])
+    empty = ConfusionMatrix(2).compute(["a", "b"])
+    assert all(math.isnan(empty[k]) for k in ("pixel_acc", "mean_acc", "mIoU", "fwIoU"))
+    assert list(empty["class_iou"]) == ["a", "b"] and list(empty["class_acc"]) == ["a", "b"]
+
+
+def test_counts_are_exact_integers_and_255_is_ignored_by_default_even_with_many_classes():
+    cm = ConfusionMatrix(300)
+    assert cm.mat.dtype == torch.int64  # float32 counts stop being exact past 2**24 pixels
+    cm.update(torch.tensor([255, 3, 3]), torch.tensor([255, 255, 3]))
+    assert int(cm.mat.sum()) == 1 and int(cm.mat[3, 3]) == 1

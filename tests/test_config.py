@@ -65,8 +65,17 @@ def test_augment_options_instantiate(option):
 
 
 def test_other_entry_point_configs_compose():
-    for name in sorted(p.stem for p in CONF.glob("*.yaml")):
-        assert compose_cfg(config_name=name) is not None
+    names = sorted(p.stem for p in CONF.glob("*.yaml"))
+    assert {"train", "infer", "data"} <= set(names)
+    for name in names:
+        cfg = compose_cfg(config_name=name)
+        raw = OmegaConf.load(CONF / f"{name}.yaml")
+        # every key the file sets and every group it pulls in is in the composed config
+        groups = {next(iter(d)) for d in raw.get("defaults", []) if isinstance(d, dict) and
+                  not next(iter(d)).startswith(("override", "hydra"))}
+        expected = (set(raw) - {"defaults", "hydra"}) | groups
+        assert expected and expected <= set(cfg), (name, expected - set(cfg))
+        assert OmegaConf.is_struct(cfg), name  # unknown keys are refused
 
 
 def test_wrong_key_is_rejected_in_compose():

@@ -91,3 +91,42 @@ def test_shapes_cache_serves_the_same_arrays_as_generation():
         for a, b in zip(cached.read(i), fresh.read(i)):
             assert np.array_equal(a, b)
     assert len(cached._cache) == 4 and not fresh._cache
+
+
+def _aug_shapes(**kw):
+    return Shapes(split="train", sizes={"train": 8}, min_size=32, max_size=48,
+                  transform=TrainTransform(32, base_size=40, scale=(0.5, 2.0), rotate=10, hflip=0.5), **kw)
+
+
+def test_augmentation_changes_between_epochs_and_repeats_for_the_same_seed_epoch_index():
+    a, b = _aug_shapes(), _aug_shapes()  # two objects: nothing carried over in the dataset
+    for index in range(4):
+        e1, e2 = a[(index, 7, 1)], a[(index, 7, 2)]
+        assert not torch.equal(e1["label"], e2["label"]) or not torch.equal(e1["image"], e2["image"]), index
+        again = b[(index, 7, 1)]
+        assert torch.equal(e1["image"], again["image"]) and torch.equal(e1["label"], again["label"])
+        other_seed = a[(index, 8, 1)]
+        assert not torch.equal(e1["image"], other_seed["image"])
+    # the crop, not only the flip, moves: over 4 samples x 2 epochs the unflipped crops differ
+    assert len({a[(i, 7, e)]["image"].float().mean().item() for i in range(4) for e in (1, 2)}) == 8
+
+
+def test_the_loader_hands_each_sample_its_seed_and_epoch():
+    ds = _aug_shapes()
+    loader = build_loader(ds, 2, train=True, num_workers=0, seed=11)
+    for epoch in (1, 2):
+        loader.sampler.set_epoch(epoch)
+        keys = list(loader.sampler)
+        assert {(s, e) for _, s, e in keys} == {(11, epoch)}
+        batches = list(loader)
+        for k, (index, seed, ep) in enumerate(keys):
+            expected = ds[(index, seed, ep)]
+            assert torch.equal(batches[k // 2]["image"][k % 2], expected["image"])
+            assert torch.equal(batches[k // 2]["label"][k % 2], expected["label"])
+
+
+def test_a_set_smaller_than_half_the_ranks_still_gives_every_rank_a_sample():
+    # found by the sampler property in test_properties: one image on three ranks left rank 2 empty
+    shards = [list(EpochSampler(1, seed=0, rank=r, world_size=3)) for r in range(3)]
+    assert [[k[0] for k in s] for s in shards] == [[0], [0], [0]]
+    assert all(len(EpochSampler(1, rank=r, world_size=3)) == 1 for r in range(3))

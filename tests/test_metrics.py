@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+import pytest
 import torch
 
 from segrun.metrics import ConfusionMatrix, metrics_from_confusion
@@ -58,3 +60,67 @@ def test_streaming_equals_one_shot_and_out_of_range_is_ignored():
 def test_empty_evaluation_is_nan_not_crash():
     m = ConfusionMatrix(3).compute()
     assert math.isnan(m["mIoU"]) and math.isnan(m["pixel_acc"])
+
+
+def _numpy_reference(target: np.ndarray, pred: np.ndarray, n: int, ignore: int) -> dict:
+    """The metrics from their definitions, pixel by pixel, in numpy (no confusion-matrix code shared)."""
+    keep = target != ignore
+    t, p = target[keep], pred[keep]
+    iou, acc = [], []
+    for c in range(n):
+        tp = np.sum((t == c) & (p == c))
+        gt, pr = np.sum(t == c), np.sum(p == c)
+        union = gt + pr - tp
+        iou.append(tp / union if union else math.nan)
+        acc.append(tp / gt if gt else math.nan)
+    freq = [np.sum(t == c) / t.size for c in range(n)]
+    return {
+        "pixel_acc": float(np.mean(t == p)),
+        "mIoU": float(np.nanmean(iou)),
+        "mean_acc": float(np.nanmean(acc)),
+        "fwIoU": float(sum(f * i for f, i in zip(freq, iou) if not math.isnan(i))),
+        "class_iou": iou,
+    }
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_cases_with_absent_and_predicted_but_absent_classes(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 9))
+    classes = rng.permutation(n)
+    in_truth = classes[: int(rng.integers(1, n))]          # at least one class never in the truth
+    in_pred = rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False)
+    target = rng.choice(in_truth, size=(3, 9, 11)).astype(np.int64)
+    pred = rng.choice(in_pred, size=target.shape).astype(np.int64)
+    target[rng.random(target.shape) < 0.1] = 255
+    cm = ConfusionMatrix(n, ignore_index=255)
+    for i in range(3):  # streamed, one image at a time
+        cm.update(torch.from_numpy(pred[i]), torch.from_numpy(target[i]))
+    got, ref = cm.compute(), _numpy_reference(target, pred, n, 255)
+    for key in ("pixel_acc", "mIoU", "mean_acc", "fwIoU"):
+        assert math.isclose(got[key], ref[key], rel_tol=1e-12, abs_tol=1e-12), key
+    for c in range(n):
+        a, b = got["class_iou"][str(c)], ref["class_iou"][c]
+        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12), c
+    absent = set(range(n)) - set(in_truth.tolist()) - set(in_pred.tolist())
+    assert all(math.isnan(got["class_iou"][str(c)]) for c in absent)
+    fp_only = set(in_pred.tolist()) - set(np.unique(target[target != 255]).tolist())
+    assert all(got["class_iou"][str(c)] == 0.0 for c in fp_only)
+
+
+def test_single_pixel_evaluation_and_empty_evaluation_edges():
+    # one pixel of class a, predicted a: every rate is exactly 1, class b is undefined
+    m = metrics_from_confusion(torch.tensor([[1, 0], [0, 0]]), ["a", "b"])
+    assert (m["pixel_acc"], m["mean_acc"], m["mIoU"], m["fwIoU"]) == (1.0, 1.0, 1.0, 1.0)
+    assert m["class_iou"]["a"] == 1.0 and math.isnan(m["class_iou"]["b"])
+    assert m["class_acc"]["a"] == 1.0 and math.isnan(m["class_acc"]["b"])
+    empty = ConfusionMatrix(2).compute(["a", "b"])
+    assert all(math.isnan(empty[k]) for k in ("pixel_acc", "mean_acc", "mIoU", "fwIoU"))
+    assert list(empty["class_iou"]) == ["a", "b"] and list(empty["class_acc"]) == ["a", "b"]
+
+
+def test_counts_are_exact_integers_and_255_is_ignored_by_default_even_with_many_classes():
+    cm = ConfusionMatrix(300)
+    assert cm.mat.dtype == torch.int64  # float32 counts stop being exact past 2**24 pixels
+    cm.update(torch.tensor([255, 3, 3]), torch.tensor([255, 255, 3]))
+    assert int(cm.mat.sum()) == 1 and int(cm.mat[3, 3]) == 1

@@ -1,6 +1,7 @@
 """In-process training runs on tiny settings: outputs, TensorBoard tags, the non-finite guard, monitors."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -109,7 +110,9 @@ def test_psp_with_aux_combined_loss_and_backbone_lr_mult_trains(tmp_path):
     outputs = t.model.train()(torch.zeros(2, 3, 32, 32))
     assert set(outputs) == {"out", "aux"}
     best = t.fit()
-    assert best is not None and 0.0 <= best <= 1.0
+    # the monitored value is the best epoch's val/mIoU, a real number (NaN or None would fail)
+    assert isinstance(best, float) and math.isfinite(best) and 0.0 < best <= 1.0
+    assert best == t.history[t.monitor.best_epoch - 1]["val/mIoU"]
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert {"lr/backbone", "lr/head"} <= set(acc.Tags()["scalars"])

@@ -33,7 +33,8 @@ class EpochSampler(Sampler):
             order = list(range(self.size))
         if self.pad and self.world_size > 1:
             total = math.ceil(self.size / self.world_size) * self.world_size
-            order += order[: total - self.size]
+            # cycle, not one slice: a set smaller than half the ranks needs more than one repeat
+            order = (order * math.ceil(total / self.size))[:total]
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:

@@ -88,7 +88,7 @@ def scripted_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("scripted")
     t = make_trainer(run, ["trainer.epochs=8", "trainer.monitor=min val/loss", "trainer.early_stop=2",
                            "trainer.save_period=1", "trainer.tensorboard=false", "scheduler=poly",
-                           "optimizer.lr=0.05"])
+                           "optimizer.lr=0.05", "dataset.sizes={train: 8, val: 2, test: 2}"])
     t.criterion = ScriptedValLoss(t.criterion, [1.0, 2.0, 0.5, 3.0, 4.0, 0.1, 0.1, 0.1])
     t.criterion.trainer = t
     saves = []

@@ -106,7 +106,9 @@ def test_ema_resumes_exactly(tmp_path):
 
 
 def test_channels_last_gives_the_same_losses(tmp_path):
-    args = ["trainer.epochs=1", "trainer.tensorboard=false", "trainer.deterministic=true"]
+    # a few steps only: float differences between NCHW and NHWC kernels grow as training goes on
+    args = ["trainer.epochs=1", "trainer.tensorboard=false", "trainer.deterministic=true",
+            "dataset.sizes={train: 12, val: 2, test: 2}"]
     plain = make_trainer(tmp_path / "plain", args)
     nhwc = make_trainer(tmp_path / "nhwc", [*args, "trainer.channels_last=true"])
     assert next(nhwc.model.parameters()).dim() == 4 and \
@@ -115,7 +117,7 @@ def test_channels_last_gives_the_same_losses(tmp_path):
     nhwc.fit()
     assert plain.history[0]["train/loss"] == pytest.approx(nhwc.history[0]["train/loss"], rel=1e-4)
     for (name, a), b in zip(plain.model.state_dict().items(), nhwc.model.state_dict().values()):
-        torch.testing.assert_close(a, b.contiguous(), rtol=1e-3, atol=1e-4, msg=name)
+        torch.testing.assert_close(a, b.contiguous(), rtol=1e-3, atol=1e-3, msg=name)
 
 
 def test_compile_trains_and_checkpoints_plain_keys(tmp_path):

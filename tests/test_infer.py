@@ -125,7 +125,7 @@ def test_config_and_checkpoint_mistakes_raise_named_errors(setup, tmp_path):
         run(compose_cfg([f"ckpt={foreign}", f"images={setup['images']}"], config_name="infer"))
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match=f"checkpoint {junk} could not be read"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {junk} is not a segrun checkpoint"):
         run(compose_cfg([f"ckpt={junk}", f"images={setup['images']}"], config_name="infer"))
     # outputs must not overwrite inputs, nor two inputs share an output
     with pytest.raises(InferError, match="overwrite the input"):

@@ -54,6 +54,7 @@ def test_onnx_round_trip_with_dynamic_sizes_and_metadata(ckpt, tmp_path):
     assert labels.shape == (3, 37, 45) and (labels == ref.argmax(1).numpy()).mean() >= 0.999
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_round_trip(ckpt, tmp_path):
     result = run(_cfg(ckpt, tmp_path / "m.pt", "format=torchscript"))
     assert result["agreement"] >= 0.999

@@ -19,18 +19,18 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from segrun import __version__
 from segrun.config import conf_dir
 from segrun.confusion import class_table, render_confusion_png, write_confusion_csv
-from segrun.data.loader import build_loader
+from segrun.build import build_data_loader, build_dataset
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint
 from segrun.engine.logging import write_json
 from segrun.engine.predict import Normalize, class_map, predict
-from segrun.engine.trainer import resolve_workers
+from segrun.engine.runtime import resolve_workers
+from segrun.engine.trainer import AUTOCAST_DTYPES
 from segrun.engine.trust import check_checkpoint
 from segrun.errors import SegrunError, report_user_errors
 from segrun.infer import _device, _plain, _size, build_model, save_mask
@@ -87,6 +87,21 @@ def predict_settings(cfg: DictConfig, stored_predict: dict[str, Any], crop_fallb
             "window_batch": None if window_batch is None else int(window_batch)}
 
 
+def _precision(cfg: DictConfig, stored_trainer: dict[str, Any], device: torch.device) -> str:
+    """``precision=``, else the checkpoint's training precision (``trainer.amp=true`` meant fp16); fp16 only on CUDA."""
+    precision = cfg.precision
+    if precision is None:
+        precision = str(stored_trainer.get("precision") or ("fp16" if stored_trainer.get("amp") else "fp32"))
+        if precision == "fp16" and device.type != "cuda":
+            precision = "fp32"  # trained with fp16 on a GPU, evaluated here on a CPU
+    precision = str(precision)
+    if precision not in AUTOCAST_DTYPES:
+        raise EvalError(f"precision={precision}: expected one of {', '.join(AUTOCAST_DTYPES)} (or null)")
+    if precision == "fp16" and device.type != "cuda":
+        raise EvalError(f"precision=fp16 needs a CUDA device (this evaluation runs on {device}); use bf16 or fp32")
+    return precision
+
+
 def eval_dir(cfg: DictConfig, ckpt_path: Path, split: str, settings: dict[str, Any]) -> Path:
     """``out=``, else ``<run>/eval/<stem>-<split>[-slide][-tta]`` (the run folder holds ``checkpoints/``)."""
     if cfg.out is not None:
@@ -127,7 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     settings = predict_settings(cfg, stored.get("predict") or {}, dataset_cfg.get("crop_size"))
     split = str(cfg.split)
     device = _device(cfg.device)
-    amp = (bool((stored.get("trainer") or {}).get("amp")) if cfg.amp is None else bool(cfg.amp)) and device.type == "cuda"
+    precision = _precision(cfg, stored.get("trainer") or {}, device)
     loader_cfg = stored.get("loader") or {}
     batch_size = int(cfg.batch_size if cfg.batch_size is not None else loader_cfg.get("val_batch_size", 1))
     if batch_size < 1:
@@ -135,7 +150,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         workers = resolve_workers(_plain(cfg.num_workers), device)
     except ValueError:
-        raise EvalError(f"num_workers={cfg.num_workers}: expected auto or an int >= 0") from None
+        raise EvalError(f"num_workers={cfg.num_workers}: expected auto or an integer >= 0") from None
     out = eval_dir(cfg, ckpt_path, split, settings)
 
     # build: weights, then the split (a dataset problem is reported before any prediction)
@@ -144,16 +159,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     transform_cfg = dict((stored.get("augment") or {}).get("val") or {})
     if not from_ckpt:  # another dataset: its own crop and ignore value
         transform_cfg.update({k: dataset_cfg[k] for k in ("crop_size", "ignore_index") if k in transform_cfg and k in dataset_cfg})
-    transform = instantiate(transform_cfg) if transform_cfg else None
-    want_ids = bool(cfg.save_predictions) and "return_id" in dataset_cfg
-    dataset = instantiate({**dataset_cfg, **({"return_id": True} if want_ids else {})}, split=split, transform=transform)
+    if cfg.save_predictions and "return_id" in dataset_cfg:
+        dataset_cfg = {**dataset_cfg, "return_id": True}  # prediction files named by sample id
+    # the builder validation uses, on the checkpoint's config with this evaluation's data and batch
+    build_cfg = OmegaConf.create({
+        "seed": int(stored.get("seed", 0)),
+        "dataset": dataset_cfg,
+        "augment": {"val": transform_cfg or None},
+        "loader": {**{"pin_memory": "auto", "persistent_workers": False, "prefetch_factor": None, "drop_last": False,
+                      "batch_size": batch_size}, **loader_cfg, "val_batch_size": batch_size, "num_workers": workers},
+    })
+    dataset = build_dataset(build_cfg, split, train=False)
     if len(dataset) == 0:
         raise EvalError(f"split={split}: the dataset has no samples in this split")
     class_names = list(getattr(dataset, "class_names", None) or ckpt.get("class_names") or range(num_classes))
     class_names = [str(n) for n in class_names]
     palette = ckpt.get("palette") or getattr(dataset, "palette", None)
-    loader = build_loader(dataset, batch_size, train=False, num_workers=workers, seed=int(stored.get("seed", 0)),
-                          pin_memory=device.type == "cuda")
+    loader = build_data_loader(build_cfg, dataset, train=False, device=device)
 
     cm = ConfusionMatrix(num_classes, ignore_index, device)
     sync = _SYNC.get(device.type, lambda: None)
@@ -169,9 +191,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             labels = batch["label"].to(device, non_blocking=True).long()
             sync()
             t0 = time.perf_counter()
-            with torch.autocast(device.type, enabled=amp):
+            with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision] or torch.float32,
+                                enabled=AUTOCAST_DTYPES[precision] is not None):
                 scores = predict(model, images, normalize, **settings)
-            pred = class_map(scores)
+            pred = class_map(scores.float())  # as validation: float32 scores whatever the precision
             sync()
             t1 = time.perf_counter()
             cm.update(pred, labels)
@@ -201,7 +224,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "images": n_images,
         "pixels": int(mat.sum()),
         "predict": settings,
-        "amp": amp,
+        "precision": precision,
         "batch_size": batch_size,
         "device": str(device),
         **metrics,

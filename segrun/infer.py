@@ -244,10 +244,9 @@ def _device(name: str) -> torch.device:
     """``resolve_device`` with messages that name this tool's key (``device=``, not ``trainer.device=``)."""
     try:
         return resolve_device(str(name))
-    except ValueError:
-        raise InferError(f"device={name}: not available here; use device=auto or device=cpu") from None
-    except RuntimeError as exc:  # malformed device string
-        raise InferError(f"device={name}: {' '.join(str(exc).split())}") from None
+    except (ValueError, RuntimeError) as exc:  # not available here, or not a device name
+        message = one_line(exc).replace("trainer.device", "device")
+        raise InferError(message if message.startswith("device=") else f"device={name}: {message}") from None
 
 
 def _write(pred: np.ndarray, image: np.ndarray, stem: Path, palette, num_classes: int, overlay: bool,

@@ -11,10 +11,9 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import TINY, compose_cfg, run_cli
+from conftest import TINY, compose_cfg, make_trainer, run_cli
 from segrun.confusion import read_confusion_csv
 from segrun.engine.checkpoint import load_checkpoint, save_checkpoint
-from segrun.engine.trainer import Trainer
 from segrun.eval import EvalError, run
 
 SCALARS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
@@ -26,7 +25,7 @@ def trained(tmp_path_factory) -> dict:
     the model predicting background everywhere, which would make the confusion checks vacuous."""
     root = tmp_path_factory.mktemp("eval")
     cfg = compose_cfg([*TINY, "trainer.epochs=2", "trainer.tensorboard=false"])
-    Trainer(cfg, root / "run").fit()
+    make_trainer(root / "run", ["trainer.epochs=2", "trainer.tensorboard=false"]).fit()
     ckpt = load_checkpoint(root / "run" / "checkpoints" / "last.pt")
     g = torch.Generator().manual_seed(0)
     ckpt["model"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.dim() == 4 else v

@@ -6,14 +6,21 @@ validation uses, so an image gets exactly the mask validation would give it with
 ``mode``/``crop_size``/``stride``/``scales``/``flip``. For each image it writes ``<out>/<stem>.png``
 (a palette PNG whose pixel values are class indices) and, unless ``overlay=false``,
 ``<out>/<stem>_overlay.jpg``. Settings: ``conf/infer.yaml``.
+
+Throughput: a ``DataLoader`` decodes images in worker processes while the model runs, and a small
+thread pool writes masks and overlays, so the device is not left waiting on files. A file that
+cannot be read is skipped with a warning that names it; the summary lists every skipped file and
+the exit status is 3 (all other images were written). Before the model is built, its stored
+config passes the trust check (``segrun.engine.trust``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import hydra
 import numpy as np
@@ -24,46 +31,103 @@ from PIL import Image
 from tqdm import tqdm
 
 from segrun.config import conf_dir
+from segrun.data.base import DatasetError
 from segrun.data.io import IMAGE_EXTENSIONS, read_image
+from segrun.data.transforms import size_pair
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
 from segrun.engine.logging import colorize
-from segrun.engine.predict import Normalize, predict
+from segrun.engine.predict import Normalize, class_map, predict, window_positions
 from segrun.engine.runtime import resolve_device
-from segrun.errors import SegrunError, report_user_errors
+from segrun.engine.trust import check_checkpoint
+from segrun.errors import SegrunError, one_line, report_user_errors
 
 
 class InferError(SegrunError):
     """A bad ``segrun.infer`` setting or input path; the message names it."""
 
 
-def list_images(path: str | os.PathLike) -> list[Path]:
-    """The images to predict: ``path`` itself if a file, else the image files in the folder (sorted, not recursive)."""
+#: exit status when every readable image was predicted but some files could not be read
+EXIT_SKIPPED = 3
+
+
+def list_images(path: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """The images to predict: ``path`` itself if a file, else the image files in the folder (sorted;
+    with ``recursive`` also those in its sub-folders, hidden ones left out)."""
     p = Path(os.path.expanduser(str(path)))
     if p.is_file():
         return [p]
     if not p.is_dir():
         raise InferError(f"images={path}: no such file or folder")
-    found = sorted(e for e in p.iterdir() if e.suffix.lower() in IMAGE_EXTENSIONS and not e.name.startswith(".")
-                   and e.is_file())
+    candidates = p.rglob("*") if recursive else p.iterdir()
+    found = sorted(e for e in candidates if e.suffix.lower() in IMAGE_EXTENSIONS and e.is_file()
+                   and not any(part.startswith(".") for part in e.relative_to(p).parts))
     if not found:
-        raise InferError(f"images={path}: folder has no image files ({' '.join(IMAGE_EXTENSIONS)})")
+        where = "folder and its sub-folders have" if recursive else "folder has"
+        raise InferError(f"images={path}: {where} no image files ({' '.join(IMAGE_EXTENSIONS)})")
     return found
 
 
-def check_outputs(images: Sequence[Path], out: Path, overlay: bool) -> None:
-    """Refuse outputs that would clash: two inputs with one stem, or an output overwriting an input."""
-    seen: dict[str, Path] = {}
+def output_stem(image: Path, root: Path | None, out: Path) -> Path:
+    """``out/<sub-folders of image under root>/<stem>``: masks mirror the input tree."""
+    rel = image.relative_to(root).parent if root is not None else Path()
+    return out / rel / image.stem
+
+
+def check_outputs(images: Sequence[Path], out: Path, overlay: bool, root: Path | None = None) -> None:
+    """Refuse outputs that would clash: ``out`` equal to or inside the input folder (a later run would
+    read the masks as inputs), two inputs with one output name, or an output overwriting an input."""
+    if root is not None:
+        o, r = out.resolve(), root.resolve()
+        if o == r or r in o.parents:
+            raise InferError(f"out={out} is {'the input folder' if o == r else 'inside the input folder'} "
+                             f"images={root}; choose an out folder outside it")
+    seen: dict[Path, Path] = {}
     for p in images:
-        if p.stem in seen:
-            raise InferError(f"{seen[p.stem]} and {p.name} would both be written as {out / p.stem}.png; keep one")
-        seen[p.stem] = p
+        stem = output_stem(p, root, out)
+        if stem in seen:
+            raise InferError(f"{seen[stem]} and {p.name} would both be written as {stem}.png; keep one")
+        seen[stem] = p
     inputs = {p.resolve() for p in images}
     for p in images:
-        targets = [out / f"{p.stem}.png"] + ([out / f"{p.stem}_overlay.jpg"] if overlay else [])
+        stem = output_stem(p, root, out)
+        targets = [stem.with_name(stem.name + ".png")] + ([stem.with_name(stem.name + "_overlay.jpg")] if overlay else [])
         for t in targets:
             if t.resolve() in inputs:
                 raise InferError(f"out={out}: writing {t.name} would overwrite the input image {t}; "
                                  "choose another out folder")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes one image per item (in ``DataLoader`` workers); an unreadable file yields its error instead."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
+        try:
+            return i, read_image(self.paths[i]), None
+        except DatasetError as exc:  # a damaged or foreign file: skip it, keep going
+            return i, None, one_line(exc)
+
+
+def _as_is(item: Any) -> Any:
+    """Collate that keeps numpy arrays as they are (module level: picklable for spawned workers)."""
+    return item
+
+
+def _workers(value: Any) -> int:
+    if str(value) == "auto":
+        return min(4, max(1, (os.cpu_count() or 2) // 2))
+    try:
+        workers = int(value)
+    except (TypeError, ValueError):
+        workers = -1
+    if workers < 0:
+        raise InferError(f"num_workers={value}: expected auto or an int >= 0")
+    return workers
 
 
 def _plain(value: Any) -> Any:
@@ -125,18 +189,22 @@ def blend(image: np.ndarray, pred: np.ndarray, palette: Sequence[Sequence[int]],
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def batches(paths: Iterable[Path], batch_size: int) -> Iterator[list[tuple[Path, np.ndarray]]]:
-    """Read images in order, grouping up to ``batch_size`` consecutive ones of equal size.
+def batches(items: Iterable[tuple[int, np.ndarray | None, str | None]], batch_size: int,
+            on_error: Callable[[int, str], None]) -> Iterator[list[tuple[int, np.ndarray]]]:
+    """Group decoded images in order, up to ``batch_size`` consecutive ones of equal size.
 
     Only equal sizes share a batch: padding would change what the model sees and so the mask.
+    Unreadable items go to ``on_error(index, message)`` and are left out.
     """
-    batch: list[tuple[Path, np.ndarray]] = []
-    for p in paths:
-        image = read_image(p)
+    batch: list[tuple[int, np.ndarray]] = []
+    for i, image, error in items:
+        if image is None:
+            on_error(i, error or "unreadable")
+            continue
         if batch and (len(batch) >= batch_size or batch[0][1].shape != image.shape):
             yield batch
             batch = []
-        batch.append((p, image))
+        batch.append((i, image))
     if batch:
         yield batch
 
@@ -176,10 +244,18 @@ def _device(name: str) -> torch.device:
     """``resolve_device`` with messages that name this tool's key (``device=``, not ``trainer.device=``)."""
     try:
         return resolve_device(str(name))
-    except ValueError:
-        raise InferError(f"device={name}: not available here; use device=auto or device=cpu") from None
-    except RuntimeError as exc:  # malformed device string
-        raise InferError(f"device={name}: {' '.join(str(exc).split())}") from None
+    except (ValueError, RuntimeError) as exc:  # not available here, or not a device name
+        message = one_line(exc).replace("trainer.device", "device")
+        raise InferError(message if message.startswith("device=") else f"device={name}: {message}") from None
+
+
+def _write(pred: np.ndarray, image: np.ndarray, stem: Path, palette, num_classes: int, overlay: bool,
+           alpha: float, ignore_index: int) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    save_mask(pred, palette, stem.with_name(stem.name + ".png"), num_classes)
+    if overlay:
+        Image.fromarray(blend(image, pred, palette, alpha, ignore_index)).save(
+            stem.with_name(stem.name + "_overlay.jpg"), quality=90)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -192,15 +268,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise InferError(f"batch_size={batch_size}: expected 1 or more")
     if not 0.0 <= alpha <= 1.0:
         raise InferError(f"overlay_alpha={alpha}: expected a number in 0..1")
+    window_batch = cfg.window_batch
+    if window_batch is not None and int(window_batch) < 1:
+        raise InferError(f"window_batch={window_batch}: expected null or 1 or more")
+    workers, writers = _workers(cfg.num_workers), int(cfg.writers)
+    if writers < 1:
+        raise InferError(f"writers={writers}: expected 1 or more")
     ckpt_path = Path(os.path.expanduser(str(cfg.ckpt)))
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     missing = [k for k in ("config", "palette", "mean", "std") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt_path} lacks {', '.join(missing)}; was it written by segrun training?")
+    check_checkpoint(ckpt, ckpt_path, ("model",), extra_prefixes=_plain(cfg.trust.targets),
+                     trust_all=bool(cfg.trust_checkpoint))
     settings = _settings(cfg, ckpt)
-    images = list_images(cfg.images)
+    images = list_images(cfg.images, bool(cfg.recursive))
+    src = Path(os.path.expanduser(str(cfg.images)))
+    root = src if src.is_dir() else None
     out = Path(os.path.expanduser(str(cfg.out)))
-    check_outputs(images, out, bool(cfg.overlay))
+    check_outputs(images, out, bool(cfg.overlay), root)
     device = _device(cfg.device)
 
     model = build_model(ckpt, ckpt_path).to(device)
@@ -210,32 +296,80 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ignore_index = int(ckpt.get("ignore_index", 255))
     out.mkdir(parents=True, exist_ok=True)
 
-    bar = tqdm(total=len(images), desc="predict", unit="img", file=sys.stderr, disable=not cfg.progress,
-               dynamic_ncols=True)
-    with torch.no_grad():
-        for batch in batches(images, batch_size):
+    show = bool(cfg.progress)
+    bar = tqdm(total=len(images), desc="predict", unit="img", file=sys.stderr, disable=not show, dynamic_ncols=True)
+    skipped: list[tuple[Path, str]] = []
+
+    def on_error(i: int, message: str) -> None:
+        skipped.append((images[i], message))
+        tqdm.write(f"warning: skipped {images[i]}: {message}", file=sys.stderr)  # above the bar, not on it
+        bar.update(1)
+
+    loader = torch.utils.data.DataLoader(ImageFiles(images), batch_size=None, shuffle=False, num_workers=workers,
+                                         collate_fn=_as_is, prefetch_factor=4 if workers else None)
+    pending: list[Future] = []
+    with ThreadPoolExecutor(writers, thread_name_prefix="segrun-write") as pool, torch.no_grad():
+        for batch in batches(loader, batch_size, on_error):
             x = torch.from_numpy(np.stack([im for _, im in batch])).permute(0, 3, 1, 2).to(device)
-            preds = predict(model, x, normalize, **settings).argmax(1).cpu().numpy()
-            for (path, image), pred in zip(batch, preds):
-                save_mask(pred, palette, out / f"{path.stem}.png", num_classes)
-                if cfg.overlay:
-                    Image.fromarray(blend(image, pred, palette, alpha, ignore_index)).save(
-                        out / f"{path.stem}_overlay.jpg", quality=90)
+            window_bar = _window_bar(x, settings, show)
+            scores = predict(model, x, normalize, **settings, window_batch=window_batch,
+                             progress=window_bar.progress if window_bar else None)
+            if window_bar:
+                window_bar.close()
+            preds = class_map(scores).cpu().numpy()
+            for (i, image), pred in zip(batch, preds):
+                pending.append(pool.submit(_write, pred, image, output_stem(images[i], root, out), palette,
+                                           num_classes, bool(cfg.overlay), alpha, ignore_index))
+            while len(pending) > 4 * writers:  # bounded: decoded images must not pile up in memory
+                pending.pop(0).result()
             bar.update(len(batch))
+        for f in pending:
+            f.result()  # re-raises a write error (disk full, permissions) here
     bar.close()
-    return {"images": len(images), "out": out.resolve(), "ckpt": ckpt_path, "device": device,
-            "model": type(model).__name__, "num_classes": num_classes,
+    return {"images": len(images) - len(skipped), "skipped": skipped, "out": out.resolve(), "ckpt": ckpt_path,
+            "device": device, "model": type(model).__name__, "num_classes": num_classes,
             "overlay": bool(cfg.overlay), **settings}
 
 
+class _WindowBar:
+    """A second progress bar, by window, for an image whose slide windows take many forward passes."""
+
+    def __init__(self, total: int) -> None:
+        self.bar = tqdm(total=total, desc="windows", unit="win", file=sys.stderr, leave=False, dynamic_ncols=True,
+                        position=1)
+
+    def progress(self, done: int, total: int) -> None:
+        if done < self.bar.n:  # the next view (scale or flip) starts over
+            self.bar.reset(total)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _window_bar(x: torch.Tensor, settings: dict[str, Any], show: bool) -> _WindowBar | None:
+    """A window bar when slide mode needs a few dozen windows or more per view of this batch."""
+    if not show or settings["mode"] != "slide":
+        return None
+    crop = size_pair(settings["crop_size"])
+    stride = size_pair(settings["stride"]) if settings["stride"] else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+    h, w = x.shape[-2:]
+    n = len(window_positions((max(h, crop[0]), max(w, crop[1])), crop, stride))
+    return _WindowBar(n) if n >= 32 else None
+
+
 def summary(result: dict[str, Any]) -> str:
-    """The few lines printed at the end."""
+    """The few lines printed at the end (skipped files listed last, one per line)."""
     tta = f"scales {result['scales']}, flip {str(result['flip']).lower()}"
     window = f", crop {result['crop_size']}, stride {result['stride'] or 'auto'}" if result["mode"] == "slide" else ""
     what = "masks (.png) and overlays (_overlay.jpg)" if result["overlay"] else "masks (.png)"
-    return (f"{result['ckpt']}: {result['model']}, {result['num_classes']} classes, on {result['device']}\n"
-            f"predicted {result['images']} image(s), mode {result['mode']}{window}, {tta}\n"
-            f"wrote {what} to {result['out']}")
+    lines = [f"{result['ckpt']}: {result['model']}, {result['num_classes']} classes, on {result['device']}",
+             f"predicted {result['images']} image(s), mode {result['mode']}{window}, {tta}",
+             f"wrote {what} to {result['out']}"]
+    if result["skipped"]:
+        lines.append(f"skipped {len(result['skipped'])} file(s) that could not be read (exit status {EXIT_SKIPPED}):")
+        lines += [f"  {path}: {message}" for path, message in result["skipped"]]
+    return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="infer")
@@ -243,6 +377,8 @@ def infer(cfg: DictConfig) -> None:
     """Hydra task: predict and print the summary; a user mistake exits 2 with one ``error:`` line."""
     result = report_user_errors(lambda: run(cfg))
     print(summary(result))
+    if result["skipped"]:
+        raise SystemExit(EXIT_SKIPPED)
 
 
 def main() -> None:

@@ -89,3 +89,23 @@ def metrics_from_confusion(mat: torch.Tensor, class_names: Sequence[str] | None 
         "class_iou": {name: float(v) for name, v in zip(names, iou)},
         "class_acc": {name: float(v) for name, v in zip(names, acc)},
     }
+
+
+def class_metrics(mat: torch.Tensor, class_names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """Per-class precision, Dice/F1 and pixel counts from a confusion matrix (rows: ground truth).
+
+    precision = TP / predicted pixels; Dice = F1 = 2 TP / (GT + predicted pixels). Both are NaN for a
+    class that is absent from ground truth and prediction alike (the same policy as IoU above).
+    """
+    mat = mat.detach().cpu().to(torch.float64)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(mat.shape[0])]
+    tp, gt, pred = mat.diag(), mat.sum(1), mat.sum(0)
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    precision = torch.where(pred > 0, tp / pred.clamp(min=1), nan)
+    dice = torch.where(gt + pred > 0, 2 * tp / (gt + pred).clamp(min=1), nan)
+    return {
+        "class_precision": {n: float(v) for n, v in zip(names, precision)},
+        "class_dice": {n: float(v) for n, v in zip(names, dice)},
+        "class_gt_pixels": {n: int(v) for n, v in zip(names, gt)},
+        "class_pred_pixels": {n: int(v) for n, v in zip(names, pred)},
+    }

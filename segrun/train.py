@@ -24,8 +24,29 @@ def _override_key(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("+~")
 
 
+def _trust_settings(argv: list[str]) -> tuple[bool, list[str]]:
+    """``trust_checkpoint`` and ``trust.targets`` as given on the command line (parsed as Hydra would)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    trust_all, targets = False, []
+    parser = OverridesParser.create()
+    for a in argv:
+        key = _override_key(a)
+        if key in ("trust_checkpoint", "trust.targets") and "=" in a:
+            value = parser.parse_override(a.lstrip("+")).value()
+            if key == "trust_checkpoint":
+                trust_all = str(value).lower() == "true"
+            else:
+                targets = [str(v) for v in (value if isinstance(value, list) else [value])]
+    return trust_all, targets
+
+
 def resume_argv(argv: list[str]) -> list[str]:
-    """Expand ``trainer.resume=PATH`` into the run's original overrides plus its run folder."""
+    """Expand ``trainer.resume=PATH`` into the run's original overrides plus its run folder.
+
+    The stored overrides come from the checkpoint file, so they pass the trust check first: they may
+    set values, not callables (``segrun.engine.trust``); the stored model config is checked too.
+    """
     if any(a in ("-m", "--multirun") for a in argv):
         return argv
     resume = [a for a in argv if _override_key(a) == RESUME_KEY and "=" in a]
@@ -35,11 +56,17 @@ def resume_argv(argv: list[str]) -> list[str]:
     if str(path) in ("", "null", "None"):
         return argv
     from segrun.engine.checkpoint import load_checkpoint
+    from segrun.engine.trust import check_checkpoint, check_overrides
 
     ckpt = load_checkpoint(path, map_location="cpu")
     given = {_override_key(a) for a in argv if "=" in a}
     original = [a for a in ckpt.get("overrides", []) if _override_key(a) not in given
-                and _override_key(a) != RESUME_KEY and not _override_key(a).startswith("hydra.")]
+                and _override_key(a) != RESUME_KEY and not _override_key(a).startswith(("hydra.", "trust."))
+                and _override_key(a) != "trust_checkpoint"]
+    trust_all, targets = _trust_settings(argv)
+    check_checkpoint(ckpt, path, ("model",), extra_prefixes=targets, trust_all=trust_all)
+    if not trust_all:
+        check_overrides(original, source=f"checkpoint {path}")
     extra = []
     if "hydra.run.dir" not in given and path.resolve().parent.name == "checkpoints":
         extra.append(f"hydra.run.dir={path.resolve().parent.parent}")

@@ -194,3 +194,37 @@ def make_coco_stuff_fixture(root: str | Path, n: int = 3, seed: int = 0) -> dict
             _save(root / "annotations" / split / f"{name}.png", label)
             labels[name] = label
     return labels
+
+
+def make_checkpoint(path: str | Path, overrides: Sequence[str] = (), model_target: str | None = None,
+                    stored_overrides: Sequence[str] = (), seed: int = 0, noise: float = 0.3) -> dict:
+    """A segrun checkpoint of an untrained model, written without training (fast).
+
+    The model is built from the composed train config with ``overrides``; ``model_target`` replaces
+    the stored ``config.model._target_`` afterwards (to hand-make an untrusted checkpoint). Conv
+    weights get ``noise`` added: an untrained model predicts one class everywhere, which would make
+    mask comparisons vacuous. Returns the checkpoint dict as saved.
+    """
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from segrun.engine.checkpoint import save_checkpoint
+
+    cfg = compose_cfg(list(overrides))
+    torch.manual_seed(seed)
+    model = instantiate(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 4:
+                p.add_(noise * torch.randn_like(p))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if model_target is not None:
+        config["model"]["_target_"] = model_target
+    state = {"model": model.state_dict(), "epoch": 1, "config": config, "overrides": list(stored_overrides),
+             "class_names": list(cfg.dataset.class_names), "palette": [list(c) for c in cfg.dataset.palette],
+             "num_classes": int(cfg.dataset.num_classes), "ignore_index": int(cfg.dataset.ignore_index),
+             "mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)}
+    save_checkpoint(state, path)
+    return state

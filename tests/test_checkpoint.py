@@ -1,7 +1,10 @@
+from fractions import Fraction
+
 import pytest
 import torch
 
 from segrun.engine import checkpoint as ck
+from segrun.errors import SegrunError
 
 
 def _state(v: float) -> dict:
@@ -50,11 +53,28 @@ def test_bad_paths_raise_clear_errors(tmp_path):
     with pytest.raises(ck.CheckpointError, match="does not exist"):
         ck.load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ck.CheckpointError, match="junk.pt could not be read"):
+    with pytest.raises(ck.CheckpointError, match=r"junk.pt is not a segrun checkpoint \(not a file written by torch"):
         ck.load_checkpoint(tmp_path / "junk.pt")
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(ck.CheckpointError, match="not a segrun checkpoint"):
         ck.load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_damaged_foreign_and_newer_files_are_named_in_plain_words(tmp_path):
+    good = tmp_path / "good.pt"
+    ck.save_checkpoint({"model": {"w": torch.zeros(1000)}}, good)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])  # a copy interrupted half way
+    with pytest.raises(ck.CheckpointError, match=f"cut.pt is truncated \\({len(data) // 2:,} bytes"):
+        ck.load_checkpoint(cut)
+    torch.save({"model": {}, "format": 1, "extra": Fraction(1, 3)}, tmp_path / "objects.pt")  # a pickled class
+    with pytest.raises(ck.CheckpointError, match="objects.pt is not a segrun checkpoint .*fractions.Fraction"):
+        ck.load_checkpoint(tmp_path / "objects.pt")
+    torch.save({"model": {}, "format": ck.FORMAT_VERSION + 1, "segrun_version": "9.0"}, tmp_path / "newer.pt")
+    with pytest.raises(ck.CheckpointError, match=r"newer.pt was written by a newer segrun \(9.0, format 2\)"):
+        ck.load_checkpoint(tmp_path / "newer.pt")
+    assert issubclass(ck.CheckpointError, SegrunError) and issubclass(ck.CheckpointError, ValueError)
 
 
 def test_module_prefix_is_stripped():

@@ -125,7 +125,7 @@ def test_config_and_checkpoint_mistakes_raise_named_errors(setup, tmp_path):
         run(compose_cfg([f"ckpt={foreign}", f"images={setup['images']}"], config_name="infer"))
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match=f"checkpoint {junk} could not be read"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {junk} is not a segrun checkpoint"):
         run(compose_cfg([f"ckpt={junk}", f"images={setup['images']}"], config_name="infer"))
     # outputs must not overwrite inputs, nor two inputs share an output
     with pytest.raises(InferError, match="overwrite the input"):
@@ -152,3 +152,32 @@ def test_bad_inputs_exit_2_with_one_line(setup, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, r.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_file_is_skipped_and_named_and_subfolders_are_mirrored(setup, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes((setup["images"] / "a.png").read_bytes())
+    (folder / "sub" / "b.jpg").write_bytes((setup["images"] / "b.jpg").read_bytes())
+    good = (setup["images"] / "b.jpg").read_bytes()
+    (folder / "broken.jpg").write_bytes(good[: len(good) // 3])  # a copy cut short
+    out = tmp_path / "preds"
+    r = run_cli([f"ckpt={setup['ckpt']}", f"images={folder}", f"out={out}", "recursive=true", "num_workers=1",
+                 "overlay=false"], module="segrun.infer")
+    assert r.returncode == 3, r.stderr  # finished, but a file was skipped
+    assert f"warning: skipped {folder / 'broken.jpg'}" in r.stderr
+    assert "predicted 2 image(s)" in r.stdout and f"  {folder / 'broken.jpg'}: " in r.stdout
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a.png", "sub/b.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "sub" / "b.png")),
+                                  _reference(setup["ckpt_data"], folder / "sub" / "b.jpg"))
+    # without recursive=true the sub-folder is not read
+    result = run(_infer_cfg({**setup, "images": folder}, tmp_path / "flat", "num_workers=0"))
+    assert result["images"] == 1 and [p for p, _ in result["skipped"]] == [folder / "broken.jpg"]
+
+
+def test_out_equal_to_or_inside_the_input_folder_is_refused(setup):
+    jpgs = [setup["images"] / "b.jpg"]  # no output name clashes with it: refused all the same
+    with pytest.raises(InferError, match="is the input folder"):
+        check_outputs(jpgs, setup["images"], overlay=False, root=setup["images"])
+    with pytest.raises(InferError, match="inside the input folder"):
+        check_outputs(jpgs, setup["images"] / "preds", overlay=False, root=setup["images"])

@@ -8,8 +8,10 @@ produced it, class names, palette and the segrun version.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ FORMAT_VERSION = 1
 
 
 class CheckpointError(SegrunError, ValueError):
-    """A checkpoint path or file the user named is missing or not a segrun checkpoint."""
+    """A checkpoint path or file the user named is missing, damaged or not a segrun checkpoint."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,17 +86,41 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a segrun checkpoint; a missing or foreign file raises ``CheckpointError`` naming it."""
+    """Read a segrun checkpoint; anything else raises ``CheckpointError`` saying in plain words what is wrong.
+
+    ``torch.save`` writes a zip archive; looking at the archive first tells a foreign file from a
+    truncated one (a copy cut short) before torch reports either as a low-level decoding error.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (expected a .pt file written by segrun)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"checkpoint {path} is not a segrun checkpoint (not a file written by torch.save; "
+                              f"{size} bytes)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is truncated ({size:,} bytes; the end of the archive is missing): "
+                              "copy it again or use another checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, pickle of foreign objects...
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {first})") from None
+    except pickle.UnpicklingError as e:  # weights_only refused an object: not something segrun writes
+        first = " ".join(str(e).split())
+        what = first[first.find("Unsupported global"):][:120] if "Unsupported global" in first else "Python objects"
+        raise CheckpointError(f"checkpoint {path} is not a segrun checkpoint (it holds {what.rstrip('.')}, "
+                              "which segrun never writes and does not load)") from None
+    except Exception as e:  # damaged inside the archive
+        first = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"checkpoint {path} could not be read; the file is damaged ({size:,} bytes; "
+                              f"{type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "format" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a segrun checkpoint (no 'model'/'format' entries)")
+    fmt = ckpt["format"]
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} was written by a newer segrun ({ckpt.get('segrun_version', '?')}, "
+                              f"format {fmt}); this is segrun {__version__}, which reads format {FORMAT_VERSION}: "
+                              "upgrade segrun")
     return ckpt
 
 

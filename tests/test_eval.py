@@ -1,0 +1,110 @@
+"""``segrun.eval``: the trainer's validation numbers reproduced, confusion-matrix outputs, dataset overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from conftest import TINY, compose_cfg, make_trainer, run_cli
+from segrun.confusion import read_confusion_csv
+from segrun.engine.checkpoint import load_checkpoint, save_checkpoint
+from segrun.eval import EvalError, run
+
+SCALARS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A two-epoch tiny run, and a copy of its checkpoint with perturbed conv weights: two epochs leave
+    the model predicting background everywhere, which would make the confusion checks vacuous."""
+    root = tmp_path_factory.mktemp("eval")
+    cfg = compose_cfg([*TINY, "trainer.epochs=2", "trainer.tensorboard=false"])
+    make_trainer(root / "run", ["trainer.epochs=2", "trainer.tensorboard=false"]).fit()
+    ckpt = load_checkpoint(root / "run" / "checkpoints" / "last.pt")
+    g = torch.Generator().manual_seed(0)
+    ckpt["model"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.dim() == 4 else v
+                     for k, v in ckpt["model"].items()}
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "segrun_version")},
+                    root / "run" / "checkpoints" / "perturbed.pt")
+    return {"root": root, "run": root / "run", "cfg": cfg}
+
+
+def _eval_cfg(ckpt: Path, *extra: str):
+    return compose_cfg([f"ckpt={ckpt}", "progress=false", *extra], config_name="eval")
+
+
+def _gt_counts(dataset_cfg, n: int, num_classes: int = 5) -> np.ndarray:
+    """Labelled pixels per class, straight from the generated labels (no segrun metric code)."""
+    ds = instantiate(dataset_cfg, split="val", transform=None)
+    counts = np.zeros(num_classes, dtype=np.int64)
+    assert len(ds) == n
+    for i in range(n):
+        label = np.asarray(ds.read(i)[1]).ravel()
+        counts += np.bincount(label[label != 255], minlength=num_classes)[:num_classes]
+    return counts
+
+
+def test_eval_reproduces_the_trainers_validation(trained):
+    run_dir = trained["run"]
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    result = run(_eval_cfg(run_dir / "checkpoints" / "last.pt"))
+    for k in SCALARS:
+        assert result[k] == last["history"][-1][f"val/{k}"], k
+    out = run_dir / "eval" / "last-val"  # default folder: next to the run
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["images"] == 8 and saved["predict"]["mode"] == "whole" and saved["checkpoint"].endswith("last.pt")
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    best_result = run(_eval_cfg(run_dir / "checkpoints" / "best.pt", f"out={trained['root'] / 'best'}"))
+    np.testing.assert_equal(best_result["class_iou"], best["best_val"]["class_iou"])  # NaN == NaN here
+    assert best_result["mIoU"] == best["best_val"]["mIoU"]
+
+
+def test_confusion_outputs_match_the_labels(trained):
+    run(_eval_cfg(trained["run"] / "checkpoints" / "perturbed.pt"))
+    out = trained["run"] / "eval" / "perturbed-val"
+    saved = json.loads((out / "metrics.json").read_text())
+    # the CSV: rows are ground truth and sum to the labelled pixels of each class
+    names, mat = read_confusion_csv(out / "confusion_matrix.csv")
+    assert names == ["background", "ellipse", "rectangle", "triangle", "ring"]
+    gt = _gt_counts(trained["cfg"].dataset, 8)
+    np.testing.assert_array_equal(mat.sum(1), gt)
+    assert saved["pixels"] == int(gt.sum())
+    assert (mat.sum(0) > 0).sum() > 1  # predictions hold several classes: the checks above are not vacuous
+    # precision and Dice by hand from the CSV counts
+    tp = np.diag(mat).astype(float)
+    for i, n in enumerate(names):
+        if mat[:, i].sum():
+            assert saved["class_precision"][n] == pytest.approx(tp[i] / mat[:, i].sum())
+        assert saved["class_dice"][n] == pytest.approx(2 * tp[i] / (mat[i].sum() + mat[:, i].sum()))
+    with Image.open(out / "confusion_matrix.png") as im:
+        assert im.mode == "RGB" and im.width > 200 and im.height > 200
+
+
+def test_dataset_overrides_score_another_copy(trained, tmp_path):
+    ckpt = trained["run"] / "checkpoints" / "last.pt"
+    result = run(_eval_cfg(ckpt, "++dataset.seed=7", "++dataset.sizes={val: 5}", f"out={tmp_path / 'other'}",
+                           "mode=slide", "flip=true", "window_batch=3"))
+    assert result["images"] == 5 and result["predict"]["mode"] == "slide" and result["predict"]["flip"]
+    other = compose_cfg([*TINY, "dataset.seed=7", "dataset.sizes={train: 24, val: 5, test: 4}"]).dataset
+    _, mat = read_confusion_csv(tmp_path / "other" / "confusion_matrix.csv")
+    np.testing.assert_array_equal(mat.sum(1), _gt_counts(other, 5))
+    with pytest.raises(EvalError, match="dataset.colour: the checkpoint's dataset config"):
+        run(_eval_cfg(ckpt, "++dataset.colour=1"))
+
+
+def test_cli_prints_table_and_throughput(trained, tmp_path):
+    ckpt = trained["run"] / "checkpoints" / "last.pt"
+    r = run_cli([f"ckpt={ckpt}", "dataset.sizes.val=6", f"out={tmp_path / 'cli'}", "save_predictions=true"],
+                module="segrun.eval")
+    assert r.returncode == 0, r.stderr
+    assert "img/s end to end" in r.stdout and "model only" in r.stdout and "background" in r.stdout
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["images"] == 6
+    masks = sorted((tmp_path / "cli" / "predictions").iterdir())
+    assert len(masks) == 6 and masks[0].name.startswith("shapes_")
+    assert "ellipse" in r.stdout and "IoU" in r.stdout  # the per-class table

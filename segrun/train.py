@@ -34,12 +34,14 @@ def resume_argv(argv: list[str]) -> list[str]:
     path = Path(resume[-1].split("=", 1)[1])
     if str(path) in ("", "null", "None"):
         return argv
+    from segrun.class_weights import pin_auto_weights
     from segrun.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path, map_location="cpu")
     given = {_override_key(a) for a in argv if "=" in a}
     original = [a for a in ckpt.get("overrides", []) if _override_key(a) not in given
                 and _override_key(a) != RESUME_KEY and not _override_key(a).startswith("hydra.")]
+    original = pin_auto_weights(original, ckpt.get("config", {}))  # loss.weight=auto: the numbers it started with
     extra = []
     if "hydra.run.dir" not in given and path.resolve().parent.name == "checkpoints":
         extra.append(f"hydra.run.dir={path.resolve().parent.parent}")

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose_cfg
+from conftest import compose_cfg, make_trainer
 from segrun.class_weights import AutoWeightError, cache_path, pin_auto_weights, resolve_auto_weights
 from segrun.data import Folder
 from segrun.engine.checkpoint import load_checkpoint
-from segrun.engine.trainer import Trainer
 from segrun.train import resume_argv
 
 
@@ -96,8 +95,7 @@ def test_pin_auto_weights_replaces_only_auto_overrides():
 def test_auto_weights_reach_loss_checkpoint_and_resume(data):
     extra = ["loss.weight=auto", "model.width=4", "model.depth=2", "loader.batch_size=2", "loader.num_workers=0",
              "trainer.epochs=1", "trainer.progress=false", "trainer.vis_samples=1", "trainer.tensorboard=false"]
-    cfg = compose_cfg(_overrides(data, *extra))
-    trainer = Trainer(cfg, data / "run", overrides=["loss.weight=auto"])
+    trainer = make_trainer(data / "run", _overrides(data, *extra), tiny=False)
     assert trainer.criterion.weight.tolist() == pytest.approx(MEDIAN_FREQ, abs=1e-6)
     trainer.fit()
     ckpt_path = data / "run" / "checkpoints" / "last.pt"

@@ -106,6 +106,10 @@ def training_statistics(cfg: DictConfig, train_set: SegDataset) -> dict[str, Any
     if path is not None and (record := _read_cache(path, key)) is not None:
         record["cached"] = str(path)
         return record
+    if key["sample"] is not None and key["sample"] < 1:
+        raise AutoWeightError(f"class_weights.sample={key['sample']}: expected a number of images >= 1, or null for all")
+    log.info("class_weights: counting class pixels in %s of the %d training images",
+             key["sample"] if key["sample"] is not None and key["sample"] < len(train_set) else "all", len(train_set))
     stats = measure(train_set, key["sample"], key["seed"], progress=False)
     record = {"key": key, "images": int(stats["images"]), "of": int(stats["of"]),
               "counts": stats["counts"].tolist(), "present": stats["present"].tolist()}

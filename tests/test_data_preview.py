@@ -109,3 +109,10 @@ def test_augment_shows_what_the_training_loader_yields(tmp_path):
             assert label.shape == (32, 32)  # the training crop, not the stored image
             ignored += _check_view(grid, row, view, image, label, list(cfg.dataset.palette))
     assert ignored  # rescaled below the crop or rotated: the ignore fill is shown
+
+
+def test_augment_switch_is_renamed_but_pipeline_choices_stay():
+    from segrun.data.__main__ import preview_argv
+
+    assert preview_argv(["augment=true", "augment=False", "augment=none", "show=2"]) == \
+        ["augmented=true", "augmented=False", "augment=none", "show=2"]

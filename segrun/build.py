@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from segrun.class_weights import resolve_auto_weights
 from segrun.config import conf_dir
 from segrun.data.loader import build_loader
 from segrun.engine import distributed as dist
@@ -251,6 +252,7 @@ def build_parts(cfg: DictConfig, settings: TrainSettings) -> Parts:
     train_loader = build_data_loader(cfg, train_set, True, device)
     val_loader = build_data_loader(cfg, val_set, False, device)
     model = build_model(cfg, device, settings)
+    resolve_auto_weights(cfg, train_set)  # loss.weight=auto -> the numbers, kept in the config and checkpoints
     criterion = instantiate(cfg.loss).to(device)
     optimizer = build_optimizer(cfg.optimizer, dist.unwrap(model))
     total_iters = settings.epochs * math.ceil(len(train_loader) / settings.accumulate)  # optimizer steps

@@ -55,6 +55,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     path = Path(resume[-1].split("=", 1)[1])
     if str(path) in ("", "null", "None"):
         return argv
+    from segrun.class_weights import pin_auto_weights
     from segrun.engine.checkpoint import load_checkpoint
     from segrun.engine.trust import check_checkpoint, check_overrides
 
@@ -67,6 +68,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     check_checkpoint(ckpt, path, ("model",), extra_prefixes=targets, trust_all=trust_all)
     if not trust_all:
         check_overrides(original, source=f"checkpoint {path}")
+    original = pin_auto_weights(original, ckpt.get("config", {}))  # loss.weight=auto: the numbers it started with
     extra = []
     if "hydra.run.dir" not in given and path.resolve().parent.name == "checkpoints":
         extra.append(f"hydra.run.dir={path.resolve().parent.parent}")

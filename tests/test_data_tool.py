@@ -11,7 +11,7 @@ import numpy as np
 
 from fixtures import make_folder_fixture, make_voc_fixture
 from segrun.data import Folder
-from segrun.data.__main__ import inverse_log_weights, measure, median_frequency_weights
+from segrun.data.stats import inverse_log_weights, measure, median_frequency_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

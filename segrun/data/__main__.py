@@ -1,130 +1,30 @@
-"""``python -m segrun.data dataset=<name> [dataset.root=...] [max_images=N]``: summarise a dataset.
+"""``python -m segrun.data dataset=<name> [dataset.root=...] [max_images=N] [show=N [augment=true]]``.
 
+Without ``show``: a summary of the dataset.
 Prints what you need to write a dataset config: images per split, pixel frequency per class,
 suggested class weights, channel mean/std (in 0..1 units, as ``dataset.mean``/``std`` want) and
 image sizes (to pick ``base_size``/``crop_size``). Every image read is also checked (sizes, label
 values, readability), so it doubles as a dataset validator. Statistics are over the images as
 stored (before augmentation), over ``max_images`` of them (a seeded random sample) when set.
+The figures and weight formulas live in :mod:`segrun.data.stats` (``loss.weight=auto`` uses them too).
 
-Class weights: ``median_frequency`` is median-frequency balancing (Eigen & Fergus):
-``w_c = median(f) / f_c`` with ``f_c`` = pixels of class c / pixels of the images containing c;
-``inverse_log`` is ENet's ``w_c = 1 / ln(1.02 + p_c)`` with ``p_c`` the share of labelled pixels.
+With ``show=N``: pictures instead (:mod:`segrun.data.preview`): one grid per split of N sampled
+images with their masks and overlays, or with ``augment=true`` as the training loader yields them.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
-import cv2
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
 from segrun.config import conf_dir
 from segrun.data.base import DatasetError, SegDataset
-
-
-class _Measure:
-    """Per-image statistics, computed where the image is decoded (a worker, or this process)."""
-
-    def __init__(self, dataset: SegDataset, indices: Sequence[int]) -> None:
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        try:
-            image, label = self.dataset.read(self.indices[i])
-        except DatasetError as exc:  # carried back as data: a worker would wrap it in a traceback
-            return {"error": str(exc)}
-        mean, std = cv2.meanStdDev(image)
-        n = label.size
-        counts = np.bincount(label.ravel(), minlength=self.dataset.num_classes).astype(np.int64)
-        return {
-            "n": n,
-            "sum": mean.ravel()[:3] * n,
-            "sumsq": (std.ravel()[:3] ** 2 + mean.ravel()[:3] ** 2) * n,
-            "counts": counts[: self.dataset.num_classes],
-            "size": label.shape[:2],
-        }
-
-
-def _unbatch(batch: list) -> Any:
-    return batch[0]
-
-
-def measure(dataset: SegDataset, max_images: int | None = None, seed: int = 0, num_workers: int = 0,
-            progress: bool = True) -> dict[str, Any]:
-    """Read (a sample of) ``dataset`` and return its pixel statistics and suggested class weights."""
-    from tqdm import tqdm
-
-    total = len(dataset)
-    indices = np.arange(total)
-    if max_images is not None and 0 < max_images < total:
-        indices = np.sort(np.random.default_rng(seed).choice(total, size=int(max_images), replace=False))
-    job = _Measure(dataset, indices.tolist())
-    if num_workers > 0:
-        from torch.utils.data import DataLoader
-
-        results = iter(DataLoader(job, batch_size=1, num_workers=num_workers, collate_fn=_unbatch))
-    else:
-        results = (job[i] for i in range(len(job)))
-    k = dataset.num_classes
-    counts = np.zeros(k, np.int64)
-    present = np.zeros(k, np.int64)  # pixels of the images in which each class occurs
-    images_with = np.zeros(k, np.int64)
-    s1, s2 = np.zeros(3), np.zeros(3)
-    pixels = 0
-    sizes = []
-    for r in tqdm(results, total=len(job), desc=f"reading {dataset.split}", unit="img", file=sys.stderr,
-                  disable=not progress, leave=False):
-        if "error" in r:
-            raise DatasetError(r["error"])
-        c = np.asarray(r["counts"])
-        counts += c
-        present += (c > 0) * int(r["n"])
-        images_with += c > 0
-        s1 += np.asarray(r["sum"], float)
-        s2 += np.asarray(r["sumsq"], float)
-        pixels += int(r["n"])
-        sizes.append(tuple(int(v) for v in r["size"]))
-    mean = s1 / pixels / 255.0
-    std = np.sqrt(np.maximum(s2 / pixels / 255.0**2 - mean**2, 0.0))
-    labelled = int(counts.sum())
-    return {
-        "images": len(job),
-        "of": total,
-        "pixels": pixels,
-        "labelled": labelled,
-        "counts": counts,
-        "images_with": images_with,
-        "mean": mean,
-        "std": std,
-        "sizes": np.array(sizes).reshape(-1, 2),
-        "median_frequency": median_frequency_weights(counts, present),
-        "inverse_log": inverse_log_weights(counts),
-    }
-
-
-def median_frequency_weights(counts: np.ndarray, present_pixels: np.ndarray) -> np.ndarray:
-    """``median(f) / f_c``; ``f_c`` = class pixels / pixels of images containing the class. A class
-    absent from the data gets the largest weight (it is at least as rare as the rarest seen)."""
-    seen = counts > 0
-    if not seen.any():
-        return np.ones(len(counts))
-    freq = counts[seen] / present_pixels[seen]
-    weights = np.full(len(counts), np.nan)
-    weights[seen] = np.median(freq) / freq
-    weights[~seen] = weights[seen].max()
-    return weights
-
-
-def inverse_log_weights(counts: np.ndarray, c: float = 1.02) -> np.ndarray:
-    """ENet's ``1 / ln(c + p_c)``, ``p_c`` the share of labelled pixels."""
-    total = max(int(counts.sum()), 1)
-    return 1.0 / np.log(c + counts / total)
+from segrun.data.stats import measure
 
 
 def _fmt_list(values: Sequence[float], digits: int = 4) -> str:
@@ -166,15 +66,26 @@ def report(name: str, dataset: SegDataset, split_sizes: dict[str, str], stats: d
     return "\n".join(lines)
 
 
-def summarize(cfg: DictConfig) -> str:
-    """Build the dataset's splits from ``cfg.dataset``, measure ``cfg.split`` and return the report."""
+def _dataset_name() -> str:
     from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
 
     try:
-        name = HydraConfig.get().runtime.choices.get("dataset", "dataset")
+        return HydraConfig.get().runtime.choices.get("dataset", "dataset")
     except ValueError:  # called outside a Hydra run (tests)
-        name = "dataset"
+        return "dataset"
+
+
+def _unavailable(exc: Exception) -> str:
+    from segrun.errors import one_line
+
+    return one_line(exc.__cause__ if isinstance(exc.__cause__, DatasetError) else exc)
+
+
+def summarize(cfg: DictConfig) -> str:
+    """Build the dataset's splits from ``cfg.dataset``, measure ``cfg.split`` and return the report."""
+    from hydra.utils import instantiate
+
+    name = _dataset_name()
     split_sizes: dict[str, str] = {}
     measured = None
     for split in dict.fromkeys([cfg.split, *cfg.splits]):
@@ -183,10 +94,7 @@ def summarize(cfg: DictConfig) -> str:
         except Exception as exc:
             if split == cfg.split:
                 raise
-            from segrun.errors import one_line
-
-            cause = exc.__cause__ if isinstance(exc.__cause__, DatasetError) else exc
-            split_sizes[split] = f"not available ({one_line(cause)})"
+            split_sizes[split] = f"not available ({_unavailable(exc)})"
             continue
         split_sizes[split] = f"{len(ds)} images"
         if split == cfg.split:
@@ -196,15 +104,61 @@ def summarize(cfg: DictConfig) -> str:
     return report(name, measured, split_sizes, stats)
 
 
+def write_previews(cfg: DictConfig) -> list[Path]:
+    """``show=N``: one grid picture per split under ``cfg.out``; returns their paths.
+
+    With ``augmented`` the train split goes through ``augment.train`` and shows what the training
+    loader yields in epochs ``1..draws`` of a run with seed ``cfg.seed``; the other splits go through
+    ``augment.val``, as validation sees them.
+    """
+    from hydra.utils import instantiate
+
+    from segrun.data.preview import loader_rows, render_grid, save_png, stored_rows
+    from segrun.data.stats import sample_indices
+
+    show, draws, seed = int(cfg.show), int(cfg.draws), int(cfg.seed)
+    if show < 0 or draws < 1:
+        raise ValueError(f"show must be >= 0 and draws >= 1, got show={cfg.show} draws={cfg.draws}")
+    name, augmented = _dataset_name(), bool(cfg.augmented)
+    paths = []
+    for split in dict.fromkeys([cfg.split, *cfg.splits]):
+        train = split == "train"
+        transform = None
+        if augmented:
+            transform = instantiate(cfg.augment.train if train else cfg.augment.val)
+        try:
+            ds = instantiate(cfg.dataset, split=split, transform=transform)
+        except Exception as exc:
+            if split == cfg.split:
+                raise
+            print(f"{split}: not available ({_unavailable(exc)})", file=sys.stderr)
+            continue
+        indices = sample_indices(len(ds), show, seed)
+        title = f"{name} / {split}: {len(indices)} of {len(ds)} images"
+        if not augmented:
+            rows = stored_rows(ds, indices)
+            title += " as stored"
+        elif train:
+            rows = loader_rows(ds, indices, seed, range(1, draws + 1))
+            title += f", training transform, seed {seed}, epochs 1-{draws}"
+        else:
+            rows = loader_rows(ds, indices, seed, [1], caption="{id}  validation transform")
+            title += ", validation transform"
+        picture = render_grid(rows, ds.class_names, ds.palette, ds.ignore_index, title)
+        paths.append(save_png(picture, Path(cfg.out) / f"{split}{'_augmented' if augmented else ''}.png"))
+    return paths
+
+
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="data")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point: print the summary; a data or config mistake exits 2 with one line."""
+    """Hydra entry point: print the summary (or the pictures' paths); a data or config mistake exits
+    2 with one line."""
     from hydra.errors import InstantiationException
 
     from segrun.errors import USER_ERRORS, one_line
 
     try:
-        text = summarize(cfg)
+        text = "\n".join(map(str, write_previews(cfg))) if cfg.show else summarize(cfg)
     except (DatasetError, *USER_ERRORS) as exc:
         if isinstance(exc, InstantiationException) and isinstance(exc.__cause__, DatasetError):
             exc = exc.__cause__  # its message already names the dataset, path and expectation
@@ -213,5 +167,25 @@ def main(cfg: DictConfig) -> None:
     print(text)
 
 
-if __name__ == "__main__":
+#: values of ``augment=`` that mean "show the augmented pictures" rather than an augment config to compose
+_SWITCH = ("true", "false", "yes", "no", "on", "off")
+
+
+def preview_argv(argv: list[str]) -> list[str]:
+    """``augment=true|false`` -> ``augmented=...``. ``augment`` is also the config group of the
+    training pipeline (``augment=none`` picks another), and Hydra takes any ``augment=`` as a group
+    choice, so the switch a user types is renamed before Hydra sees it."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        out.append(f"augmented={value}" if sep and key == "augment" and value.lower() in _SWITCH else arg)
+    return out
+
+
+def cli() -> None:
+    sys.argv = [sys.argv[0], *preview_argv(sys.argv[1:])]
     main()
+
+
+if __name__ == "__main__":
+    cli()

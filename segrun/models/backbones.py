@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from segrun.models.pretrained import load_pretrained, read_state_dict
+from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 FEATURE_NAMES = ("c1", "c2", "c3", "c4", "c5")
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -161,6 +161,7 @@ def build_backbone(
     """Build backbone ``name`` (one of :data:`BACKBONES`) and optionally load a local state dict."""
     if in_channels < 1:
         raise ValueError(f"model.in_channels must be >= 1, got {in_channels}")
+    pretrained = resolve_pretrained(pretrained, name)  # `imagenet` etc. -> the file in the torch cache
     state = read_state_dict(pretrained) if pretrained else None  # fail fast, before building
     if name in RESNETS:
         backbone: ResNetBackbone | MobileNetV3Backbone = ResNetBackbone(name, in_channels, output_stride)

@@ -1,6 +1,12 @@
 """Loading pretrained weights from a local file - segrun never downloads anything.
 
 Weights are torchvision-format state dicts (``torch.save(torchvision.models.resnet50().state_dict())``).
+``model.pretrained`` is a path, or a torchvision weights name: ``imagenet`` (the backbone's
+torchvision ``DEFAULT`` ImageNet weights) or an enum member such as ``IMAGENET1K_V2`` or, for the
+torchvision segmentation models, ``COCO_WITH_VOC_LABELS_V1``. A name resolves to the file torchvision
+itself would have downloaded into the torch cache (``$TORCH_HOME/hub/checkpoints/<file>``), whose
+SHA-256 must start with the hash in its name (as ``torch.hub`` checks); when it is missing, the
+error says which file to put where and how to fetch it on a machine with internet.
 Loading is tolerant by design: classifier keys the backbone lacks, or tensors whose shape differs,
 are skipped and *logged* (logger ``segrun.models``) rather than raised, because a partially matching
 checkpoint is the normal case when reusing ImageNet weights for segmentation. A first convolution
@@ -9,15 +15,105 @@ built for ``in_channels != 3`` is adapted from the RGB kernel instead of being s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from segrun.errors import SegrunError
+
 logger = logging.getLogger("segrun.models")
+
+#: what ``model.pretrained`` treats as a weights name rather than a path
+_NAME = re.compile(r"^(imagenet|[A-Z][A-Z0-9_]*)$")
+#: the hash torchvision puts in its file names (``resnet50-11ad3fa6.pth``), as ``torch.hub`` reads it
+_HASH = re.compile(r"-([a-f0-9]+)\.")
+
+
+class PretrainedError(SegrunError, ValueError):
+    """``model.pretrained`` names weights that do not exist, or whose cached file is wrong."""
+
+
+class PretrainedNotFoundError(SegrunError, FileNotFoundError):
+    """The named weights are not in the local torch cache (segrun never downloads them)."""
+
+
+def is_weights_name(spec: Any) -> bool:
+    """``imagenet`` or an upper-case torchvision enum member name, and not an existing file."""
+    return isinstance(spec, str) and bool(_NAME.match(spec)) and not Path(spec).is_file()
+
+
+def _weights_enums(names: list[str]) -> list[Any]:
+    import torchvision
+
+    enums = []
+    for name in names:
+        try:
+            enums.append(torchvision.models.get_model_weights(name))
+        except (ValueError, KeyError):
+            continue
+    return enums
+
+
+def find_weights(spec: str, backbone: str, model: str | None = None) -> Any:
+    """The torchvision ``Weights`` entry ``spec`` names for ``backbone`` (a torchvision classifier
+    name, e.g. ``resnet50``) or, first, for the segmentation ``model`` (e.g. ``fcn_resnet50``)."""
+    enums = _weights_enums([n for n in (model, backbone) if n])
+    classifier = _weights_enums([backbone])
+    if spec == "imagenet":
+        if not classifier:
+            raise PretrainedError(f"model.pretrained=imagenet: torchvision has no ImageNet weights for '{backbone}'; "
+                                  "give a local state-dict path instead")
+        return classifier[0].DEFAULT
+    for enum in enums:
+        if spec in enum.__members__:
+            return enum[spec]
+    known = ["imagenet"] * bool(classifier) + [m for e in enums for m in e.__members__ if m != "DEFAULT"]
+    for_what = " or ".join(f"'{n}'" for n in (model, backbone) if n)
+    raise PretrainedError(f"model.pretrained={spec}: no torchvision weights of that name for {for_what}; "
+                          f"expected one of {known} or a local state-dict path")
+
+
+def verify_hash(path: Path) -> None:
+    """The SHA-256 of ``path`` must start with the hex digits its name carries (``name-<hash>.pth``)."""
+    match = _HASH.search(path.name)
+    if not match:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(match.group(1)):
+        raise PretrainedError(f"model.pretrained: '{path}' has SHA-256 {digest.hexdigest()[:16]}..., but its name "
+                              f"says it starts with {match.group(1)}: a partial or different file; fetch it again")
+
+
+def resolve_pretrained(spec: str | os.PathLike | None, backbone: str, model: str | None = None
+                       ) -> str | os.PathLike | None:
+    """``model.pretrained`` -> the file to read: paths unchanged; a weights name -> the checked file in
+    the torch cache (``torch.hub.get_dir()/checkpoints``, i.e. ``$TORCH_HOME/hub/checkpoints``)."""
+    if not is_weights_name(spec):
+        return spec
+    weights = find_weights(str(spec), backbone, model)
+    filename = weights.url.rsplit("/", 1)[-1]
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / filename
+    full = f"{type(weights).__name__}.{weights.name}"
+    if not path.is_file():
+        fetch = (f'python -c "from torchvision.models import {type(weights).__name__} as W; '
+                 f'W.{weights.name}.get_state_dict(progress=True)"')
+        raise PretrainedNotFoundError(
+            f"model.pretrained={spec}: torchvision's {full} is not in the torch cache: place {filename} in "
+            f"{folder}/ (segrun never downloads; on a machine with internet, {fetch} saves it to that machine's "
+            f"torch cache, or: curl -L -o {filename} {weights.url})")
+    verify_hash(path)
+    logger.info("model.pretrained=%s: %s from %s", spec, full, path)
+    return str(path)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from segrun.models.backbones import replace_first_conv
 from segrun.models.base import SegModel
-from segrun.models.pretrained import load_pretrained, read_state_dict
+from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 
 def _drop_classifier(key: str) -> str | None:
@@ -70,6 +70,7 @@ class SMPModel(SegModel):
             )
         # smp checks e.g. `isinstance(decoder_channels, (list, tuple))`; Hydra passes ListConfig.
         kwargs = {k: OmegaConf.to_container(v) if isinstance(v, Container) else v for k, v in kwargs.items()}
+        pretrained = resolve_pretrained(pretrained, encoder_name)  # torchvision names for ResNet encoders
         state = read_state_dict(pretrained) if pretrained else None  # fail fast, before building
         try:
             self.net = smp.create_model(

@@ -17,7 +17,7 @@ from torchvision.models import segmentation as tvseg
 from segrun.models.backbones import replace_first_conv
 from segrun.models.base import SegModel
 from segrun.models.common import resize
-from segrun.models.pretrained import load_pretrained, read_state_dict
+from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 ARCHS = {
     "fcn_resnet50": tvseg.fcn_resnet50,
@@ -40,6 +40,8 @@ class TorchvisionSegModel(SegModel):
         pretrained: local file: either a torchvision *classification* state dict (ResNet or
             MobileNetV3-Large), loaded into the backbone, or a torchvision *segmentation* state dict
             (keys ``backbone.*``), loaded into the whole model; mismatching class layers are skipped.
+            Or a torchvision weights name, read from the torch cache: ``imagenet``/``IMAGENET1K_V1``
+            (the backbone's) or ``COCO_WITH_VOC_LABELS_V1`` (the whole model's).
         freeze_bn, freeze_backbone: see :meth:`SegModel.set_freeze`.
     """
 
@@ -66,6 +68,8 @@ class TorchvisionSegModel(SegModel):
                 raise ValueError(f"model.aux=true is not available for '{arch}' (torchvision has no aux head for it)")
         else:
             kwargs["aux_loss"] = bool(aux)
+        # `imagenet` -> the backbone's classifier weights, `COCO_WITH_VOC_LABELS_V1` -> torchvision's own model
+        pretrained = resolve_pretrained(pretrained, arch.split("_", 1)[1], arch)
         state = read_state_dict(pretrained) if pretrained else None  # fail fast, before building
         net = ARCHS[arch](**kwargs)
         self.arch = arch

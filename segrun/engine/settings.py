@@ -107,6 +107,8 @@ class TrainSettings:
     deterministic: bool = False
     device: str = "auto"
     seed: int = 0
+    limit_train_batches: int | None = None
+    limit_val_batches: int | None = None
     predict: PredictSettings = field(default_factory=PredictSettings)
 
     @classmethod
@@ -136,5 +138,11 @@ class TrainSettings:
             deterministic=check_bool("trainer.deterministic", t.deterministic),
             device=str(t.device),
             seed=check_int("seed", cfg.seed),
+            limit_train_batches=_optional_int("trainer.limit_train_batches", t.get("limit_train_batches")),
+            limit_val_batches=_optional_int("trainer.limit_val_batches", t.get("limit_val_batches")),
             predict=PredictSettings.from_config(cfg.predict),
         )
+
+
+def _optional_int(key: str, value: Any) -> int | None:
+    return None if value is None else check_int(key, value, 1)

@@ -9,7 +9,6 @@ failures and sets the exit status at the end.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -81,7 +80,7 @@ def sweep_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float 
         # printed, not logged: the finished job's folder (train.log included) stays untouched
         print(f"[segrun] {run_dir}: already done, skipped (sweep.resume=true)", flush=True)
         best = prev.get("best_metric")
-        return float("nan") if best is None else float(best)
+        return None if best is None else float(best)
     last = run_dir / "checkpoints" / "last.pt"
     if last.is_file() and cfg.trainer.resume in (None, ""):
         cfg.trainer.resume = str(last)
@@ -89,8 +88,8 @@ def sweep_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float 
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """The Hydra task body of ``python -m segrun``: returns the best monitored value (NaN for a failed
-    job of a multirun, which sweepers treat as a failed trial)."""
+    """The Hydra task body of ``python -m segrun``: returns the best monitored value, or None for a
+    failed job of a multirun (the Optuna sweeper records a failed trial and goes on; NaN would stop it)."""
     from segrun.build import build_trainer
 
     hc = HydraConfig.get()
@@ -129,7 +128,7 @@ def run_job(cfg: DictConfig) -> float | None:
             if not user:
                 log.error("job %s failed after %.1f s", hc.job.num, time.time() - start, exc_info=exc)
             print(f"error: job {hc.job.num} ({run_dir}): {message}", file=sys.stderr, flush=True)
-            return float("nan")
+            return None
         if user:
             print(f"error: {message}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -140,6 +139,3 @@ def run_job(cfg: DictConfig) -> float | None:
         claim.done(best)
     return best
 
-
-def failed_value(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

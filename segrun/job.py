@@ -95,7 +95,8 @@ def run_job(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    overrides = [o for o in hc.overrides.task if _override_key(o) != RESUME_KEY]
+    # trainer.resume and sweep.resume say how to start, not what the job is
+    overrides = [o for o in hc.overrides.task if _override_key(o) not in (RESUME_KEY, "sweep.resume")]
     is_main = dist.launch_rank() == 0
     claim = RunClaim(run_dir, overrides, job_num=int(hc.job.num) if multirun else None) if is_main else None
     start = time.time()

@@ -134,7 +134,8 @@ class MLflowLogger(BaseLogger):
     """One MLflow run per segrun run, through ``MlflowClient`` (no global active-run state).
 
     Without ``tracking_uri`` the store is a SQLite file under the launch folder's ``outputs/`` (no
-    server needed: ``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db``). The jobs of one
+    server needed: ``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db``); with a SQLite
+    store, artifacts go to ``mlartifacts/`` next to the database file. The jobs of one
     sweep share an experiment. A resumed run continues its MLflow run (its id is kept in
     ``<run>/.mlflow_run_id``).
     """
@@ -159,12 +160,16 @@ class MLflowLogger(BaseLogger):
             store = Path.cwd() / "outputs"
             store.mkdir(parents=True, exist_ok=True)
             tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
-            artifact_location = artifact_location or (store / "mlartifacts").as_uri()
+        if artifact_location is None and tracking_uri.startswith("sqlite:///"):
+            # next to the database, not MLflow's default ./mlruns in whatever folder the run started from
+            db = Path(tracking_uri[len("sqlite:///"):])
+            artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
         sweep_dir, job = _sweep_job()
         if experiment_name is None:
             experiment_name = f"segrun/{_relative(sweep_dir)}" if sweep_dir else "segrun"
         self.client = MlflowClient(tracking_uri=tracking_uri)
         experiment_id = self._experiment(experiment_name, artifact_location)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         id_file = self.run_dir / ".mlflow_run_id"
         if resume_step and id_file.is_file():
             self.run_id = id_file.read_text().strip()

@@ -208,6 +208,9 @@ def plot(rows: Sequence[Row], keys: Sequence[str], monitor: str | None, path: Pa
             ax.plot(xs, ys, color="tab:red", linewidth=2.5, marker="o", markersize=3, label=f"{label} (best)", zorder=3)
         else:
             ax.plot(xs, ys, linewidth=1.0, alpha=0.6, marker=".", markersize=3, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(monitor.split()[-1] if monitor else "monitored metric")
     ax.grid(alpha=0.3)

@@ -12,8 +12,6 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from segrun.engine.distributed import is_main
-
 
 def colorize(label: torch.Tensor, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> torch.Tensor:
     """(H, W) class map -> (3, H, W) uint8 picture; ignored and unknown pixels are white."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -255,7 +255,8 @@ def build_parts(cfg: DictConfig, settings: TrainSettings) -> Parts:
     resolve_auto_weights(cfg, train_set)  # loss.weight=auto -> the numbers, kept in the config and checkpoints
     criterion = instantiate(cfg.loss).to(device)
     optimizer = build_optimizer(cfg.optimizer, dist.unwrap(model))
-    total_iters = settings.epochs * math.ceil(len(train_loader) / settings.accumulate)  # optimizer steps
+    batches = min(len(train_loader), settings.limit_train_batches or len(train_loader))
+    total_iters = settings.epochs * math.ceil(batches / settings.accumulate)  # optimizer steps
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer, total_iters=total_iters)
     return Parts(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
                  normalize=Normalize(cfg.dataset.mean, cfg.dataset.std).to(device),
@@ -273,4 +274,20 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
     trainer = Trainer(parts, settings, run_dir, config=config, overrides=list(overrides))
     if settings.resume:
         trainer.resume(settings.resume)
+    trainer.logger = build_logger(cfg, run_dir, settings, trainer.global_step, config)
     return trainer
+
+
+def build_logger(cfg: DictConfig, run_dir: str | Path, settings: TrainSettings, resume_step: int = 0,
+                 config: Mapping[str, Any] | None = None):
+    """Every logger ``cfg.logger`` names (``logger=[tensorboard,csv,mlflow]``) behind one interface."""
+    from segrun.engine.loggers import MultiLogger
+
+    loggers = []
+    for name, spec in (cfg.get("logger") or {}).items():
+        if name == "tensorboard" and not settings.tensorboard:
+            continue  # trainer.tensorboard=false keeps its old meaning
+        options = OmegaConf.to_container(spec, resolve=True)
+        cls = get_class(options.pop("_target_"))  # not instantiate(): `config` holds _target_ keys of its own
+        loggers.append(cls(run_dir=Path(run_dir), resume_step=resume_step, config=config, **options))
+    return loggers[0] if len(loggers) == 1 else MultiLogger(loggers)

@@ -12,3 +12,40 @@ def conf_dir() -> str:
         if (candidate / "train.yaml").is_file():
             return str(candidate)
     raise FileNotFoundError(f"segrun's conf/ tree was not found next to {package} (broken install?)")
+
+
+_FRESH: dict[str, str] = {}
+
+
+def fresh_dir(path: str) -> str:
+    """``path`` or, when it exists already, ``path_2``, ``path_3``...: created here, atomically, so two
+    launches in the same second (same ``${now:...}``) get two run folders. Memoised per process, so
+    Hydra resolving the key again gets the same answer."""
+    if path not in _FRESH:
+        base = Path(path)
+        candidate, n = base, 1
+        while True:
+            try:
+                candidate.mkdir(parents=True, exist_ok=False)
+                break
+            except FileExistsError:
+                n += 1
+                candidate = base.with_name(f"{base.name}_{n}")
+        _FRESH[path] = str(candidate)
+    return _FRESH[path]
+
+
+def monitor_direction(monitor: str) -> str:
+    """``"max val/mIoU"`` -> ``maximize``: the Optuna sweeper's direction follows ``trainer.monitor``."""
+    return "minimize" if str(monitor).split()[:1] == ["min"] else "maximize"
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    for name, fn in (("segrun.fresh_dir", fresh_dir), ("segrun.direction", monitor_direction)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()

@@ -1,4 +1,8 @@
-"""Turning user mistakes into one-line messages instead of tracebacks."""
+"""Turning user mistakes into one-line messages instead of tracebacks.
+
+Only ``SegrunError`` subclasses and Hydra's own config errors count as user mistakes; anything else
+(a ``KeyError`` deep in the code) is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import logging
 import sys
 from typing import Callable, TypeVar
 
-from hydra.errors import InstantiationException
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 T = TypeVar("T")
 log = logging.getLogger("segrun")
@@ -24,8 +29,34 @@ class MonitorError(ConfigError):
     """``trainer.monitor`` is malformed or names a metric the run does not produce."""
 
 
+class MissingFileError(SegrunError, FileNotFoundError):
+    """A file the config names (pretrained weights, a checkpoint) does not exist."""
+
+
+class RunFolderError(SegrunError):
+    """The run folder is claimed by another live run, or holds a finished run that was not resumed."""
+
+
 #: exceptions that mean "the user's config or data is wrong", not "segrun has a bug"
-USER_ERRORS: tuple[type[BaseException], ...] = (SegrunError, ValueError, FileNotFoundError, InstantiationException, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    SegrunError, ConfigCompositionException, MissingConfigException,
+    InterpolationResolutionError, MissingMandatoryValue, ValidationError,
+)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A ``SegrunError`` or a Hydra config error; an instantiation counts when what it wrapped does
+    (or when the ``_target_`` itself could not be called with the config's keys)."""
+    if isinstance(exc, USER_ERRORS):
+        return True
+    if isinstance(exc, InstantiationException):
+        cause = exc.__cause__ or exc.__context__
+        if cause is None:  # Hydra's own message: a _target_ that cannot be located, a bad _partial_, ...
+            return True
+        if isinstance(cause, TypeError) and "argument" in str(cause):
+            return True  # a key the class does not take (e.g. `+model.foo=1`) or a missing one
+        return is_user_error(cause) or type(cause).__name__ in ("DatasetError", "DatasetNotFoundError")
+    return False
 
 
 def one_line(exc: BaseException) -> str:
@@ -46,12 +77,23 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(msg).split())
 
 
+def log_to_files(message: str, level: int = logging.ERROR) -> None:
+    """Write ``message`` to the run's log file(s) only: the console gets the ``error:`` line instead."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
 def report_user_errors(fn: Callable[[], T]) -> T:
-    """Run ``fn``; a user error is logged and printed as ``error: <one line>`` and exits with status 2."""
+    """Run ``fn``; a user error is printed once as ``error: <one line>`` (and logged to the run's
+    log file) and exits with status 2. Anything else propagates with its traceback."""
     try:
         return fn()
-    except USER_ERRORS as exc:
+    except BaseException as exc:
+        if not is_user_error(exc):
+            raise
         message = one_line(exc)
-        log.error(message)
+        log_to_files(message)
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

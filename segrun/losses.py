@@ -23,6 +23,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from segrun.errors import ConfigError
+
 
 class SegLoss(nn.Module):
     """Base: applies ``pixel_loss`` to the main output and, weighted, to the auxiliary one."""
@@ -69,7 +71,7 @@ class CrossEntropyLoss(SegLoss):
 
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.weight is not None and self.weight.numel() != logits.shape[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"loss.weight has {self.weight.numel()} entries but the model predicts {logits.shape[1]} classes"
             )
         loss = F.cross_entropy(
@@ -86,7 +88,7 @@ class CrossEntropyLoss(SegLoss):
 def _check_targets(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Check shapes (host metadata only, no sync); return the boolean mask of pixels that count."""
     if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(
+        raise ConfigError(
             f"loss expects logits (N,K,H,W) and target (N,H,W); got {tuple(logits.shape)} and {tuple(target.shape)}"
         )
     return target != ignore_index
@@ -99,7 +101,7 @@ def _check_label_range(num_classes: int, target: torch.Tensor, ignore_index: int
     hi = int(torch.where(valid, target, torch.zeros_like(target)).max())
     if lo < 0 or hi >= num_classes:
         bad = lo if lo < 0 else hi
-        raise ValueError(
+        raise ConfigError(
             f"target contains label {bad}, outside [0, {num_classes - 1}] and not ignore_index={ignore_index}"
         )
 
@@ -133,9 +135,9 @@ class OhemCrossEntropyLoss(SegLoss):
     ) -> None:
         super().__init__(ignore_index, aux_weight)
         if not 0.0 < thresh <= 1.0:
-            raise ValueError(f"loss.thresh must be in (0, 1], got {thresh}")
+            raise ConfigError(f"loss.thresh must be in (0, 1], got {thresh}")
         if min_kept < 0:
-            raise ValueError(f"loss.min_kept must be >= 0, got {min_kept}")
+            raise ConfigError(f"loss.min_kept must be >= 0, got {min_kept}")
         self.thresh = thresh
         self.min_kept = min_kept
         self.register_buffer("weight", _weight_tensor(weight), persistent=False)
@@ -144,7 +146,7 @@ class OhemCrossEntropyLoss(SegLoss):
         logits = logits.float()
         valid = _check_targets(logits, target, self.ignore_index)
         if self.weight is not None and self.weight.numel() != logits.shape[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"loss.weight has {self.weight.numel()} entries but the model predicts {logits.shape[1]} classes"
             )
         safe = _safe_target(target, valid)
@@ -177,9 +179,9 @@ class DiceLoss(SegLoss):
     ) -> None:
         super().__init__(ignore_index, aux_weight)
         if classes not in ("all", "present"):
-            raise ValueError(f"loss.classes must be 'all' or 'present', got '{classes}'")
+            raise ConfigError(f"loss.classes must be 'all' or 'present', got '{classes}'")
         if smooth < 0:
-            raise ValueError(f"loss.smooth must be >= 0, got {smooth}")
+            raise ConfigError(f"loss.smooth must be >= 0, got {smooth}")
         self.smooth = smooth
         self.classes = classes
 
@@ -217,7 +219,7 @@ class FocalLoss(SegLoss):
     ) -> None:
         super().__init__(ignore_index, aux_weight)
         if gamma < 0:
-            raise ValueError(f"loss.gamma must be >= 0, got {gamma}")
+            raise ConfigError(f"loss.gamma must be >= 0, got {gamma}")
         self.gamma = gamma
         if alpha is None or isinstance(alpha, (int, float)):
             self.register_buffer("alpha", None if alpha is None else torch.tensor(float(alpha)), persistent=False)
@@ -234,7 +236,7 @@ class FocalLoss(SegLoss):
             if self.alpha.dim() == 0:
                 loss = loss * self.alpha
             elif self.alpha.numel() != logits.shape[1]:
-                raise ValueError(
+                raise ConfigError(
                     f"loss.alpha has {self.alpha.numel()} entries but the model predicts {logits.shape[1]} classes"
                 )
             else:
@@ -276,7 +278,7 @@ class LovaszSoftmaxLoss(SegLoss):
     ) -> None:
         super().__init__(ignore_index, aux_weight)
         if classes not in ("all", "present"):
-            raise ValueError(f"loss.classes must be 'all' or 'present', got '{classes}'")
+            raise ConfigError(f"loss.classes must be 'all' or 'present', got '{classes}'")
         self.classes = classes
         self.per_image = per_image
 
@@ -319,23 +321,23 @@ class CombinedLoss(SegLoss):
             if isinstance(spec, (Mapping, DictConfig)) and "_target_" in spec:
                 spec = instantiate(spec)
             if not isinstance(spec, SegLoss):
-                raise ValueError(
+                raise ConfigError(
                     f"loss.losses.{name} must be a segrun SegLoss (config with _target_), got {type(spec).__name__}"
                 )
             built[name] = spec
         if not built:
-            raise ValueError("loss.losses must name at least one loss")
+            raise ConfigError("loss.losses must name at least one loss")
         weights = dict(weights or {})
         unknown = sorted(set(weights) - set(built))
         if unknown:
-            raise ValueError(f"loss.weights names {unknown}, which are not in loss.losses {sorted(built)}")
+            raise ConfigError(f"loss.weights names {unknown}, which are not in loss.losses {sorted(built)}")
         ignores = {m.ignore_index for m in built.values()}
         if ignore_index is None:
             if len(ignores) > 1:
-                raise ValueError(f"loss.losses disagree on ignore_index: {sorted(ignores)}")
+                raise ConfigError(f"loss.losses disagree on ignore_index: {sorted(ignores)}")
             ignore_index = ignores.pop()
         elif ignores != {ignore_index}:
-            raise ValueError(f"loss.ignore_index={ignore_index} but loss.losses use {sorted(ignores)}")
+            raise ConfigError(f"loss.ignore_index={ignore_index} but loss.losses use {sorted(ignores)}")
         super().__init__(ignore_index, aux_weight)
         self.losses = nn.ModuleDict(built)
         self.weights = {name: float(weights.get(name, 1.0)) for name in built}

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from segrun.models.base import model_param_groups
+from segrun.errors import ConfigError
 
 def build_param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
     """Named ``backbone``/``head`` groups of trainable parameters; empty groups are dropped."""
@@ -24,7 +25,7 @@ def build_param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.
         if params:
             out.append({"name": name, "params": params, "lr": lr * mult})
     if not out:
-        raise ValueError("the model has no trainable parameters (is everything frozen?)")
+        raise ConfigError("the model has no trainable parameters (is everything frozen?)")
     return out
 
 

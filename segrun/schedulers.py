@@ -11,6 +11,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from segrun.errors import ConfigError
+
 
 class _WarmupScheduler(LRScheduler):
     """Base: ``factor(it)`` after a linear warmup from ``warmup_ratio`` over ``warmup_iters``."""
@@ -18,9 +20,9 @@ class _WarmupScheduler(LRScheduler):
     def __init__(self, optimizer: torch.optim.Optimizer, total_iters: int, warmup_iters: int = 0,
                  warmup_ratio: float = 0.1, min_lr: float = 0.0, last_epoch: int = -1) -> None:
         if total_iters < 1:
-            raise ValueError(f"scheduler total_iters must be >= 1, got {total_iters}")
+            raise ConfigError(f"scheduler total_iters must be >= 1, got {total_iters}")
         if warmup_iters < 0 or warmup_iters >= total_iters and warmup_iters > 0:
-            raise ValueError(f"scheduler.warmup_iters={warmup_iters} must be in [0, total iterations={total_iters})")
+            raise ConfigError(f"scheduler.warmup_iters={warmup_iters} must be in [0, total iterations={total_iters})")
         self.total_iters = total_iters
         self.warmup_iters = warmup_iters
         self.warmup_ratio = warmup_ratio

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from segrun.config import conf_dir
@@ -53,7 +52,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not resume:
         return argv
     path = Path(resume[-1].split("=", 1)[1])
-    if str(path) in ("", "null", "None"):
+    if str(path) in ("", "null", "None", "auto"):  # auto: resolved in the run folder (segrun.job)
         return argv
     from segrun.class_weights import pin_auto_weights
     from segrun.engine.checkpoint import load_checkpoint
@@ -78,20 +77,26 @@ def resume_argv(argv: list[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def train(cfg: DictConfig) -> float | None:
     """Hydra task: returns the best monitored value (what sweepers optimise)."""
-    from segrun.build import build_trainer
-    from segrun.engine import distributed
+    from segrun.job import run_job
 
-    hc = HydraConfig.get()
-    overrides = [o for o in hc.overrides.task if _override_key(o) != RESUME_KEY]
+    return run_job(cfg)
 
-    def run() -> float | None:
-        try:
-            trainer = build_trainer(cfg, hc.runtime.output_dir, overrides, choices=hc.runtime.choices)
-            return trainer.fit()
-        finally:
-            distributed.cleanup()
 
-    return report_user_errors(run)
+def check_run_dir(argv: list[str]) -> None:
+    """Stop before Hydra writes anything when an explicit ``hydra.run.dir`` belongs to a live run
+    (the claim itself is taken atomically when the job starts)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return
+    given = [a.split("=", 1)[1] for a in argv if _override_key(a) == "hydra.run.dir" and "=" in a]
+    if not given or "${" in given[-1]:
+        return
+    from segrun.engine.distributed import launch_rank
+    from segrun.engine.status import check_free
+
+    if launch_rank() == 0:  # the other ranks of a torchrun job share rank 0's folder
+        resumed = any(_override_key(a) == RESUME_KEY and a.split("=", 1)[1] not in ("", "null", "None")
+                      for a in argv if "=" in a)
+        check_free(given[-1], reuse_finished=resumed)
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -120,6 +125,7 @@ def worker_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     """Console entry point (``segrun`` / ``python -m segrun``)."""
     argv = report_user_errors(lambda: worker_argv(resume_argv(sys.argv[1:])))
+    report_user_errors(lambda: check_run_dir(argv))
     sys.argv = [sys.argv[0], *argv]
     train()
 

@@ -16,20 +16,8 @@ from segrun.config import conf_dir
 REPO = Path(__file__).resolve().parent.parent
 
 #: a run small enough for a test: a few dozen 32-48 px images, a 2-level U-Net of width 4
-TINY = [
-    "dataset.sizes={train: 24, val: 8, test: 4}",
-    "dataset.min_size=32",
-    "dataset.max_size=48",
-    "dataset.base_size=40",
-    "dataset.crop_size=32",
-    "model.width=4",
-    "model.depth=2",
-    "loader.batch_size=4",
-    "loader.num_workers=0",
-    "trainer.progress=false",
-    "trainer.log_every=2",
-    "trainer.vis_samples=2",
-]
+#: (conf/debug/tiny.yaml: users get the same run with `python -m segrun debug=tiny`)
+TINY = ["debug=tiny"]
 
 
 def compose_cfg(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

@@ -1,5 +1,7 @@
 """The command line as a user meets it: config printing, and one-line errors for their mistakes."""
 
+import json
+
 from conftest import TINY, run_cli
 
 
@@ -27,6 +29,11 @@ def test_bad_value_is_one_line_error_not_traceback(tmp_path):
     assert "Traceback" not in r.stderr
     line = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "dataset.min_size" in line[0]
+    message = line[0].removeprefix("error: ")
+    assert (r.stdout + r.stderr).count(message) == 1  # printed once: no [ERROR] log line beside it
+    assert f"[ERROR] - {message}" in (tmp_path / "train.log").read_text()  # and kept with the run
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == message
 
 
 def test_missing_resume_checkpoint_is_named(tmp_path):

@@ -159,7 +159,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         text = "\n".join(map(str, write_previews(cfg))) if cfg.show else summarize(cfg)
-    except (DatasetError, *USER_ERRORS) as exc:
+    except (DatasetError, InstantiationException, *USER_ERRORS) as exc:
         if isinstance(exc, InstantiationException) and isinstance(exc.__cause__, DatasetError):
             exc = exc.__cause__  # its message already names the dataset, path and expectation
         print(f"error: {one_line(exc)}", file=sys.stderr)

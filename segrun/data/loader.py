@@ -8,6 +8,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from segrun.errors import ConfigError
+
 
 class EpochSampler(Sampler):
     """Yields ``(index, seed, epoch)`` keys: the order and each sample's augmentation are fixed by
@@ -110,7 +112,7 @@ def build_loader(
     sampler = EpochSampler(len(dataset), shuffle=train and shuffle, seed=seed, rank=rank,
                            world_size=world_size, pad=train)
     if train and drop_last and len(sampler) < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"the training set has {len(sampler)} samples per process, fewer than loader.batch_size={batch_size}; "
             "lower the batch size or set loader.drop_last=false"
         )

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from segrun.data.base import SegDataset
+from segrun.data.base import DatasetError, SegDataset
 
 CLASSES = ("background", "ellipse", "rectangle", "triangle", "ring")
 PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200))
@@ -55,9 +55,9 @@ class Shapes(SegDataset):
         **kwargs: Any,
     ) -> None:
         if num_classes != len(CLASSES):
-            raise ValueError(f"dataset.num_classes for shapes must be {len(CLASSES)}, got {num_classes}")
+            raise DatasetError(f"dataset.num_classes for shapes must be {len(CLASSES)}, got {num_classes}")
         if not 8 <= min_size <= max_size:
-            raise ValueError(f"dataset.min_size/max_size must satisfy 8 <= min <= max, got {min_size}, {max_size}")
+            raise DatasetError(f"dataset.min_size/max_size must satisfy 8 <= min <= max, got {min_size}, {max_size}")
         self.sizes = dict(sizes or {"train": 600, "val": 100, "test": 100})
         self.min_size, self.max_size = int(min_size), int(max_size)
         self.max_shapes = max(1, int(max_shapes))
@@ -71,7 +71,7 @@ class Shapes(SegDataset):
 
     def scan(self, split: str) -> list:
         if split not in self.sizes:
-            raise ValueError(f"dataset.sizes has no entry for split {split!r} (has {sorted(self.sizes)})")
+            raise DatasetError(f"dataset.sizes has no entry for split {split!r} (has {sorted(self.sizes)})")
         code = _SPLIT_CODES.get(split, len(_SPLIT_CODES))
         return [(code, i) for i in range(int(self.sizes[split]))]
 

@@ -14,6 +14,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from segrun.errors import ConfigError
+
 Array = np.ndarray
 
 
@@ -83,7 +85,7 @@ class TrainTransform:
         self.base_size = base_size
         self.scale = tuple(scale) if scale is not None else None
         if self.scale is not None and not (0 < self.scale[0] <= self.scale[1]):
-            raise ValueError(f"augment.train.scale must be [min, max] with 0 < min <= max, got {list(self.scale)}")
+            raise ConfigError(f"augment.train.scale must be [min, max] with 0 < min <= max, got {list(self.scale)}")
         self.rotate = float(rotate)
         self.hflip = float(hflip)
         self.blur = float(blur)
@@ -141,9 +143,9 @@ class ValTransform:
 
     def __init__(self, protocol: str = "whole", crop_size: int | Sequence[int] | None = None, ignore_index: int = 255) -> None:
         if protocol not in ("whole", "center_crop"):
-            raise ValueError(f"augment.val.protocol must be 'whole' or 'center_crop', got {protocol!r}")
+            raise ConfigError(f"augment.val.protocol must be 'whole' or 'center_crop', got {protocol!r}")
         if protocol == "center_crop" and crop_size is None:
-            raise ValueError("augment.val.crop_size is required with protocol=center_crop")
+            raise ConfigError("augment.val.crop_size is required with protocol=center_crop")
         self.protocol = protocol
         self.crop = size_pair(crop_size) if crop_size is not None else None
         self.ignore_index = ignore_index

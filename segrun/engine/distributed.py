@@ -1,16 +1,63 @@
 """Rank awareness in one place: the rest of segrun asks ``is_main()`` and never reads the environment.
 
-A run is distributed when launched by ``torchrun`` (``WORLD_SIZE`` > 1). The backend is NCCL on
-CUDA and gloo on CPU.
+A run is distributed when launched by ``torchrun`` (``WORLD_SIZE`` > 1), or as several SLURM tasks
+(``srun``, or submitit's ``tasks_per_node``): without ``WORLD_SIZE``, ``SLURM_PROCID``/``SLURM_NTASKS``/
+``SLURM_LOCALID`` give the same information and the first node of the job is the rendezvous host.
+The backend is NCCL on CUDA and gloo on CPU.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot read SLURM node list {nodelist!r}")
+    prefix, ranges = head.group(1), head.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def slurm_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) of a process started as one of several SLURM tasks; empty when not applicable
+    (torchrun already set WORLD_SIZE, or a single task)."""
+    # SLURM_STEP_NUM_TASKS is set by srun for the tasks of a step; a batch script that merely asked for
+    # --ntasks=4 runs one process and must not wait for three others
+    if "WORLD_SIZE" in environ or "SLURM_PROCID" not in environ or "SLURM_STEP_NUM_TASKS" not in environ:
+        return {}
+    ntasks = int(environ["SLURM_STEP_NUM_TASKS"])
+    if ntasks <= 1:
+        return {}
+    nodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
+    per_node = environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    local_world = int(per_node) if per_node.isdigit() else max(1, ntasks // max(1, nodes))
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST", "")
+    job_id = int(environ.get("SLURM_JOB_ID", "0") or 0)
+    return {
+        "RANK": str(int(environ["SLURM_PROCID"])),
+        "WORLD_SIZE": str(ntasks),
+        "LOCAL_RANK": str(int(environ.get("SLURM_LOCALID", 0))),
+        "LOCAL_WORLD_SIZE": str(local_world),
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1"),
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + job_id % 20000),  # same on every task of a job
+    }
+
+
+def adopt_slurm_env() -> None:
+    """Fill in torchrun's variables from SLURM's, once, before anything reads them."""
+    for key, value in slurm_env(os.environ).items():
+        os.environ.setdefault(key, value)
 
 
 def world_size() -> int:
@@ -22,11 +69,13 @@ def rank() -> int:
 
 
 def local_rank() -> int:
+    adopt_slurm_env()
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def local_world_size() -> int:
     """Processes on this machine (``torchrun`` sets ``LOCAL_WORLD_SIZE``)."""
+    adopt_slurm_env()
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
@@ -35,7 +84,8 @@ def is_main() -> bool:
 
 
 def launched_distributed() -> bool:
-    """True when a launcher (torchrun) started several processes for this run."""
+    """True when a launcher (torchrun, or SLURM with several tasks) started several processes for this run."""
+    adopt_slurm_env()
     return int(os.environ.get("WORLD_SIZE", 1)) > 1
 
 

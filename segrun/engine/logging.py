@@ -1,4 +1,4 @@
-"""TensorBoard and picture helpers; everything here is a no-op off the main rank."""
+"""Picture and file helpers for logs (the loggers themselves live in ``engine/loggers``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-
-from segrun.engine.distributed import is_main
 
 
 def colorize(label: torch.Tensor, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> torch.Tensor:
@@ -46,38 +44,6 @@ def prediction_grid(
     width = max(r.shape[-1] for r in rows)
     rows = [F.pad(r, (0, width - r.shape[-1], 0, 2), value=255) for r in rows]
     return torch.cat(rows, dim=1)
-
-
-class TensorBoard:
-    """A SummaryWriter on the main rank only; ``purge_step`` drops events a killed run wrote after its checkpoint."""
-
-    def __init__(self, log_dir: str | Path, enabled: bool = True, purge_step: int | None = None) -> None:
-        self.writer = None
-        if enabled and is_main():
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
-
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None and value is not None and not (isinstance(value, float) and math.isnan(value)):
-            self.writer.add_scalar(tag, value, step)
-
-    def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.scalar(f"{prefix}/{k}", float(v), step)
-
-    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step, dataformats="CHW")
-
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _json_safe(obj: Any) -> Any:

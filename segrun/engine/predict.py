@@ -16,6 +16,7 @@ from torch import nn
 
 from segrun.data.transforms import size_pair
 from segrun.models.base import main_output
+from segrun.errors import ConfigError
 
 
 class Normalize(nn.Module):
@@ -97,11 +98,11 @@ def _single(model: nn.Module, x: torch.Tensor, mode: str, crop_size, stride, win
         return _forward(model, x)
     if mode == "slide":
         if crop_size is None:
-            raise ValueError("predict mode 'slide' needs crop_size")
+            raise ConfigError("predict mode 'slide' needs crop_size")
         crop = size_pair(crop_size)
         st = size_pair(stride) if stride is not None else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
         return _slide(model, x, crop, st, window_batch, progress)
-    raise ValueError(f"predict mode must be 'whole' or 'slide', got {mode!r}")
+    raise ConfigError(f"predict mode must be 'whole' or 'slide', got {mode!r}")
 
 
 def _share_flip(x: torch.Tensor, mode: str, crop_size, share: bool | None) -> bool:

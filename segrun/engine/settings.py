@@ -113,6 +113,8 @@ class TrainSettings:
     prefetch: str = "auto"  # auto | true | false
     device: str = "auto"
     seed: int = 0
+    limit_train_batches: int | None = None
+    limit_val_batches: int | None = None
     predict: PredictSettings = field(default_factory=PredictSettings)
 
     @classmethod
@@ -147,6 +149,8 @@ class TrainSettings:
             prefetch=_auto_bool("trainer.prefetch", t.get("prefetch", "auto")),
             device=str(t.device),
             seed=check_int("seed", cfg.seed),
+            limit_train_batches=_optional_int("trainer.limit_train_batches", t.get("limit_train_batches")),
+            limit_val_batches=_optional_int("trainer.limit_val_batches", t.get("limit_val_batches")),
             predict=PredictSettings.from_config(cfg.predict),
         )
 
@@ -172,3 +176,5 @@ def _auto_bool(key: str, value: Any) -> str:
     if value == "auto" or isinstance(value, bool):
         return str(value).lower()
     raise ConfigError(f"{key}={value!r}: expected auto, true or false")
+def _optional_int(key: str, value: Any) -> int | None:
+    return None if value is None else check_int(key, value, 1)

@@ -10,6 +10,7 @@ at the end of an epoch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -24,7 +25,8 @@ from segrun import __version__
 from segrun.data.prefetch import DevicePrefetcher
 from segrun.engine import distributed as dist
 from segrun.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, strip_module_prefix
-from segrun.engine.logging import TensorBoard, prediction_grid, write_json
+from segrun.engine.loggers import Logger, TensorBoard
+from segrun.engine.logging import prediction_grid, write_json
 from segrun.engine.monitor import SCALAR_METRICS, Monitor
 from segrun.engine.predict import predict
 from segrun.engine.runtime import seed_everything
@@ -70,7 +72,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.config = config or {}
         self.overrides = list(overrides)
-        self.batches_per_epoch = len(self.train_loader)
+        self.batches_per_epoch = min(len(self.train_loader), settings.limit_train_batches or len(self.train_loader))
         self.iters_per_epoch = math.ceil(self.batches_per_epoch / settings.accumulate)  # optimizer steps
         self.autocast_dtype = AUTOCAST_DTYPES[settings.precision]
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16")
@@ -79,7 +81,7 @@ class Trainer:
         self.batches = DevicePrefetcher(self.train_loader, self.device) if prefetch else self.train_loader
         self.ema = (AveragedModel(dist.unwrap(self.model), multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay),
                                   use_buffers=True) if settings.ema_decay else None)
-        self.logger: TensorBoard | None = None
+        self.logger: Logger | None = None  # set by segrun.build (cfg.logger); else TensorBoard on first use
         # state that checkpoints carry
         self.epoch = 0  # epochs completed
         self.global_step = 0
@@ -109,6 +111,7 @@ class Trainer:
                         self.best_val = val_metrics
                 self.epoch = epoch
                 self.history.append(record)
+                self.open_logger().epoch_end(self.history)
                 self.save("last.pt")
                 if improved:
                     self.save("best.pt")
@@ -125,12 +128,11 @@ class Trainer:
             log.info("best %s = %.4f at epoch %s", self.monitor.key, self.monitor.best, self.monitor.best_epoch)
         return self.monitor.best
 
-    def open_logger(self) -> TensorBoard:
-        """The TensorBoard writer, opened on first use; after a resume it drops the events a killed
-        run wrote past its checkpoint (and keeps the checkpoint's own step)."""
+    def open_logger(self) -> Logger:
+        """The logger ``segrun.build`` gave, or a TensorBoard writer opened on first use; after a resume
+        it drops the events a killed run wrote past its checkpoint (and keeps the checkpoint's own step)."""
         if self.logger is None:
-            self.logger = TensorBoard(self.run_dir / "tensorboard", enabled=self.settings.tensorboard,
-                                      purge_step=self.global_step + 1 if self.global_step else None)
+            self.logger = TensorBoard(self.run_dir, resume_step=self.global_step, enabled=self.settings.tensorboard)
         return self.logger
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -175,7 +177,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         bar = tqdm(total=n, desc=f"epoch {epoch}/{s.epochs}", leave=False,
                    disable=not (s.progress and dist.is_main()), dynamic_ncols=True)
-        for i, batch in enumerate(self.batches, start=1):
+        for i, batch in enumerate(itertools.islice(self.batches, n), start=1):
             group_start = (i - 1) // acc * acc  # micro-batches before this optimizer step's group
             step = i % acc == 0 or i == n
             with self._grad_sync(step):
@@ -237,7 +239,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         n_batches = 0
         vis: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for batch in tqdm(self.val_loader, desc="val", leave=False, disable=not (s.progress and dist.is_main())):
+        batches = itertools.islice(self.val_loader, s.limit_val_batches)  # None: all of them
+        for batch in tqdm(batches, desc="val", leave=False, disable=not (s.progress and dist.is_main())):
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True).long()
             with self.autocast():

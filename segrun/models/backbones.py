@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from segrun.errors import ConfigError
 from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 FEATURE_NAMES = ("c1", "c2", "c3", "c4", "c5")
@@ -35,7 +36,7 @@ def replace_first_conv(module: nn.Module, in_channels: int) -> str:
         if isinstance(conv, nn.Conv2d):
             break
     else:
-        raise ValueError(f"{type(module).__name__} has no Conv2d to adapt to in_channels={in_channels}")
+        raise ConfigError(f"{type(module).__name__} has no Conv2d to adapt to in_channels={in_channels}")
     if conv.in_channels == in_channels:
         return name
     new = nn.Conv2d(
@@ -74,7 +75,7 @@ def _dilate_basic_layer(layer: nn.Sequential, previous_dilation: int, dilation: 
 
 def _check_output_stride(name: str, output_stride: int, allowed: tuple[int, ...]) -> None:
     if output_stride not in allowed:
-        raise ValueError(
+        raise ConfigError(
             f"model.output_stride={output_stride} is not supported by backbone '{name}'; use one of {allowed}"
         )
 
@@ -85,7 +86,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, name: str = "resnet50", in_channels: int = 3, output_stride: int = 8) -> None:
         super().__init__()
         if name not in RESNETS:
-            raise ValueError(f"model.backbone='{name}' is not a ResNet; expected one of {RESNETS}")
+            raise ConfigError(f"model.backbone='{name}' is not a ResNet; expected one of {RESNETS}")
         _check_output_stride(name, output_stride, (8, 16, 32))
         # Which of layer2..layer4 trade their stride for dilation: OS8 -> the last two, OS16 -> the last.
         dilate = [False, output_stride == 8, output_stride in (8, 16)]
@@ -160,7 +161,7 @@ def build_backbone(
 ) -> ResNetBackbone | MobileNetV3Backbone:
     """Build backbone ``name`` (one of :data:`BACKBONES`) and optionally load a local state dict."""
     if in_channels < 1:
-        raise ValueError(f"model.in_channels must be >= 1, got {in_channels}")
+        raise ConfigError(f"model.in_channels must be >= 1, got {in_channels}")
     pretrained = resolve_pretrained(pretrained, name)  # `imagenet` etc. -> the file in the torch cache
     state = read_state_dict(pretrained) if pretrained else None  # fail fast, before building
     if name in RESNETS:
@@ -168,7 +169,7 @@ def build_backbone(
     elif name in MOBILENETS:
         backbone = MobileNetV3Backbone(in_channels, output_stride)
     else:
-        raise ValueError(f"model.backbone='{name}' is unknown; expected one of {BACKBONES}")
+        raise ConfigError(f"model.backbone='{name}' is unknown; expected one of {BACKBONES}")
     if state is not None:
         load_pretrained(backbone, state, key_map=_drop_classifier, label=pretrained)
     return backbone

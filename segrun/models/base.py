@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from segrun.errors import ConfigError
+
 
 class SegModel(nn.Module):
     """Base class: subclasses set ``self.backbone`` (may be ``None``) and build the rest as the head."""
@@ -55,7 +57,7 @@ class SegModel(nn.Module):
         eval mode too, so the backbone computes exactly the same function throughout training.
         """
         if freeze_backbone and self.backbone is None:
-            raise ValueError(f"model.freeze_backbone=true but {type(self).__name__} has no backbone")
+            raise ConfigError(f"model.freeze_backbone=true but {type(self).__name__} has no backbone")
         self.freeze_bn = bool(freeze_bn)
         self.freeze_backbone = bool(freeze_backbone)
         if self.freeze_backbone:

@@ -10,6 +10,7 @@ from torch import nn
 
 from segrun.models.backbones import build_backbone
 from segrun.models.base import SegModel
+from segrun.errors import ConfigError
 
 
 def conv_bn_relu(cin: int, cout: int, kernel_size: int = 3, dilation: int = 1) -> nn.Sequential:
@@ -42,7 +43,7 @@ def check_positive(**values: int) -> None:
     """Raise a one-line error for a non-positive width knob, naming the config key."""
     for key, value in values.items():
         if value < 1:
-            raise ValueError(f"model.{key} must be >= 1, got {value}")
+            raise ConfigError(f"model.{key} must be >= 1, got {value}")
 
 
 class BackboneSegModel(SegModel):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from segrun.models.common import BackboneSegModel, check_positive, conv_bn_relu, resize
+from segrun.errors import ConfigError
 
 
 class ASPP(nn.Module):
@@ -70,7 +71,7 @@ class DeepLabV3Plus(BackboneSegModel):
             atrous_rates = [r * 16 // output_stride for r in (6, 12, 18)]
         rates = list(atrous_rates)
         if not rates or any(r < 1 for r in rates):
-            raise ValueError(f"model.atrous_rates must be a non-empty list of positive ints, got {rates}")
+            raise ConfigError(f"model.atrous_rates must be a non-empty list of positive ints, got {rates}")
         self.atrous_rates = rates
         chans = self.backbone.channels
         self.aspp = ASPP(chans["c5"], head_channels, rates, dropout)

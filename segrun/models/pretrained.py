@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from segrun.errors import SegrunError
+from segrun.errors import ConfigError, MissingFileError, SegrunError
 
 logger = logging.getLogger("segrun.models")
 
@@ -39,7 +39,7 @@ class PretrainedError(SegrunError, ValueError):
     """``model.pretrained`` names weights that do not exist, or whose cached file is wrong."""
 
 
-class PretrainedNotFoundError(SegrunError, FileNotFoundError):
+class PretrainedNotFoundError(MissingFileError):
     """The named weights are not in the local torch cache (segrun never downloads them)."""
 
 
@@ -120,7 +120,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from ``path``; unwraps ``{"state_dict": ...}``/``{"model": ...}`` checkpoints."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model.pretrained: no such file '{p}' (expected a local torchvision-format state dict)"
         )
     obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -128,7 +128,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"model.pretrained: '{p}' does not hold a state dict of tensors")
+        raise ConfigError(f"model.pretrained: '{p}' does not hold a state dict of tensors")
     # Checkpoints saved from DataParallel/DDP carry a "module." prefix.
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
@@ -189,7 +189,7 @@ def load_pretrained(
                 "pretrained %s: skipped %s (shape %s in file, %s in model)", path, k, tuple(v.shape), tuple(want)
             )
     if not to_load:
-        raise ValueError(
+        raise ConfigError(
             f"model.pretrained: no tensor in '{path}' matches {type(module).__name__} (wrong file for this backbone?)"
         )
     missing = [k for k in target if k not in to_load]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from segrun.models.common import BackboneSegModel, check_positive, conv_bn_relu, resize
+from segrun.errors import ConfigError
 
 
 class PyramidPooling(nn.Module):
@@ -21,7 +22,7 @@ class PyramidPooling(nn.Module):
     def __init__(self, in_channels: int, bins: Sequence[int]) -> None:
         super().__init__()
         if not bins or any(b < 1 for b in bins):
-            raise ValueError(f"model.bins must be a non-empty list of positive ints, got {list(bins)}")
+            raise ConfigError(f"model.bins must be a non-empty list of positive ints, got {list(bins)}")
         branch = max(in_channels // len(bins), 1)
         self.branches = nn.ModuleList(
             nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, branch, kernel_size=1)) for b in bins

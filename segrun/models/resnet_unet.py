@@ -11,6 +11,7 @@ from torch import nn
 
 from segrun.models.backbones import FEATURE_NAMES
 from segrun.models.common import BackboneSegModel, conv_bn_relu, resize
+from segrun.errors import ConfigError
 
 
 class DecoderBlock(nn.Module):
@@ -64,7 +65,7 @@ class ResNetUNet(BackboneSegModel):
         super().__init__(num_classes, in_channels, backbone, output_stride, pretrained, aux, aux_channels)
         dec = list(decoder_channels)
         if len(dec) != 5 or any(c < 1 for c in dec):
-            raise ValueError(f"model.decoder_channels must be 5 positive ints (deepest first), got {dec}")
+            raise ConfigError(f"model.decoder_channels must be 5 positive ints (deepest first), got {dec}")
         chans = self.backbone.channels
         skips = [chans[n] for n in reversed(FEATURE_NAMES[:-1])] + [0]  # c4, c3, c2, c1, none
         ins = [chans["c5"]] + dec[:-1]

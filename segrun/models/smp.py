@@ -18,6 +18,7 @@ from torch import nn
 
 from segrun.models.backbones import replace_first_conv
 from segrun.models.base import SegModel
+from segrun.errors import ConfigError
 from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 
@@ -60,12 +61,12 @@ class SMPModel(SegModel):
                 "model SMPModel needs segmentation_models_pytorch: pip install 'segrun[smp]'"
             ) from exc
         if encoder_weights is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"model.encoder_weights must be null (got '{encoder_weights}'): segrun never downloads weights; "
                 "set model.pretrained=/path/to/state_dict.pth instead"
             )
         if "aux_params" in kwargs:
-            raise ValueError(
+            raise ConfigError(
                 "model.aux_params is not supported: smp's aux head is a classifier, not a segmentation head"
             )
         # smp checks e.g. `isinstance(decoder_channels, (list, tuple))`; Hydra passes ListConfig.
@@ -78,7 +79,7 @@ class SMPModel(SegModel):
             )
         except KeyError as exc:
             msg = f"model.arch='{arch}' / model.encoder_name='{encoder_name}' not known to smp: {exc}"
-            raise ValueError(msg) from exc
+            raise ConfigError(msg) from exc
         if in_channels != 3:
             # Built for RGB and then adapted, so that RGB pretrained weights can still be loaded below.
             replace_first_conv(self.net.encoder, in_channels)

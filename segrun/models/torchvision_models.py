@@ -17,6 +17,7 @@ from torchvision.models import segmentation as tvseg
 from segrun.models.backbones import replace_first_conv
 from segrun.models.base import SegModel
 from segrun.models.common import resize
+from segrun.errors import ConfigError
 from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 ARCHS = {
@@ -57,15 +58,15 @@ class TorchvisionSegModel(SegModel):
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.arch='{arch}' is not a supported torchvision model; expected one of {sorted(ARCHS)}"
             )
         if num_classes < 1:
-            raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
+            raise ConfigError(f"model.num_classes must be >= 1, got {num_classes}")
         kwargs: dict = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
         if arch.startswith("lraspp"):
             if aux:
-                raise ValueError(f"model.aux=true is not available for '{arch}' (torchvision has no aux head for it)")
+                raise ConfigError(f"model.aux=true is not available for '{arch}' (torchvision has no aux head for it)")
         else:
             kwargs["aux_loss"] = bool(aux)
         # `imagenet` -> the backbone's classifier weights, `COCO_WITH_VOC_LABELS_V1` -> torchvision's own model

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segrun.models.base import SegModel
+from segrun.errors import ConfigError
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -52,9 +53,9 @@ class UNet(SegModel):
     ) -> None:
         super().__init__()
         if depth < 1:
-            raise ValueError(f"model.depth must be >= 1, got {depth}")
+            raise ConfigError(f"model.depth must be >= 1, got {depth}")
         if width < 1:
-            raise ValueError(f"model.width must be >= 1, got {width}")
+            raise ConfigError(f"model.width must be >= 1, got {width}")
         chans = [min(width * 2**i, max_width) for i in range(depth + 1)]
         self.depth = depth
         self.stem = conv_block(in_channels, chans[0])

@@ -1,0 +1,142 @@
+"""One training job as Hydra runs it: claim the folder, train, record how it ended.
+
+A single run keeps the command-line contract (a user mistake prints one ``error:`` line and exits
+2). Inside a multirun a failing job (a user mistake, a non-finite loss, a crash, out of memory) is
+recorded in its ``status.json`` and the sweep goes on; ``segrun.sweep.SweepCallback`` reports the
+failures and sets the exit status at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from segrun.engine import distributed as dist
+from segrun.engine.status import RunClaim, read_status
+from segrun.errors import RunFolderError, is_user_error, log_to_files, one_line
+
+log = logging.getLogger("segrun")
+
+RESUME_KEY = "trainer.resume"
+MAX_ERROR_CHARS = 500
+
+
+def _override_key(arg: str) -> str:
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def share_resources(cfg: DictConfig, hc: Any) -> None:
+    """Parallel local jobs (joblib's ``n_jobs`` > 1) share the machine.
+
+    With GPUs, job ``num`` takes GPU ``num % visible GPUs`` (when ``trainer.device=auto``); on the
+    CPU, each job gets ``cores // n_jobs`` intra-op threads so the jobs do not oversubscribe.
+    """
+    n_jobs = hc.launcher.get("n_jobs") if "launcher" in hc else None
+    if not isinstance(n_jobs, int) or n_jobs == 1:
+        return
+    cores = os.cpu_count() or 1
+    n_jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
+    if torch.cuda.is_available() and str(cfg.trainer.device) == "auto":
+        gpu = int(hc.job.num) % torch.cuda.device_count()
+        cfg.trainer.device = f"cuda:{gpu}"
+        log.info("job %s of %d parallel jobs: GPU %d", hc.job.num, n_jobs, gpu)
+    elif not torch.cuda.is_available():
+        threads = max(1, cores // n_jobs)
+        torch.set_num_threads(threads)
+        log.info("job %s of %d parallel jobs: %d CPU thread(s)", hc.job.num, n_jobs, threads)
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool) -> bool:
+    """Turn ``trainer.resume=auto`` (and a requeued SLURM job) into a path or nothing; returns whether
+    reusing a folder that holds a finished run is deliberate."""
+    resume = cfg.trainer.resume
+    if resume is None and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+        resume = "auto"  # requeued after preemption or timeout: continue the job's own last.pt
+    if str(resume) == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        cfg.trainer.resume = str(last) if last.is_file() else None
+        log.info("trainer.resume=auto: %s", f"continuing {last}" if last.is_file() else "no last.pt, starting fresh")
+        return True
+    return cfg.trainer.resume not in (None, "")
+
+
+def sweep_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None | bool:
+    """``sweep.resume=true``: a done job is skipped (returns its best value), any other job continues
+    from its ``last.pt`` if it has one. Returns False when the job must run."""
+    prev = read_status(run_dir)
+    if prev is not None and prev.get("overrides") not in (None, overrides):
+        raise RunFolderError(f"sweep.resume: {run_dir} ran with {prev.get('overrides')} but this job is {overrides}; "
+                             "resume with the same sweep arguments as the first launch")
+    if prev is not None and prev.get("state") == "done":
+        # printed, not logged: the finished job's folder (train.log included) stays untouched
+        print(f"[segrun] {run_dir}: already done, skipped (sweep.resume=true)", flush=True)
+        best = prev.get("best_metric")
+        return None if best is None else float(best)
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file() and cfg.trainer.resume in (None, ""):
+        cfg.trainer.resume = str(last)
+    return False
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """The Hydra task body of ``python -m segrun``: returns the best monitored value, or None for a
+    failed job of a multirun (the Optuna sweeper records a failed trial and goes on; NaN would stop it)."""
+    from segrun.build import build_trainer
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    # trainer.resume and sweep.resume say how to start, not what the job is
+    overrides = [o for o in hc.overrides.task if _override_key(o) not in (RESUME_KEY, "sweep.resume")]
+    is_main = dist.launch_rank() == 0
+    claim = RunClaim(run_dir, overrides, job_num=int(hc.job.num) if multirun else None) if is_main else None
+    start = time.time()
+    try:
+        reuse = False
+        if multirun:
+            share_resources(cfg, hc)
+            if bool(cfg.sweep.resume):
+                skipped = sweep_resume(cfg, run_dir, overrides)
+                if skipped is not False:
+                    return skipped
+                reuse = True
+        reuse = resolve_resume(cfg, run_dir, multirun) or reuse
+        if claim is not None:
+            claim.acquire(reuse_finished=reuse)
+        trainer = build_trainer(cfg, run_dir, overrides, choices=hc.runtime.choices)
+        best = trainer.fit()
+    except BaseException as exc:
+        user = is_user_error(exc)
+        message = one_line(exc)[:MAX_ERROR_CHARS]
+        if not user:
+            message = f"{type(exc).__name__}: {message}"
+        if claim is not None:
+            claim.failed(message, type(exc).__name__)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        if user:
+            log_to_files(message)
+        if multirun:
+            if not user:
+                log.error("job %s failed after %.1f s", hc.job.num, time.time() - start, exc_info=exc)
+            print(f"error: job {hc.job.num} ({run_dir}): {message}", file=sys.stderr, flush=True)
+            return None
+        if user:
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    finally:
+        dist.cleanup()
+    if claim is not None:
+        claim.done(best)
+    return best
+

@@ -7,6 +7,7 @@ with (plus whatever you override now, e.g. a larger ``trainer.epochs``).
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -15,9 +16,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from segrun.config import conf_dir
-from segrun.errors import report_user_errors
+from segrun.engine import preempt
+from segrun.errors import SegrunError, one_line, report_user_errors
+
+log = logging.getLogger("segrun")
 
 RESUME_KEY = "trainer.resume"
+
+
+class PeerError(SegrunError):
+    """Another rank stopped on a user error; its one line, repeated where rank 0 logs it."""
 
 
 def _override_key(arg: str) -> str:
@@ -56,11 +64,35 @@ def train(cfg: DictConfig) -> float | None:
     overrides = [o for o in hc.overrides.task if _override_key(o) != RESUME_KEY]
 
     def run() -> float | None:
+        preempt.install()  # from the start: a signal while building or while failing must not kill us mid-way
         try:
             trainer = build_trainer(cfg, hc.runtime.output_dir, overrides, choices=hc.runtime.choices)
             return trainer.fit()
+        except preempt.Preempted as exc:
+            log.warning("%s", exc)
+            raise SystemExit(preempt.PREEMPTED_EXIT) from None
+        except KeyboardInterrupt as exc:  # a second signal, or Ctrl-C before training started
+            log.error("%s", exc or "interrupted")
+            print(f"error: {exc or 'interrupted'}", file=sys.stderr)
+            raise SystemExit(130) from None
+        except SegrunError as exc:
+            distributed.publish_error(one_line(exc))
+            raise
+        except Exception as exc:
+            if distributed.world_size() == 1:
+                raise
+            # a collective failed: another rank stopped; say why in one line (its error, if it left one)
+            peer = distributed.peer_error()
+            if peer:
+                raise PeerError(peer) from None
+            message = (f"rank {distributed.rank()}: another rank died or stopped answering; no checkpoint was "
+                       f"written after the last one ({one_line(exc)[:300]})")
+            log.error("%s", message)
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(1) from None
         finally:
             distributed.cleanup()
+            preempt.uninstall()
 
     return report_user_errors(run)
 

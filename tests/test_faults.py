@@ -165,6 +165,33 @@ def test_bad_files_skipped_and_listed_or_one_line_error(tmp_path):
         assert "\n" not in message and message.split(":")[0] in bad, message
 
 
+def test_data_tool_applies_the_same_policy(tmp_path):
+    from segrun.data import Folder
+    from segrun.data.__main__ import measure
+
+    bad = _folder_data(tmp_path / "data")
+    with pytest.raises(DatasetError, match="img_001.jpg"):
+        measure(Folder(root=str(tmp_path / "data"), num_classes=3), progress=False)
+    stats = measure(Folder(root=str(tmp_path / "data"), num_classes=3, on_bad_sample="skip", max_bad_samples=2),
+                    progress=False)
+    assert [m.split(":")[0] for m in stats["bad"]] == bad
+    with pytest.raises(DatasetError, match="2 bad samples in the train split"):
+        measure(Folder(root=str(tmp_path / "data"), num_classes=3, on_bad_sample="skip", max_bad_samples=1),
+                progress=False)
+
+
+def test_checkpoint_every_takes_iterations_or_a_duration():
+    from segrun.engine.settings import parse_every
+    from segrun.errors import ConfigError
+
+    assert parse_every("k", 25) == (25, 0.0) and parse_every("k", None) == (0, 0.0)
+    assert parse_every("k", "10min") == (0, 600.0) and parse_every("k", "90s") == (0, 90.0)
+    assert parse_every("k", "1.5h") == (0, 5400.0)
+    for wrong in ("soon", "-5min", 2.5):
+        with pytest.raises(ConfigError, match="trainer.checkpoint_every"):
+            parse_every("trainer.checkpoint_every", wrong)
+
+
 def test_bad_validation_image_is_reported_not_dropped_silently(tmp_path):
     make_folder_fixture(tmp_path / "data", n=12, num_classes=3)
     val_image = tmp_path / "data" / "images" / "img_011.png"  # the last id is in val

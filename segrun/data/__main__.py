@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from segrun.config import conf_dir
+from segrun.data.bad_samples import BadSamples, bad_sample_limit
 from segrun.data.base import DatasetError, SegDataset
 
 
@@ -78,10 +79,16 @@ def measure(dataset: SegDataset, max_images: int | None = None, seed: int = 0, n
     s1, s2 = np.zeros(3), np.zeros(3)
     pixels = 0
     sizes = []
+    # dataset.on_bad_sample=skip: unreadable files are listed, not fatal, up to dataset.max_bad_samples
+    bad = BadSamples(dataset.split, bad_sample_limit(getattr(dataset, "max_bad_samples", 0.01), len(job)))
     for r in tqdm(results, total=len(job), desc=f"reading {dataset.split}", unit="img", file=sys.stderr,
                   disable=not progress, leave=False):
         if "error" in r:
-            raise DatasetError(r["error"])
+            if getattr(dataset, "on_bad_sample", "error") != "skip":
+                raise DatasetError(r["error"])
+            bad.add([r["error"]])
+            bad.check()
+            continue
         c = np.asarray(r["counts"])
         counts += c
         present += (c > 0) * int(r["n"])
@@ -90,11 +97,14 @@ def measure(dataset: SegDataset, max_images: int | None = None, seed: int = 0, n
         s2 += np.asarray(r["sumsq"], float)
         pixels += int(r["n"])
         sizes.append(tuple(int(v) for v in r["size"]))
+    if not pixels:
+        raise DatasetError(f"none of the {len(job)} images of split {dataset.split!r} could be read: {bad.as_list()[0]}")
     mean = s1 / pixels / 255.0
     std = np.sqrt(np.maximum(s2 / pixels / 255.0**2 - mean**2, 0.0))
     labelled = int(counts.sum())
     return {
         "images": len(job),
+        "bad": bad.as_list(),
         "of": total,
         "pixels": pixels,
         "labelled": labelled,
@@ -155,6 +165,9 @@ def report(name: str, dataset: SegDataset, split_sizes: dict[str, str], stats: d
         mf = f"{stats['median_frequency'][i]:.4f}" if n else "absent"
         lines.append(f"  {i:>4}  {cname:<{width}}  {n:>14,}  {100.0 * n / labelled:>8.3f}  "
                      f"{int(stats['images_with'][i]):>7}  {mf:>11}  {stats['inverse_log'][i]:>11.4f}")
+    if stats.get("bad"):
+        lines.append(f"  skipped {len(stats['bad'])} unreadable file(s) (dataset.on_bad_sample=skip):")
+        lines += [f"    {message}" for message in stats["bad"]]
     lines.append(f"\nchannel mean (RGB, 0..1): {_fmt_list(stats['mean'])}")
     lines.append(f"channel std  (RGB, 0..1): {_fmt_list(stats['std'])}")
     lines.append("\n# for conf/dataset/<name>.yaml:")

@@ -340,7 +340,7 @@ class Trainer:
             torch.distributed.all_reduce(cm_sum)
             torch.distributed.all_reduce(loss_sum)
         position = {"epoch": epoch, "batches": batches, "loss_sum": loss_sum.cpu(), "confusion": cm_sum.cpu(),
-                    "world_size": dist.world_size()}
+                    "world_size": dist.world_size(), "iters_per_epoch": self.iters_per_epoch}
         self.save("last.pt", position=position)
         log.info("checkpoint at epoch %d, batch %d/%d (step %d)", epoch, batches, self.iters_per_epoch,
                  self.global_step)
@@ -350,9 +350,11 @@ class Trainer:
         pos, self.resume_position = self.resume_position, None
         if not pos or int(pos["epoch"]) != epoch:
             return 0
-        if int(pos.get("world_size", 1)) != dist.world_size():
-            log.warning("checkpoint was written inside epoch %d by %s process(es), this run has %d: "
-                        "epoch %d restarts from its first batch", epoch, pos.get("world_size"), dist.world_size(), epoch)
+        layout = (int(pos.get("world_size", 1)), int(pos.get("iters_per_epoch", self.iters_per_epoch)))
+        if layout != (dist.world_size(), self.iters_per_epoch):
+            log.warning("checkpoint was written inside epoch %d by %d process(es) at %d iterations/epoch, this run "
+                        "has %d at %d: epoch %d restarts from its first batch", epoch, *layout, dist.world_size(),
+                        self.iters_per_epoch, epoch)
             return 0
         batches = min(int(pos["batches"]), self.iters_per_epoch)
         if dist.is_main():  # the sums were reduced nowhere: rank 0 carries them, the others add zeros

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from segrun.config import conf_dir
 from segrun.engine import preempt
-from segrun.errors import SegrunError, one_line, report_user_errors
+from segrun.errors import USER_ERRORS, SegrunError, one_line, report_user_errors
 
 log = logging.getLogger("segrun")
 
@@ -30,6 +30,15 @@ class PeerError(SegrunError):
 
 def _override_key(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("+~")
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    """A collective or the store failed (a peer died, hung past trainer.dist_timeout, or left)."""
+    import torch.distributed
+
+    text = str(exc)
+    return isinstance(exc, getattr(torch.distributed, "DistError", ())) or any(
+        k in text for k in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out"))
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -75,12 +84,12 @@ def train(cfg: DictConfig) -> float | None:
             log.error("%s", exc or "interrupted")
             print(f"error: {exc or 'interrupted'}", file=sys.stderr)
             raise SystemExit(130) from None
-        except SegrunError as exc:
+        except USER_ERRORS as exc:
             distributed.publish_error(one_line(exc))
             raise
         except Exception as exc:
-            if distributed.world_size() == 1:
-                raise
+            if distributed.world_size() == 1 or not _collective_failure(exc):
+                raise  # a bug: keep its traceback
             # a collective failed: another rank stopped; say why in one line (its error, if it left one)
             peer = distributed.peer_error()
             if peer:

@@ -112,6 +112,20 @@ def test_sigterm_writes_the_position_exits_75_and_resumes_exactly(tmp_path, stra
     _same_end(straight, _resume(tmp_path))
 
 
+def test_first_signal_asks_second_stops_at_once():
+    from segrun.engine import preempt
+
+    assert preempt.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preempt.requested() == signal.SIGUSR1
+        with pytest.raises(preempt.ForcedStop, match="second SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        preempt.uninstall()
+    assert preempt.requested() is None
+
+
 def test_sigint_from_the_cli_writes_last_pt_without_a_traceback(tmp_path):
     proc = _faulty_run([*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"], "INT", 3)
     assert proc.returncode == PREEMPTED_EXIT, proc.stderr[-2000:]
@@ -180,9 +194,16 @@ def test_data_tool_applies_the_same_policy(tmp_path):
                 progress=False)
 
 
-def test_checkpoint_every_takes_iterations_or_a_duration():
+def test_checkpoint_every_takes_iterations_or_a_duration(tmp_path):
     from segrun.engine.settings import parse_every
     from segrun.errors import ConfigError
+
+    run = make_trainer(tmp_path, [*TINY, "trainer.epochs=1", "trainer.tensorboard=false",
+                                  "trainer.checkpoint_every=0.001s"])
+    saved, save_position = [], run.save_position
+    run.save_position = lambda epoch, i, *rest: (saved.append(i), save_position(epoch, i, *rest))
+    run.fit()
+    assert saved == [1, 2, 3, 4, 5]  # due after every step; the epoch's end writes last.pt anyway
 
     assert parse_every("k", 25) == (25, 0.0) and parse_every("k", None) == (0, 0.0)
     assert parse_every("k", "10min") == (0, 600.0) and parse_every("k", "90s") == (0, 90.0)

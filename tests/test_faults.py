@@ -310,8 +310,8 @@ ddp = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distr
 @ddp
 def test_ddp_rank_killed_the_launcher_exits_non_zero_quickly(tmp_path):
     start = time.monotonic()
-    proc = _faulty_run(["trainer=ddp", *TINY, "trainer.epochs=3", "trainer.dist_timeout=30s", f"hydra.run.dir={tmp_path}"],
-                       "KILL", 4, launcher=["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+    proc = _faulty_run(["trainer=ddp", *TINY, "trainer.epochs=2", "trainer.dist_timeout=30s", f"hydra.run.dir={tmp_path}"],
+                       "KILL", 2, launcher=["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                                             "--monitor-interval=0.5"], env={"FAULT_RANK": "1"}, timeout=120)
     assert proc.returncode != 0 and time.monotonic() - start < 60
     ckpts = list((tmp_path / "checkpoints").iterdir())

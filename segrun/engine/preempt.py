@@ -81,4 +81,4 @@ def requested() -> int | None:
 
 
 def signal_name(signum: int | None) -> str:
-    return signal.Signals(signum).name if signum else "a stop request"
+    return signal.Signals(signum).name if signum else "another rank's stop signal"

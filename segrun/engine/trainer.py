@@ -185,7 +185,10 @@ class Trainer:
         cm = ConfusionMatrix(self.meta.num_classes, self.meta.ignore_index, self.device)
         window = _LossWindow(self.device, self.global_step)
         done = self.restore_position(epoch, window, cm)  # batches of this epoch a mid-epoch checkpoint covered
-        self.train_loader.sampler.set_epoch(epoch, start=done * self.train_loader.batch_size)
+        if done:  # skip the samples of the batches already trained, without loading them
+            self.train_loader.sampler.set_epoch(epoch, start=done * self.train_loader.batch_size)
+        else:
+            self.train_loader.sampler.set_epoch(epoch)
         bar = tqdm(total=self.iters_per_epoch, initial=done, desc=f"epoch {epoch}/{s.epochs}", leave=False,
                    disable=not (s.progress and dist.is_main()), dynamic_ncols=True)
         for i, batch in enumerate(self.train_loader, start=done + 1):

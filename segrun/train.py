@@ -94,8 +94,8 @@ def train(cfg: DictConfig) -> float | None:
             peer = distributed.peer_error()
             if peer:
                 raise PeerError(peer) from None
-            message = (f"rank {distributed.rank()}: another rank died or stopped answering; no checkpoint was "
-                       f"written after the last one ({one_line(exc)[:300]})")
+            message = (f"rank {distributed.rank()}: another rank died or stopped answering, stopping; last.pt is "
+                       f"the last complete checkpoint ({one_line(exc)[:300]})")
             log.error("%s", message)
             print(f"error: {message}", file=sys.stderr)
             raise SystemExit(1) from None

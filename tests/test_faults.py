@@ -92,7 +92,7 @@ def test_sigkill_inside_an_epoch_then_resume_matches_the_straight_run(tmp_path, 
     _same_end(straight, _resume(tmp_path))
 
 
-def test_sigterm_writes_the_position_exits_75_and_resumes_exactly(tmp_path, straight):
+def test_sigterm_writes_the_position_and_resumes_exactly(tmp_path, straight):
     run = make_trainer(tmp_path, [*RUN, "trainer.checkpoint_every=null"])
     original = run.run_step
 
@@ -126,7 +126,7 @@ def test_first_signal_asks_second_stops_at_once():
     assert preempt.requested() is None
 
 
-def test_sigint_from_the_cli_writes_last_pt_without_a_traceback(tmp_path):
+def test_sigint_from_the_cli_writes_last_pt_exits_75_without_a_traceback(tmp_path):
     proc = _faulty_run([*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path}"], "INT", 3)
     assert proc.returncode == PREEMPTED_EXIT, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -110,9 +110,9 @@ def write_failure(path: str | Path, exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     no_space = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "errno 28" in text.lower()
     if no_space:
-        return f"cannot write checkpoint {path}: no space left on device; the previous file there is intact"
+        return f"cannot write checkpoint {path}: no space left on device; any previous file there is intact"
     cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else (text[:200] or type(exc).__name__)
-    return f"cannot write checkpoint {path}: {cause}; the previous file there is intact"
+    return f"cannot write checkpoint {path}: {cause}; any previous file there is intact"
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:

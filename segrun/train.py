@@ -80,7 +80,7 @@ def train(cfg: DictConfig) -> float | None:
         except preempt.Preempted as exc:
             log.warning("%s", exc)
             raise SystemExit(preempt.PREEMPTED_EXIT) from None
-        except KeyboardInterrupt as exc:  # a second signal, or Ctrl-C before training started
+        except KeyboardInterrupt as exc:  # a second signal (preempt.ForcedStop): stop at once
             log.error("%s", exc or "interrupted")
             print(f"error: {exc or 'interrupted'}", file=sys.stderr)
             raise SystemExit(130) from None

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from segrun.class_weights import resolve_auto_weights
 from segrun.config import conf_dir
+from segrun.data.bad_samples import bad_sample_limit, check_policy
 from segrun.data.loader import build_loader
 from segrun.engine import distributed as dist
 from segrun.engine.predict import Normalize
@@ -89,6 +90,8 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> T
         check_int("loader.num_workers", lc.num_workers, 0)
     ds = cfg.dataset
     check_int("dataset.num_classes", ds.num_classes, 1)
+    check_policy(ds.get("on_bad_sample", "error"))
+    bad_sample_limit(ds.get("max_bad_samples", 0.01), 1)
     for key in ("crop_size", "base_size"):
         if ds.get(key) is not None:
             check_size(f"dataset.{key}", ds[key])
@@ -241,7 +244,7 @@ def build_parts(cfg: DictConfig, settings: TrainSettings) -> Parts:
     if settings.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"trainer.precision=fp16 needs a CUDA device (this run uses {device}); "
                           "use trainer.precision=bf16 or fp32")
-    dist.init(device, str(cfg.trainer.dist_backend))
+    dist.init(device, str(cfg.trainer.dist_backend), timeout_s=settings.dist_timeout_s)
     seed_everything(settings.seed + dist.rank())
     configure_backends(device, settings.deterministic)
 

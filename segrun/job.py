@@ -21,13 +21,39 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from segrun.engine import distributed as dist
+from segrun.engine import preempt
 from segrun.engine.status import RunClaim, read_status
-from segrun.errors import RunFolderError, is_user_error, log_to_files, one_line
+from segrun.errors import RunFolderError, SegrunError, is_user_error, log_to_files, one_line
 
 log = logging.getLogger("segrun")
 
 RESUME_KEY = "trainer.resume"
 MAX_ERROR_CHARS = 500
+
+
+class PeerError(SegrunError):
+    """Another rank stopped on a user error; its one line, repeated where rank 0 logs it."""
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    """A collective or the store failed (a peer died, hung past trainer.dist_timeout, or left)."""
+    import torch.distributed
+
+    text = str(exc)
+    return isinstance(exc, getattr(torch.distributed, "DistError", ())) or any(
+        k in text for k in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out"))
+
+
+def _rank_failure(exc: BaseException) -> BaseException:
+    """Under DDP, a failed collective means another rank stopped: its own one-line error if it left
+    one (``PeerError``), else a one-line ``SegrunError`` saying a rank died; anything else unchanged."""
+    if dist.world_size() == 1 or is_user_error(exc) or not _collective_failure(exc):
+        return exc
+    peer = dist.peer_error()
+    if peer:
+        return PeerError(peer)
+    return SegrunError(f"rank {dist.rank()}: another rank died or stopped answering, stopping; last.pt is "
+                       f"the last complete checkpoint ({one_line(exc)[:300]})")
 
 
 def _override_key(arg: str) -> str:
@@ -100,6 +126,7 @@ def run_job(cfg: DictConfig) -> float | None:
     is_main = dist.launch_rank() == 0
     claim = RunClaim(run_dir, overrides, job_num=int(hc.job.num) if multirun else None) if is_main else None
     start = time.time()
+    preempt.install()  # from the start: a signal while building or while failing must not kill us mid-way
     try:
         reuse = False
         if multirun:
@@ -114,7 +141,21 @@ def run_job(cfg: DictConfig) -> float | None:
             claim.acquire(reuse_finished=reuse)
         trainer = build_trainer(cfg, run_dir, overrides, choices=hc.runtime.choices)
         best = trainer.fit()
+    except preempt.Preempted as exc:  # last.pt holds the stop point; a sweep stops too (its scheduler is stopping it)
+        if claim is not None:
+            claim.failed(str(exc), type(exc).__name__)
+        log.warning("%s", exc)
+        raise SystemExit(preempt.PREEMPTED_EXIT) from None
+    except KeyboardInterrupt as exc:  # a second signal (preempt.ForcedStop): stop at once
+        if claim is not None:
+            claim.failed(str(exc) or "interrupted", type(exc).__name__)
+        log.error("%s", exc or "interrupted")
+        print(f"error: {exc or 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
     except BaseException as exc:
+        if is_user_error(exc):
+            dist.publish_error(one_line(exc))  # a peer whose collective then fails repeats this line
+        exc = _rank_failure(exc)
         user = is_user_error(exc)
         message = one_line(exc)[:MAX_ERROR_CHARS]
         if not user:
@@ -136,6 +177,7 @@ def run_job(cfg: DictConfig) -> float | None:
         raise
     finally:
         dist.cleanup()
+        preempt.uninstall()
     if claim is not None:
         claim.done(best)
     return best

@@ -23,6 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from segrun.config import conf_dir
+from segrun.data.bad_samples import BadSamples, bad_sample_limit
 from segrun.data.base import DatasetError, SegDataset
 from segrun.data.stats import measure
 
@@ -55,6 +56,9 @@ def report(name: str, dataset: SegDataset, split_sizes: dict[str, str], stats: d
         mf = f"{stats['median_frequency'][i]:.4f}" if n else "absent"
         lines.append(f"  {i:>4}  {cname:<{width}}  {n:>14,}  {100.0 * n / labelled:>8.3f}  "
                      f"{int(stats['images_with'][i]):>7}  {mf:>11}  {stats['inverse_log'][i]:>11.4f}")
+    if stats.get("bad"):
+        lines.append(f"  skipped {len(stats['bad'])} unreadable file(s) (dataset.on_bad_sample=skip):")
+        lines += [f"    {message}" for message in stats["bad"]]
     lines.append(f"\nchannel mean (RGB, 0..1): {_fmt_list(stats['mean'])}")
     lines.append(f"channel std  (RGB, 0..1): {_fmt_list(stats['std'])}")
     lines.append("\n# for conf/dataset/<name>.yaml:")

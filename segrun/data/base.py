@@ -14,17 +14,37 @@ loads it nor on the process history -- which is what makes resume exact.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from segrun.data.bad_samples import MAX_TRIES, check_policy, replacement_index
 from segrun.errors import SegrunError
 
 
 class DatasetError(SegrunError, ValueError):
-    """A problem with the user's data or dataset config; the message is shown as one line."""
+    """A problem with the user's data or dataset config; the message is shown as one line.
+
+    Raised in a data-loader worker, torch re-creates it in the trainer with the worker's whole
+    traceback as its message; the constructor keeps only the original line, so the user sees the
+    same one line (naming the file) with or without workers.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") and "\nOriginal " in args[0]:
+            args = (_original_message(args[0]),)
+        super().__init__(*args)
+
+
+def _original_message(wrapped: str) -> str:
+    """The ``Type: message`` line that ends a formatted traceback, without its type."""
+    lines = [line for line in wrapped.splitlines() if line.strip()]
+    last = lines[-1] if lines else wrapped
+    match = re.match(r"^[\w.]*(Error|Exception): (.*)$", last)
+    return match.group(2) if match else last
 
 
 class SegDataset(Dataset):
@@ -44,6 +64,8 @@ class SegDataset(Dataset):
         split_seed: seed of the carve-out permutation.
         return_id: add the sample id to each returned dict.
         check_labels: verify label values when a sample is loaded.
+        on_bad_sample: ``error`` or ``skip`` a file that cannot be loaded (``segrun.data.bad_samples``).
+        max_bad_samples: how many skipped files a run tolerates (a fraction of the split below 1).
     """
 
     #: splits this family has on disk; a ``val`` request falls back to ``val_split`` otherwise
@@ -64,6 +86,8 @@ class SegDataset(Dataset):
         split_seed: int = 0,
         return_id: bool = False,
         check_labels: bool = True,
+        on_bad_sample: str = "error",
+        max_bad_samples: float = 0.01,
         **_: Any,
     ) -> None:
         self.root = None if root is None else str(root)
@@ -82,6 +106,10 @@ class SegDataset(Dataset):
         self.transform = transform
         self.return_id = return_id
         self.check_labels = check_labels
+        self.on_bad_sample = check_policy(on_bad_sample)
+        self.max_bad_samples = max_bad_samples
+        #: on ``skip``: load a replacement (training) or leave the sample out and report it (evaluation)
+        self.replace_bad = split == "train"
         self.val_split = val_split
         self.items = self._split_items(split, val_split, split_seed)
         if not self.items:
@@ -148,10 +176,30 @@ class SegDataset(Dataset):
 
     def __getitem__(self, key: int | tuple) -> dict[str, Any]:
         if isinstance(key, tuple):
-            index, seed, epoch = key
-            rng = np.random.default_rng([int(seed), int(epoch), int(index)])
+            index, seed, epoch = (int(k) for k in key)
         else:
-            index, rng = int(key), np.random.default_rng(int(key))
+            index, seed, epoch = int(key), None, None
+        if self.on_bad_sample == "error":
+            return self.sample(index, seed, epoch)
+        bad: list[str] = []
+        for attempt in range(MAX_TRIES):
+            try:
+                sample = self.sample(index, seed, epoch)
+            except DatasetError as exc:
+                bad.append(" ".join(str(exc).split()))
+                if not self.replace_bad:
+                    return {"bad": bad}
+                index = replacement_index(index, len(self), attempt, seed, epoch)
+                continue
+            if bad:
+                sample["bad"] = bad
+            return sample
+        raise DatasetError(f"{MAX_TRIES} samples in a row could not be loaded (last: {bad[-1]}); "
+                           "the dataset looks unreadable")
+
+    def sample(self, index: int, seed: int | None = None, epoch: int | None = None) -> dict[str, Any]:
+        """Sample ``index`` augmented with the RNG of ``(seed, epoch, index)`` (of ``index`` alone without a seed)."""
+        rng = np.random.default_rng(index if seed is None else [seed, epoch, index])
         image, label = self.read(index)
         if self.transform is not None:
             image, label = self.transform(image, label, rng)

@@ -17,15 +17,19 @@ class EpochSampler(Sampler):
 
     With ``world_size > 1`` each rank takes a strided shard; training pads the order so every rank
     runs the same number of steps, evaluation (``pad=False``) never repeats a sample.
+
+    ``set_epoch(epoch, start=k)`` skips this rank's first ``k`` keys of the epoch without loading them:
+    a run resumed from a mid-epoch checkpoint continues with exactly the samples it had not seen.
     """
 
     def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True) -> None:
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, max(0, int(start))
 
     def _order(self) -> list[int]:
         if self.shuffle:
@@ -40,12 +44,14 @@ class EpochSampler(Sampler):
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        return iter((i, self.seed, self.epoch) for i in self._order())
+        return iter((i, self.seed, self.epoch) for i in self._order()[self.start:])
 
     def __len__(self) -> int:
         if self.pad and self.world_size > 1:
-            return math.ceil(self.size / self.world_size)
-        return len(range(self.rank, self.size, self.world_size))
+            n = math.ceil(self.size / self.world_size)
+        else:
+            n = len(range(self.rank, self.size, self.world_size))
+        return max(0, n - self.start)
 
 
 def pad_collate(batch: Sequence[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
@@ -53,7 +59,14 @@ def pad_collate(batch: Sequence[dict[str, Any]], ignore_index: int = 255) -> dic
 
     Labels keep a compact dtype (uint8 when every sample's is and the ignore value fits), so the
     batch crosses the worker boundary small; the trainer widens them to int64 on the device.
+    ``batch["bad"]`` lists the bad files skipped for this batch (``dataset.on_bad_sample=skip``): samples
+    that were dropped (validation) are left out of the batch, which may then be empty.
     """
+    bad = [msg for s in batch for msg in s.get("bad", ())]
+    batch = [s for s in batch if "image" in s]
+    if not batch:
+        return {"image": torch.zeros((0, 3, 1, 1), dtype=torch.uint8), "label": torch.zeros((0, 1, 1), dtype=torch.uint8),
+                "size": [], "bad": bad}
     h = max(s["image"].shape[-2] for s in batch)
     w = max(s["image"].shape[-1] for s in batch)
     c = batch[0]["image"].shape[0]
@@ -73,6 +86,7 @@ def pad_collate(batch: Sequence[dict[str, Any]], ignore_index: int = 255) -> dic
     if "id" in batch[0]:
         out["id"] = [s["id"] for s in batch]
     out["size"] = [tuple(s["image"].shape[-2:]) for s in batch]
+    out["bad"] = bad
     return out
 
 

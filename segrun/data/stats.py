@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from segrun.data.bad_samples import BadSamples, bad_sample_limit
 from segrun.data.base import DatasetError, SegDataset
 
 #: weighting schemes by the names ``measure`` returns them under
@@ -72,10 +73,16 @@ def measure(dataset: SegDataset, max_images: int | None = None, seed: int = 0, n
     s1, s2 = np.zeros(3), np.zeros(3)
     pixels = 0
     sizes = []
+    # dataset.on_bad_sample=skip: unreadable files are listed, not fatal, up to dataset.max_bad_samples
+    bad = BadSamples(dataset.split, bad_sample_limit(getattr(dataset, "max_bad_samples", 0.01), len(job)))
     for r in tqdm(results, total=len(job), desc=f"reading {dataset.split}", unit="img", file=sys.stderr,
                   disable=not progress, leave=False):
         if "error" in r:
-            raise DatasetError(r["error"])
+            if getattr(dataset, "on_bad_sample", "error") != "skip":
+                raise DatasetError(r["error"])
+            bad.add([r["error"]])
+            bad.check()
+            continue
         c = np.asarray(r["counts"])
         counts += c
         present += (c > 0) * int(r["n"])
@@ -84,11 +91,14 @@ def measure(dataset: SegDataset, max_images: int | None = None, seed: int = 0, n
         s2 += np.asarray(r["sumsq"], float)
         pixels += int(r["n"])
         sizes.append(tuple(int(v) for v in r["size"]))
+    if not pixels:
+        raise DatasetError(f"none of the {len(job)} images of split {dataset.split!r} could be read: {bad.as_list()[0]}")
     mean = s1 / pixels / 255.0
     std = np.sqrt(np.maximum(s2 / pixels / 255.0**2 - mean**2, 0.0))
     labelled = int(counts.sum())
     return {
         "images": len(job),
+        "bad": bad.as_list(),
         "of": total,
         "pixels": pixels,
         "labelled": labelled,

@@ -3,17 +3,23 @@
 A checkpoint is self-describing: weights (no ``module.`` prefix), optimizer, scheduler, grad
 scaler, counters, early-stop state, RNG states, the composed config and the Hydra overrides that
 produced it, class names, palette and the segrun version.
+
+Long runs need more than atomicity: a checkpoint never holds non-finite state (``all_finite``), a
+failed write (full disk, permissions) is one line naming the path (``CheckpointWriteError``), old
+``epoch_NNNN.pt`` files are pruned (``prune_epoch_checkpoints``), and the files follow the umask.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -26,6 +32,10 @@ FORMAT_VERSION = 1
 
 class CheckpointError(SegrunError, ValueError):
     """A checkpoint path or file the user named is missing, damaged or not a segrun checkpoint."""
+
+
+class CheckpointWriteError(SegrunError, OSError):
+    """A checkpoint could not be written (disk full, permissions); the previous file is intact."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,21 +78,111 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     A crash mid-write leaves the previous file at ``path`` intact and loadable.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT_VERSION, "segrun_version": __version__, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; the rest of the run folder follows the umask
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointWriteError):
+            raise CheckpointWriteError(write_failure(path, exc)) from None
         raise
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` with the process umask applied (what ``open()`` would have created)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def write_failure(path: str | Path, exc: BaseException) -> str:
+    """One line naming ``path`` and why writing it failed; ENOSPC says so even when torch buries it."""
+    text = " ".join(str(exc).split())
+    no_space = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "errno 28" in text.lower()
+    if no_space:
+        return f"cannot write checkpoint {path}: no space left on device; any previous file there is intact"
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else (text[:200] or type(exc).__name__)
+    return f"cannot write checkpoint {path}: {cause}; any previous file there is intact"
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when every floating-point tensor is free of NaN and inf.
+
+    One max-abs reduction per dtype/device group (``_foreach_norm`` with ord=inf: fused on CUDA,
+    no overflow for large finite values) and a single host sync at the end.
+    """
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    flags = []
+    for ts in groups.values():
+        norms = torch._foreach_norm(ts, ord=float("inf"))
+        flags.append(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
+
+
+def state_tensors(obj: Any) -> Iterable[torch.Tensor]:
+    """Every tensor inside nested dicts/lists (a state dict, an optimizer state)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from state_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from state_tensors(v)
+
+
+EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+
+
+def prune_epoch_checkpoints(folder: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` ``epoch_NNNN.pt`` in ``folder`` (0 keeps all); returns the removed."""
+    folder = Path(folder)
+    if keep_last <= 0 or not folder.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := EPOCH_FILE.match(p.name)))
+    removed = [p for _, p in found[:-keep_last]]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``model.load_state_dict(state)``; a mismatch is one ``CheckpointError`` line naming the keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shapes differ (checkpoint vs model: {_few(shapes)})")
+        if missing:
+            parts.append(f"{len(missing)} keys missing from the checkpoint ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+        raise CheckpointError(f"checkpoint {source} does not fit the configured model: {'; '.join(parts)}; "
+                              "resume with the model options the run was started with")
+    model.load_state_dict(state)
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -94,8 +94,11 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", 0)) if launched_distributed() else 0
 
 
-def init(device: torch.device, backend: str = "auto", timeout_s: int = 1800) -> bool:
-    """Join the process group when launched distributed; returns whether we are distributed."""
+def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800) -> bool:
+    """Join the process group when launched distributed; returns whether we are distributed.
+
+    ``timeout_s`` bounds every collective: when a rank dies or hangs the others stop after it.
+    """
     if not launched_distributed():
         return False
     if dist.is_initialized():
@@ -106,6 +109,15 @@ def init(device: torch.device, backend: str = "auto", timeout_s: int = 1800) -> 
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` outside DDP)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
@@ -126,6 +138,48 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= world_size()
     return t
+
+
+ERROR_KEY = "segrun/error"
+
+
+def _store():
+    """The launcher's key-value store (hosted by torchrun's agent, so it outlives a failed rank)."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # not initialised, or a torch without it
+        return None
+
+
+def publish_error(message: str) -> None:
+    """Leave this rank's one-line error where the other ranks (rank 0 writes train.log) can read it."""
+    store = _store() if world_size() > 1 else None
+    if store is not None:
+        try:
+            store.set(ERROR_KEY, f"{message} (rank {rank()})")
+        except Exception:
+            pass
+
+
+def peer_error(wait_s: float = 3.0) -> str | None:
+    """Another rank's published error, waiting up to ``wait_s`` for it; None if there is none."""
+    import time
+
+    store = _store()
+    if store is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            if store.check([ERROR_KEY]):
+                return store.get(ERROR_KEY).decode()
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+    except Exception:
+        return None
 
 
 def cleanup() -> None:

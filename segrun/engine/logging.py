@@ -59,8 +59,11 @@ def _json_safe(obj: Any) -> Any:
 
 def write_json(data: dict[str, Any], path: str | Path) -> None:
     """Write strict JSON atomically (temp file + rename)."""
+    from segrun.engine.checkpoint import umask_mode
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, umask_mode())  # mkstemp makes 0600; the run folder's other files follow the umask
     with os.fdopen(fd, "w") as f:
         json.dump(_json_safe(data), f, indent=2)
     os.replace(tmp, path)

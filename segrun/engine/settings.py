@@ -48,6 +48,41 @@ def check_bool(key: str, value: Any) -> bool:
     return value
 
 
+_UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hr": 3600}
+
+
+def parse_duration(key: str, value: Any) -> float:
+    """``90s``, ``10min``, ``2h`` (or a bare number of seconds) -> seconds, else a ``ConfigError``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return check_number(key, value, 0.0, exclusive=True)
+    text = str(value).strip().lower()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: -len(unit)].strip()
+            try:
+                seconds = float(number) * _UNITS[unit]
+            except ValueError:
+                break
+            if math.isfinite(seconds) and seconds > 0:
+                return seconds
+            break
+    raise ConfigError(f"{key}={value!r}: expected a duration such as 90s, 10min or 2h")
+
+
+def parse_every(key: str, value: Any) -> tuple[int, float]:
+    """``trainer.checkpoint_every``: iterations (an integer) or a duration; returns (iterations, seconds),
+    one of them 0; null or 0 turns it off."""
+    if value in (None, 0, "0", ""):
+        return 0, 0.0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return check_int(key, value, 1), 0.0
+    if isinstance(value, str) and value.strip().isdigit():
+        return check_int(key, int(value), 1), 0.0
+    if isinstance(value, (float, bool)):
+        raise ConfigError(f"{key}={value!r}: expected a number of iterations or a duration such as 10min")
+    return 0, parse_duration(key, value)
+
+
 def check_size(key: str, value: Any) -> tuple[int, int]:
     """A positive int or an ``[h, w]`` pair of positive ints."""
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -115,6 +150,10 @@ class TrainSettings:
     seed: int = 0
     limit_train_batches: int | None = None
     limit_val_batches: int | None = None
+    checkpoint_every_iters: int = 0
+    checkpoint_every_s: float = 0.0
+    keep_last: int = 0
+    dist_timeout_s: float = 300.0
     predict: PredictSettings = field(default_factory=PredictSettings)
 
     @classmethod
@@ -128,6 +167,7 @@ class TrainSettings:
             log.warning("trainer.amp=true is deprecated: use trainer.precision=fp16 (bf16 on recent GPUs and CPUs)")
             precision = "fp16" if precision == "fp32" else precision
         parse_monitor(t.monitor)
+        every = parse_every("trainer.checkpoint_every", t.get("checkpoint_every"))
         return cls(
             epochs=check_int("trainer.epochs", t.epochs, 1),
             val_every=check_int("trainer.val_every", t.val_every, 1),
@@ -151,6 +191,10 @@ class TrainSettings:
             seed=check_int("seed", cfg.seed),
             limit_train_batches=_optional_int("trainer.limit_train_batches", t.get("limit_train_batches")),
             limit_val_batches=_optional_int("trainer.limit_val_batches", t.get("limit_val_batches")),
+            checkpoint_every_iters=every[0],
+            checkpoint_every_s=every[1],
+            keep_last=check_int("trainer.keep_last", t.get("keep_last", 0) or 0, 0),
+            dist_timeout_s=parse_duration("trainer.dist_timeout", t.get("dist_timeout", "5min")),
             predict=PredictSettings.from_config(cfg.predict),
         )
 

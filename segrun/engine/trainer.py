@@ -5,6 +5,11 @@ One step: uint8 batch -> device -> normalise -> model -> loss -> backward -> opt
 scheduler step -> class map and confusion matrix on the device. The host waits on the device only
 every ``trainer.log_every`` iterations (progress bar, TensorBoard, the non-finite-loss check) and
 at the end of an epoch.
+
+Long runs: ``last.pt`` may also be written inside an epoch (``trainer.checkpoint_every``, or a stop
+signal, see ``engine.preempt``) with the position in the epoch and its running sums, so a resumed run
+continues at the next batch; no checkpoint is written with non-finite state; a resumed run whose
+config changes the schedule (longer ``trainer.epochs``, another ``optimizer.lr``) re-plans it.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from segrun import __version__
+from segrun.data.bad_samples import BadSamples, bad_sample_limit
 from segrun.data.prefetch import DevicePrefetcher
 from segrun.engine import distributed as dist
-from segrun.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, strip_module_prefix
+from segrun.engine import preempt
+from segrun.engine.checkpoint import (all_finite, load_checkpoint, load_model_state, prune_epoch_checkpoints,
+                                      rng_state, save_checkpoint, set_rng_state, state_tensors, strip_module_prefix)
 from segrun.engine.loggers import Logger, TensorBoard
 from segrun.engine.logging import prediction_grid, write_json
 from segrun.engine.monitor import SCALAR_METRICS, Monitor
@@ -42,6 +50,14 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(SegrunError, RuntimeError):
     """The loss became NaN or infinite; the run stops without overwriting its checkpoints."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """Weights, buffers or optimizer state became non-finite; the last good checkpoint is kept."""
+
+
+#: scheduler state that records progress, not the plan (everything else is re-planned on resume)
+_PROGRESS_KEYS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "verbose"}
 
 
 class Trainer:
@@ -88,6 +104,11 @@ class Trainer:
         self.monitor = Monitor(settings.monitor, settings.early_stop)
         self.best_val: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.bad_samples = {split: BadSamples(split, _bad_limit(loader.dataset))
+                            for split, loader in (("train", self.train_loader), ("val", self.val_loader))}
+        self.resume_position: dict[str, Any] | None = None  # where a mid-epoch checkpoint stopped
+        self.last_saved_step: int | None = None
+        self.last_checkpoint_time = time.monotonic()
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -98,6 +119,7 @@ class Trainer:
         log.info("device %s, %d process(es), %d iterations/epoch, %d epochs", self.device,
                  dist.world_size(), self.iters_per_epoch, s.epochs)
         self.open_logger()
+        installed = preempt.install()
         try:
             while self.epoch < s.epochs:
                 epoch = self.epoch + 1
@@ -117,13 +139,22 @@ class Trainer:
                     self.save("best.pt")
                 if s.save_period and epoch % s.save_period == 0:
                     self.save(f"epoch_{epoch:04d}.pt")
+                if s.save_period and s.keep_last:
+                    for old in prune_epoch_checkpoints(self.ckpt_dir, s.keep_last) if dist.is_main() else []:
+                        log.info("removed %s (trainer.keep_last=%d)", old.name, s.keep_last)
                 self.write_metrics()
                 if self.monitor.should_stop():
                     log.info("early stop: %s did not improve for %d validations", self.monitor.key, self.monitor.stale)
                     break
+                self.stop_if_requested(epoch, self.batches_per_epoch, at_epoch_end=True)
             self.write_metrics()
         finally:
             self.logger.close()
+            if installed:
+                preempt.uninstall()
+        for split, bad in self.bad_samples.items():
+            if len(bad):
+                log.warning("%d bad %s sample(s) skipped: %s", len(bad), split, " | ".join(bad.as_list()))
         if self.monitor.best is not None:
             log.info("best %s = %.4f at epoch %s", self.monitor.key, self.monitor.best, self.monitor.best_epoch)
         return self.monitor.best
@@ -170,22 +201,31 @@ class Trainer:
         s = self.settings
         self.open_logger()
         self.model.train()
-        self.train_loader.sampler.set_epoch(epoch)
         cm = ConfusionMatrix(self.meta.num_classes, self.meta.ignore_index, self.device)
         window = _LossWindow(self.device, self.global_step)
         n, acc = self.batches_per_epoch, s.accumulate
+        done = self.restore_position(epoch, window, cm)  # batches of this epoch a mid-epoch checkpoint covered
+        if done:  # skip the samples of the batches already trained, without loading them
+            self.train_loader.sampler.set_epoch(epoch, start=done * self.train_loader.batch_size)
+        else:
+            self.train_loader.sampler.set_epoch(epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(total=n, desc=f"epoch {epoch}/{s.epochs}", leave=False,
+        bar = tqdm(total=n, initial=done, desc=f"epoch {epoch}/{s.epochs}", leave=False,
                    disable=not (s.progress and dist.is_main()), dynamic_ncols=True)
-        for i, batch in enumerate(itertools.islice(self.batches, n), start=1):
+        for i, batch in enumerate(itertools.islice(self.batches, n - done), start=done + 1):
             group_start = (i - 1) // acc * acc  # micro-batches before this optimizer step's group
             step = i % acc == 0 or i == n
             with self._grad_sync(step):
                 loss, outputs, labels = self.run_step(batch, share=1.0 / min(acc, n - group_start), step=step)
             window.add(loss, batch["image"].shape[0], stepped=step)
             cm.update(main_output(outputs).detach().max(1).indices, labels)
-            if i % s.log_every == 0 or i == n:
-                self.check_finite(window.bad_step, epoch)
+            if batch.get("bad"):
+                self.note_bad_samples("train", batch["bad"])
+            log_point = i % s.log_every == 0 or i == n
+            flags = self.sync_log_point(window.bad_step, epoch) if log_point else None
+            if step:  # a checkpoint inside an epoch lies between optimizer steps, never inside an accumulation
+                self.checkpoint_inside_epoch(epoch, i, window, cm, flags)
+            if log_point:
                 mean_loss, ips = window.flush()
                 lrs = {g.get("name", str(k)): g["lr"] for k, g in enumerate(self.optimizer.param_groups)}
                 self.logger.scalar("train/loss", mean_loss, self.global_step)
@@ -196,6 +236,7 @@ class Trainer:
                 bar.update(i - bar.n)
         bar.close()
         self.check_finite(window.bad_step, epoch)
+        self.gather_bad_samples("train")
         cm.all_reduce()
         metrics = cm.compute(self.meta.class_names)
         metrics["loss"] = float(dist.all_reduce_mean(window.epoch_loss)) / max(1, n)
@@ -211,9 +252,42 @@ class Trainer:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
-        """Raise on the first non-finite loss of any rank, so every process stops with the same message."""
+    def sync_log_point(self, bad_step: torch.Tensor, epoch: int) -> tuple[bool, bool]:
+        """The one collective of a log point: the first non-finite loss step, a stop request and a due
+        time-based checkpoint, maxed over ranks so every process stops or saves at the same step."""
+        flags = torch.stack([bad_step, torch.tensor(preempt.requested() is not None, device=bad_step.device),
+                             torch.tensor(self.checkpoint_time_due(), device=bad_step.device)])
         if dist.world_size() > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        step, stop, due = (int(v) for v in flags.tolist())
+        self.check_finite(torch.tensor(step), epoch, reduced=True)
+        if dist.world_size() == 1:
+            self.bad_samples["train"].check()
+        return bool(stop), bool(due)
+
+    def checkpoint_inside_epoch(self, epoch: int, i: int, window: "_LossWindow", cm: ConfusionMatrix,
+                                flags: tuple[bool, bool] | None) -> None:
+        """``last.pt`` after batch ``i`` when ``trainer.checkpoint_every`` is due or a stop was requested
+        (then ``Preempted``). Alone, the trainer looks every step; under DDP the ranks decide together at
+        log points (``flags``), except for iteration counts, which every rank knows."""
+        if dist.world_size() == 1:
+            stop, due = preempt.requested() is not None, self.checkpoint_time_due()
+        else:
+            stop, due = flags or (False, False)
+        every = self.settings.checkpoint_every_iters
+        due = due or bool(every and i % every == 0)
+        if stop or (due and i < self.batches_per_epoch):  # the epoch's end writes last.pt anyway
+            self.save_position(epoch, i, window, cm)
+        if stop:
+            self.stop_if_requested(epoch, i)
+
+    def checkpoint_time_due(self) -> bool:
+        every = self.settings.checkpoint_every_s
+        return bool(every) and time.monotonic() - self.last_checkpoint_time >= every
+
+    def check_finite(self, bad_step: torch.Tensor, epoch: int, reduced: bool = False) -> None:
+        """Raise on the first non-finite loss of any rank, so every process stops with the same message."""
+        if dist.world_size() > 1 and not reduced:
             bad_step = bad_step.clone()
             torch.distributed.all_reduce(bad_step, op=torch.distributed.ReduceOp.MAX)
         step = int(bad_step)
@@ -241,6 +315,10 @@ class Trainer:
         vis: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         batches = itertools.islice(self.val_loader, s.limit_val_batches)  # None: all of them
         for batch in tqdm(batches, desc="val", leave=False, disable=not (s.progress and dist.is_main())):
+            if batch.get("bad"):  # dataset.on_bad_sample=skip: left out of the metrics, listed in metrics.json
+                self.note_bad_samples("val", batch["bad"])
+            if batch["image"].shape[0] == 0:
+                continue
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True).long()
             with self.autocast():
@@ -254,6 +332,7 @@ class Trainer:
                 if len(vis) < s.vis_samples:
                     h, w = batch["size"][j]
                     vis.append((images[j, :, :h, :w], labels[j, :h, :w], pred[j, :h, :w]))
+        self.gather_bad_samples("val")
         cm.all_reduce()
         counts = torch.tensor([float(n_batches)], device=self.device)
         if dist.world_size() > 1:
@@ -272,7 +351,72 @@ class Trainer:
         self.logger.flush()
         log.info("epoch %d val: loss %.4f mIoU %.4f pixel_acc %.4f mean_acc %.4f fwIoU %.4f", epoch,
                  metrics["loss"], metrics["mIoU"], metrics["pixel_acc"], metrics["mean_acc"], metrics["fwIoU"])
+        if len(self.bad_samples["val"]):
+            log.warning("epoch %d val: %d image(s) could not be read and are not in these metrics",
+                        epoch, len(self.bad_samples["val"]))
         return metrics
+
+    # ------------------------------------------------------------------------------------------
+    # long runs: bad samples, positions inside an epoch, stop requests
+    # ------------------------------------------------------------------------------------------
+    def note_bad_samples(self, split: str, messages: list[str]) -> None:
+        for message in self.bad_samples[split].add(messages):
+            log.warning("skipped bad %s sample: %s", split, message)
+
+    def gather_bad_samples(self, split: str) -> None:
+        """Every rank learns the others' bad files (one object gather per epoch); then the limit applies."""
+        bad = self.bad_samples[split]
+        if dist.world_size() > 1:
+            for messages in dist.all_gather_object(bad.as_list()):
+                bad.add(messages)
+        bad.check()
+
+    def save_position(self, epoch: int, batches: int, window: "_LossWindow", cm: ConfusionMatrix) -> None:
+        """``last.pt`` inside epoch ``epoch`` after ``batches`` batches, with the epoch's running sums."""
+        cm_sum = cm.mat.clone()
+        loss_sum = window.epoch_loss.clone()
+        if dist.world_size() > 1:  # every rank is here (save points are agreed): rank 0 stores the totals
+            torch.distributed.all_reduce(cm_sum)
+            torch.distributed.all_reduce(loss_sum)
+        position = {"epoch": epoch, "batches": batches, "loss_sum": loss_sum.cpu(), "confusion": cm_sum.cpu(),
+                    "world_size": dist.world_size(), "batches_per_epoch": self.batches_per_epoch}
+        self.save("last.pt", position=position)
+        log.info("checkpoint at epoch %d, batch %d/%d (step %d)", epoch, batches, self.batches_per_epoch,
+                 self.global_step)
+
+    def restore_position(self, epoch: int, window: "_LossWindow", cm: ConfusionMatrix) -> int:
+        """Batches of ``epoch`` already trained by the run a mid-epoch checkpoint came from (0 otherwise)."""
+        pos, self.resume_position = self.resume_position, None
+        if not pos or int(pos["epoch"]) != epoch:
+            return 0
+        layout = (int(pos.get("world_size", 1)), int(pos.get("batches_per_epoch", self.batches_per_epoch)))
+        if layout != (dist.world_size(), self.batches_per_epoch):
+            log.warning("checkpoint was written inside epoch %d by %d process(es) at %d iterations/epoch, this run "
+                        "has %d at %d: epoch %d restarts from its first batch", epoch, *layout, dist.world_size(),
+                        self.batches_per_epoch, epoch)
+            return 0
+        batches = min(int(pos["batches"]), self.batches_per_epoch)
+        if dist.is_main():  # the sums were reduced nowhere: rank 0 carries them, the others add zeros
+            window.epoch_loss.fill_(float(pos["loss_sum"]))
+            cm.mat.copy_(pos["confusion"].to(cm.mat.device))
+        log.info("continuing epoch %d at batch %d of %d", epoch, batches + 1, self.batches_per_epoch)
+        return batches
+
+    def stop_if_requested(self, epoch: int, batches: int, at_epoch_end: bool = False) -> None:
+        """Raise ``Preempted`` once ``last.pt`` holds this point. Inside an epoch the caller has already
+        agreed on stopping (every step alone, at a log point under DDP); at an epoch end the ranks agree here."""
+        if at_epoch_end:
+            stop = preempt.requested() is not None
+            if dist.world_size() > 1:
+                flag = torch.tensor(float(stop), device=self.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop = bool(flag)
+            if not stop:
+                return
+        where = f"the end of epoch {epoch}" if at_epoch_end else f"epoch {epoch}, batch {batches}/{self.batches_per_epoch}"
+        last = self.ckpt_dir / "last.pt"
+        raise preempt.Preempted(f"stopped by {preempt.signal_name(preempt.requested())} at {where} (step "
+                                f"{self.global_step}); {last} holds this point: resume with trainer.resume={last}")
 
     # ------------------------------------------------------------------------------------------
     # state and checkpoints
@@ -293,19 +437,24 @@ class Trainer:
             "history": self.history,
             "monitor": self.monitor.spec,
             "rng": rng_state(),
+            "bad_samples": {split: bad.as_list() for split, bad in self.bad_samples.items()},
+            "position": None,
         }
         if self.ema is not None:  # "model" holds the EMA weights (what inference loads); these train on
             state["train_model"] = strip_module_prefix(dist.unwrap(self.model).state_dict())
             state["ema_updates"] = int(self.ema.n_averaged)
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        dist.unwrap(self.model).load_state_dict(strip_module_prefix(state.get("train_model", state["model"])))
+    def load_state_dict(self, state: dict[str, Any], source: str | Path = "state") -> None:
+        load_model_state(dist.unwrap(self.model), strip_module_prefix(state.get("train_model", state["model"])), source)
         if self.ema is not None and "train_model" in state:
             self.ema.module.load_state_dict(strip_module_prefix(state["model"]))
             self.ema.n_averaged.fill_(int(state["ema_updates"]))
+        planned = self.scheduler.state_dict()  # this config's schedule, before the checkpoint's replaces it
+        planned_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.replan_schedule(planned, planned_groups)
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
@@ -314,25 +463,82 @@ class Trainer:
                                       "stale": state["stale_validations"]})
         self.best_val = dict(state.get("best_val", {}))
         self.history = list(state.get("history", []))
+        for split, messages in (state.get("bad_samples") or {}).items():
+            if split in self.bad_samples:
+                self.bad_samples[split].add(messages)
+        self.resume_position = state.get("position")
+        self.last_saved_step = self.global_step
         if dist.world_size() == 1:
             set_rng_state(state["rng"])
         else:  # each rank had its own stream; re-seed deterministically from the restored point
             seed_everything(self.settings.seed + dist.rank() + 1_000_003 * self.epoch)
 
+    def replan_schedule(self, planned: dict[str, Any], planned_groups: list[dict[str, Any]]) -> None:
+        """Follow this config's schedule from the checkpoint's iteration on.
+
+        The checkpoint's scheduler state carries its own horizon and base rates; resumed with a longer
+        ``trainer.epochs`` (or another ``optimizer.lr``) they would win and the rate would reach 0 at the
+        old end. Unchanged plans are left alone, so a same-config resume stays bit-exact.
+        """
+        loaded = self.scheduler.state_dict()
+        changed = {k for k in planned if k not in _PROGRESS_KEYS and planned[k] != loaded.get(k)}
+        groups_changed = any(g.get(k) != v for g, pg in zip(self.optimizer.param_groups, planned_groups)
+                             for k, v in pg.items() if k not in ("lr", "initial_lr"))
+        if not changed and not groups_changed:
+            return
+        if not hasattr(self.scheduler, "factor"):
+            log.warning("resumed with a changed schedule, but %s cannot be re-planned: the checkpoint's "
+                        "schedule continues", type(self.scheduler).__name__)
+            return
+        old_total = loaded.get("total_iters")
+        for key in changed:
+            setattr(self.scheduler, key, planned[key])
+        for group, plan in zip(self.optimizer.param_groups, planned_groups):
+            group.update({k: v for k, v in plan.items() if k != "lr"})
+        lrs = self.scheduler.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = list(lrs)
+        log.info("schedule re-planned for this config: horizon %s -> %s iterations, at iteration %d lr now %s",
+                 old_total, getattr(self.scheduler, "total_iters", "?"), self.scheduler.last_epoch,
+                 ", ".join(f"{lr:.4g}" for lr in lrs))
+
     def checkpoint(self) -> dict[str, Any]:
         """The trainer state plus what a reader needs without the config tree: config, classes, palette."""
         return {**self.state_dict(), "config": self.config, "overrides": self.overrides, **self.meta.as_dict()}
 
-    def save(self, name: str) -> Path:
+    def save(self, name: str, position: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint, only if every weight, buffer and optimizer tensor is finite.
+
+        Non-finite state never replaces a good file: the run stops naming the step and ``last.pt``
+        stays the last good state (resume it with a lower ``optimizer.lr``).
+        """
         path = self.ckpt_dir / name
+        state = self.checkpoint()
+        state["position"] = position
+        finite = all_finite(state_tensors([state["model"], state.get("train_model", {}), state["optimizer"]["state"]]))
+        if dist.world_size() > 1:  # BatchNorm statistics may differ per rank: all stop, or none
+            flag = torch.tensor(float(finite), device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(flag)
+        if not finite:
+            kept = (f"{self.ckpt_dir / 'last.pt'} keeps the last good state (step {self.last_saved_step})"
+                    if self.last_saved_step is not None else "no checkpoint was written")
+            raise NonFiniteStateError(
+                f"weights or optimizer state became non-finite by step {self.global_step} (epoch "
+                f"{position['epoch'] if position else self.epoch}); {name} not written, {kept}. Resume with a "
+                f"lower optimizer.lr or set trainer.grad_clip")
         if dist.is_main():
-            save_checkpoint(self.checkpoint(), path)
+            save_checkpoint(state, path)
+        if name == "last.pt":
+            self.last_saved_step = self.global_step
+            self.last_checkpoint_time = time.monotonic()
         return path
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint in this run folder, warning about every config value that changed."""
         ckpt = load_checkpoint(path, map_location="cpu")
-        self.load_state_dict(ckpt)
+        self.load_state_dict(ckpt, source=path)
         for key, (a, b) in _config_diff(ckpt.get("config", {}), self.config).items():
             if key != "trainer.resume":
                 log.warning("resuming with %s=%r (checkpoint had %r)", key, b, a)
@@ -353,6 +559,7 @@ class Trainer:
             "epochs_completed": self.epoch,
             "global_step": self.global_step,
             "history": self.history,
+            "bad_samples": {split: bad.as_list() for split, bad in self.bad_samples.items()},
             "segrun_version": __version__,
         }, self.run_dir / "metrics.json")
 
@@ -384,6 +591,10 @@ class _LossWindow:
         self.loss_sum.zero_()
         self.steps, self.images, self.start = 0, 0, time.perf_counter()
         return mean_loss, ips
+
+
+def _bad_limit(dataset: Any) -> int:
+    return bad_sample_limit(getattr(dataset, "max_bad_samples", 0.01), len(dataset))
 
 
 def _prefixed(split: str, metrics: dict[str, Any]) -> dict[str, Any]:

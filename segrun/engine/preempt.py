@@ -1,0 +1,84 @@
+"""Graceful preemption: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 become a request the training loop reads.
+
+Schedulers (SLURM, Kubernetes, cloud spot instances) announce the end of a job with a signal and a
+grace period. The first signal only sets a flag: the trainer finishes the step it is in, writes
+``last.pt`` with its position inside the epoch and exits with ``PREEMPTED_EXIT``, so a requeued job
+with ``trainer.resume`` continues at the next batch. A second signal stops at once (``ForcedStop``).
+
+Only the process that installed the handlers reacts: forked data-loader workers inherit them and
+ignore the signal, so they keep serving batches until the trainer is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+
+log = logging.getLogger("segrun")
+
+#: exit status of a run stopped by a signal after writing last.pt (EX_TEMPFAIL: "try again later")
+PREEMPTED_EXIT = 75
+
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
+class Preempted(Exception):
+    """The run stopped on request after writing ``last.pt``; the CLI exits with ``PREEMPTED_EXIT``."""
+
+
+class ForcedStop(KeyboardInterrupt):
+    """A second signal: stop now, whatever is running (checkpoint writes stay atomic)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped at once by a second {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _State:
+    signum: int | None = None
+    pid: int | None = None
+    previous: dict[int, object] = {}
+
+
+_state = _State()
+
+
+def _handle(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _state.pid:  # a forked loader worker: the trainer decides
+        return
+    if _state.signum is not None:
+        raise ForcedStop(signum)
+    _state.signum = signum
+    log.warning("received %s: finishing the current step, then writing last.pt and exiting "
+                "(send it again to stop at once)", signal.Signals(signum).name)
+
+
+def install() -> bool:
+    """Route the stop signals to the flag; returns False when already installed or not possible
+    (not the main thread: Python only delivers signals there)."""
+    if _state.pid == os.getpid() or threading.current_thread() is not threading.main_thread():
+        return False
+    _state.pid, _state.signum = os.getpid(), None
+    _state.previous = {s: signal.signal(s, _handle) for s in SIGNALS}
+    return True
+
+
+def uninstall() -> None:
+    """Restore the handlers ``install`` replaced."""
+    if _state.pid != os.getpid():
+        return
+    for s, handler in _state.previous.items():
+        signal.signal(s, handler)
+    _state.pid, _state.previous = None, {}
+
+
+def requested() -> int | None:
+    """The signal number of a pending stop request, or None."""
+    return _state.signum if _state.pid == os.getpid() else None
+
+
+def signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "another rank's stop signal"

@@ -137,7 +137,7 @@ def test_resume_restores_step_schedule_and_monitor(scripted_run, tmp_path):
     ckpt = run / "checkpoints" / "epoch_0004.pt"
     resumed = make_trainer(tmp_path, ["trainer.epochs=8", "trainer.monitor=min val/loss", "trainer.early_stop=2",
                                       "trainer.tensorboard=false", "scheduler=poly", "optimizer.lr=0.05",
-                                      f"trainer.resume={ckpt}"])
+                                      "dataset.sizes={train: 8, val: 2, test: 2}", f"trainer.resume={ckpt}"])
     step = 4 * t.iters_per_epoch
     assert resumed.epoch == 4 and resumed.global_step == step and resumed.scheduler.last_epoch == step
     assert (resumed.monitor.best, resumed.monitor.best_epoch, resumed.monitor.stale) == (0.5, 3, 1)

@@ -125,3 +125,31 @@ def test_val_every_and_save_period(tmp_path):
     assert validated == [2, 3]  # every second epoch, and always the last
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["best.pt", "epoch_0002.pt", "last.pt"]
     assert load_checkpoint(tmp_path / "checkpoints" / "epoch_0002.pt")["epoch"] == 2
+
+
+def test_best_validation_leaves_its_confusion_matrix(tmp_path, caplog):
+    import numpy as np
+    from hydra.utils import instantiate
+
+    from conftest import compose_cfg
+    from segrun.confusion import read_confusion_csv
+
+    t = _trainer(tmp_path, ["trainer.epochs=1"])
+    with caplog.at_level("INFO", logger="segrun"):
+        t.fit()
+    names, mat = read_confusion_csv(tmp_path / "confusion_matrix.csv")
+    assert names == ["background", "ellipse", "rectangle", "triangle", "ring"]
+    cfg = compose_cfg(TINY)  # the labels of the validation split, counted straight from the dataset
+    val = instantiate(cfg.dataset, split="val", transform=instantiate(cfg.augment.val))
+    labels = np.concatenate([np.asarray(val[i]["label"]).ravel() for i in range(len(val))])
+    expected = np.bincount(labels[labels != 255], minlength=5)
+    np.testing.assert_array_equal(mat.sum(1), expected)
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    gt = mat.sum(1)  # a class absent from the labels has no accuracy (null in the JSON)
+    expected_acc = [None if g == 0 else pytest.approx(d / g) for d, g in zip(np.diag(mat), gt)]
+    assert [metrics["class_acc"][n] for n in names] == expected_acc
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert "val/confusion_matrix" in acc.Tags()["images"]
+    assert "per-class validation metrics at the best epoch" in caplog.text and "ring" in caplog.text

@@ -26,7 +26,11 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+import numpy as np
+from PIL import Image
+
 from segrun import __version__
+from segrun.confusion import class_table, render_confusion_png, write_confusion_csv
 from segrun.data.bad_samples import BadSamples, bad_sample_limit
 from segrun.data.prefetch import DevicePrefetcher
 from segrun.engine import distributed as dist
@@ -131,6 +135,7 @@ class Trainer:
                     improved = self.monitor.update(record[self.monitor.key], epoch)
                     if improved:
                         self.best_val = val_metrics
+                        self.write_confusion(val_metrics["confusion"])
                 self.epoch = epoch
                 self.history.append(record)
                 self.open_logger().epoch_end(self.history)
@@ -157,6 +162,9 @@ class Trainer:
                 log.warning("%d bad %s sample(s) skipped: %s", len(bad), split, " | ".join(bad.as_list()))
         if self.monitor.best is not None:
             log.info("best %s = %.4f at epoch %s", self.monitor.key, self.monitor.best, self.monitor.best_epoch)
+            if isinstance(self.best_val.get("confusion"), torch.Tensor):
+                log.info("per-class validation metrics at the best epoch (%%):\n%s",
+                         class_table(self.best_val["confusion"], self.meta.class_names))
         return self.monitor.best
 
     def open_logger(self) -> Logger:
@@ -339,6 +347,7 @@ class Trainer:
             torch.distributed.all_reduce(loss_sum)
             torch.distributed.all_reduce(counts)
         metrics = cm.compute(self.meta.class_names)
+        metrics["confusion"] = cm.mat.cpu()
         metrics["loss"] = float(loss_sum) / max(1.0, float(counts))
         step = self.global_step  # every TensorBoard event is indexed by global step, so a resume can purge cleanly
         self.logger.scalars("val", {k: metrics[k] for k in SCALAR_METRICS}, step)
@@ -547,10 +556,23 @@ class Trainer:
                         "(raise trainer.epochs to continue)", path, self.epoch, self.settings.epochs)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
 
+    def write_confusion(self, mat: torch.Tensor) -> None:
+        """At a new best validation: ``confusion_matrix.csv``/``.png`` in the run folder and the
+        picture in the logger, so a run shows which classes it confuses (``segrun.eval`` writes the same)."""
+        if not dist.is_main():
+            return
+        write_confusion_csv(mat, self.meta.class_names, self.run_dir / "confusion_matrix.csv")
+        png = render_confusion_png(mat, self.meta.class_names, self.run_dir / "confusion_matrix.png",
+                                   title=f"validation, epoch {self.monitor.best_epoch}")
+        with Image.open(png) as picture:
+            image = torch.from_numpy(np.asarray(picture.convert("RGB")).copy()).permute(2, 0, 1)
+        self.open_logger().image("val/confusion_matrix", image, self.global_step)
+
     def write_metrics(self) -> None:
         if not dist.is_main():
             return
-        best = {k: self.best_val.get(k) for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "loss", "class_iou")}
+        best = {k: self.best_val.get(k)
+                for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "loss", "class_iou", "class_acc")}
         write_json({
             "monitor": self.monitor.spec,
             "best_epoch": self.monitor.best_epoch,

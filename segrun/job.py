@@ -157,11 +157,11 @@ def run_job(cfg: DictConfig) -> float | None:
             dist.publish_error(one_line(exc))  # a peer whose collective then fails repeats this line
         exc = _rank_failure(exc)
         user = is_user_error(exc)
-        message = one_line(exc)[:MAX_ERROR_CHARS]
+        message = one_line(exc)
         if not user:
             message = f"{type(exc).__name__}: {message}"
-        if claim is not None:
-            claim.failed(message, type(exc).__name__)
+        if claim is not None:  # status.json and the sweep's report keep a bounded line; the console gets it whole
+            claim.failed(message[:MAX_ERROR_CHARS], type(exc).__name__)
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         if user:

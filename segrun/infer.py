@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from segrun.config import conf_dir
 from segrun.data.base import DatasetError
-from segrun.data.io import IMAGE_EXTENSIONS, read_image
+from segrun.data.decode import read_image
+from segrun.data.files import IMAGE_EXTENSIONS
 from segrun.data.transforms import size_pair
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
 from segrun.engine.logging import colorize

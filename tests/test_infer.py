@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import TINY, compose_cfg, make_trainer, run_cli
-from segrun.data.io import read_image
+from segrun.data.decode import read_image
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segrun.engine.predict import Normalize, predict
 from segrun.infer import InferError, check_outputs, run

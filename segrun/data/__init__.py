@@ -4,7 +4,9 @@ from segrun.data.base import DatasetError, SegDataset, default_palette
 from segrun.data.loader import EpochSampler, build_loader, pad_collate
 from segrun.data.shapes import Shapes
 from segrun.data.transforms import TrainTransform, ValTransform
-from segrun.data.io import DatasetNotFoundError, FileDataset, read_image, read_label
+from segrun.data.base import DatasetNotFoundError
+from segrun.data.decode import read_image, read_label
+from segrun.data.files import FileDataset
 from segrun.data.ade20k import ADE20K
 from segrun.data.cityscapes import Cityscapes, CityscapesCoarse
 from segrun.data.clothes import ClothingCoParsing

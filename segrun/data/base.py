@@ -47,6 +47,10 @@ def _original_message(wrapped: str) -> str:
     return match.group(2) if match else last
 
 
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """A dataset root, folder, list or file that should exist does not."""
+
+
 class SegDataset(Dataset):
     """Base for all segmentation datasets.
 

@@ -18,7 +18,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from segrun.data.io import FileDataset, LabelMap, SplitSpec, list_files, pair_files, read_label, require_dir
+from segrun.data.decode import read_label
+
+from segrun.data.files import FileDataset, SplitSpec, list_files, pair_files, require_dir
+
+from segrun.data.label_maps import LabelMap
 
 CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from segrun.data.base import DatasetError
-from segrun.data.io import IMAGE_EXTENSIONS, FileDataset, list_files, pair_files, read_mat_label, require_dir
+from segrun.data.decode import read_mat_label
+from segrun.data.files import IMAGE_EXTENSIONS, FileDataset, list_files, pair_files, require_dir
 
 CLASSES = (
     "background", "accessories", "bag", "belt", "blazer", "blouse", "bodysuit", "boots", "bra", "bracelet",

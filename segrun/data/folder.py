@@ -21,8 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from segrun.data.base import DatasetError, default_palette
-from segrun.data.io import (IMAGE_EXTENSIONS, MASK_EXTENSIONS, FileDataset, SplitSpec, colour_table, list_files,
-                            map_colours, pair_files, read_label, read_list, require_dir)
+from segrun.data.decode import read_label
+from segrun.data.files import pair_listed, IMAGE_EXTENSIONS, MASK_EXTENSIONS, FileDataset, SplitSpec, list_files, pair_files, read_list, require_dir
+from segrun.data.label_maps import colour_table, map_colours
 
 
 class Folder(FileDataset):
@@ -77,7 +78,7 @@ class Folder(FileDataset):
         self._files = None  # drop the listing: workers need only the items
 
     def _found_splits(self, root: Any) -> dict[str, str]:
-        from segrun.data.io import resolve_root
+        from segrun.data.files import resolve_root
 
         split_dir = resolve_root(root, self.family, self.layout) / self.split_dir
         names = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
@@ -121,13 +122,7 @@ class Folder(FileDataset):
             return pair_files(images, masks, self.family, image_dir, mask_dir, mask_pattern=pattern)
         list_path = self.root_path / self.split_dir / f"{name}.txt"
         ids = read_list(list_path, self.family, self.layout)
-        for missing, folder, what in (([i for i in ids if i not in images], image_dir, "image"),
-                                      ([i for i in ids if i not in masks], mask_dir, "mask")):
-            if missing:
-                more = f", ... ({len(missing)} in all)" if len(missing) > 3 else ""
-                raise DatasetError(f"{self.family}: {len(missing)} names in {list_path} have no {what} in {folder}: "
-                                   f"{', '.join(missing[:3])}{more}")
-        return [(images[i], masks[i]) for i in ids]
+        return pair_listed(ids, images, masks, self.family, str(list_path), image_dir, mask_dir)
 
     def load_label(self, path: str) -> np.ndarray:
         if not self.colours:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from segrun.data.base import DatasetError, default_palette
-from segrun.data.io import FileDataset, SplitSpec, read_list, require_dir
+from segrun.data.files import pair_listed, FileDataset, SplitSpec, read_list, require_dir
 
 CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -75,14 +75,7 @@ class VOC(FileDataset):
         ids = read_list(base / self.list_dir / f"{name}.txt", self.family, self.layout)
         images = {p.stem: str(p) for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")}
         masks = {p.stem: str(p) for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-        no_image = [i for i in ids if i not in images]
-        no_mask = [i for i in ids if i not in masks]
-        for missing, folder, what in ((no_image, image_dir, "image"), (no_mask, mask_dir, "mask")):
-            if missing:
-                more = f", ... ({len(missing)} in all)" if len(missing) > 3 else ""
-                raise DatasetError(f"{self.family}: {len(missing)} ids of {name}.txt have no {what} in {folder}: "
-                                   f"{', '.join(missing[:3])}{more}")
-        return [(images[i], masks[i]) for i in ids]
+        return pair_listed(ids, images, masks, self.family, f"{name}.txt", image_dir, mask_dir)
 
 
 class VOCAug(VOC):

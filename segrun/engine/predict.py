@@ -142,26 +142,32 @@ def predict(
     scales = list(scales) or [1.0]
     if scales == [1.0] and not flip:
         return _single(model, x, mode, crop_size, stride, window_batch, progress)
-    probs = torch.zeros((), device=x.device)
+    probs: torch.Tensor | None = None
     n_views = 0
 
-    def add(out: torch.Tensor, flipped: bool) -> None:
+    def add(out: torch.Tensor, views: int) -> None:
+        """Resize ``views`` stacked views of the batch back to (h, w) and add their probabilities
+        (one interpolate and one softmax for all of them: each works per sample, so batching them
+        does not change the values)."""
         nonlocal probs, n_views
-        if flipped:
-            out = out.flip(-1)
         if out.shape[-2:] != (h, w):
             out = F.interpolate(out.float(), size=(h, w), mode="bilinear", align_corners=False)
-        probs = probs + out.float().softmax(1)
-        n_views += 1
+        p = out.float().softmax(1)
+        for v in range(views):
+            if probs is None:
+                probs = p[v * n:(v + 1) * n].clone()
+            else:
+                probs += p[v * n:(v + 1) * n]
+        n_views += views
 
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
         if flip and _share_flip(xs, mode, crop_size, share_flip):
             both = _single(model, torch.cat([xs, xs.flip(-1)]), mode, crop_size, stride, window_batch, progress)
-            add(both[:n], False)
-            add(both[n:], True)
+            add(torch.cat([both[:n], both[n:].flip(-1)]), 2)
             continue
         for flipped in ([False, True] if flip else [False]):
-            add(_single(model, xs.flip(-1) if flipped else xs, mode, crop_size, stride, window_batch, progress),
-                flipped)
+            out = _single(model, xs.flip(-1) if flipped else xs, mode, crop_size, stride, window_batch, progress)
+            add(out.flip(-1) if flipped else out, 1)
+    assert probs is not None
     return (probs / n_views).clamp_min(1e-12).log()

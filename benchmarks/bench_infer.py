@@ -111,11 +111,14 @@ def main() -> None:
         return class_map(predict(model, x, normalize, scales=SCALES, flip=True))
 
     head = (f"UNet width {args.width} depth 3, {args.classes} classes, {args.size}x{args.size}, 6 scales + flip, "
-            f"on {device} ({torch.get_num_threads()} threads), best of {args.repeats}")
+            f"on {device} ({torch.get_num_threads()} threads), best of {args.repeats} alternated rounds")
     print(head, flush=True)
-    t_model = best_time(model_only, device, args.repeats)
+    # alternated, so that a change of machine load hits both alike
+    model_only(), full()
+    rounds = [(best_time(model_only, device, 1, warmup=False), best_time(full, device, 1, warmup=False))
+              for _ in range(args.repeats)]
+    t_model, t_predict = min(r[0] for r in rounds), min(r[1] for r in rounds)
     print(f"  model-only forward passes   {t_model:7.3f} s", flush=True)
-    t_predict = best_time(full, device, args.repeats)
     print(f"  predict()                   {t_predict:7.3f} s   efficiency {t_model / t_predict:.3f} (goal >= 0.95)",
           flush=True)
     plain: list[np.ndarray] = []
@@ -129,8 +132,13 @@ def main() -> None:
     sh, sw = args.slide_size
     big = torch.from_numpy(np.repeat(np.repeat(rng.integers(0, 256, (sh // 8, sw // 8, 3), dtype=np.uint8), 8, 0),
                                      8, 1)).permute(2, 0, 1)[None].to(device)
-    slide = {wb: best_time(lambda wb=wb: predict(model, big, normalize, mode="slide", crop_size=args.crop,
-                                                 window_batch=wb), device, args.repeats) for wb in (1, None)}
+    slide_runs: dict[int | None, list[float]] = {1: [], None: []}
+    for _ in range(args.repeats + 1):  # alternated; the first round is warm-up
+        for wb in (1, None):
+            slide_runs[wb].append(best_time(lambda wb=wb: predict(model, big, normalize, mode="slide",
+                                                                   crop_size=args.crop, window_batch=wb),
+                                            device, 1, warmup=False))
+    slide = {wb: min(ts[1:]) for wb, ts in slide_runs.items()}
     print(f"slide {sh}x{sw}, crop {args.crop}: one window per pass {slide[1]:.3f} s, batched {slide[None]:.3f} s "
           f"({slide[1] / slide[None]:.2f}x)", flush=True)
 

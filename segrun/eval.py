@@ -135,7 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if from_ckpt and not trust_all:  # the user's dataset.* values are merged into the checked config
         check_checkpoint({"config": {"dataset": dataset_cfg}}, ckpt_path, ("dataset",), extra_prefixes=extra)
     num_classes = int(ckpt.get("num_classes", stored.get("dataset", {}).get("num_classes", 0)))
-    if int(dataset_cfg.get("num_classes", num_classes)) != num_classes:
+    if dataset_cfg.get("num_classes") is not None and int(dataset_cfg["num_classes"]) != num_classes:
         raise EvalError(f"dataset ({dataset_cfg['_target_']}) has {dataset_cfg.get('num_classes')} classes, the "
                         f"checkpoint's model {num_classes}; evaluate on a dataset with the same classes")
     ignore_index = int(dataset_cfg.get("ignore_index", ckpt.get("ignore_index", 255)))

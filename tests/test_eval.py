@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import TINY, compose_cfg, make_trainer, run_cli
+from fixtures import make_folder_fixture
 from segrun.confusion import read_confusion_csv
 from segrun.engine.checkpoint import load_checkpoint, save_checkpoint
 from segrun.eval import EvalError, run
@@ -108,3 +109,16 @@ def test_cli_prints_table_and_throughput(trained, tmp_path):
     masks = sorted((tmp_path / "cli" / "predictions").iterdir())
     assert len(masks) == 6 and masks[0].name.startswith("shapes_")
     assert "ellipse" in r.stdout and "IoU" in r.stdout  # the per-class table
+
+
+def test_another_dataset_with_the_same_classes(trained, tmp_path):
+    labels = make_folder_fixture(tmp_path / "mine", n=6, num_classes=5)
+    ckpt = trained["run"] / "checkpoints" / "perturbed.pt"
+    result = run(_eval_cfg(ckpt, "dataset=folder", f"++dataset.root={tmp_path / 'mine'}", "++dataset.num_classes=5",
+                           f"out={tmp_path / 'ev'}"))
+    assert result["images"] == 2  # splits/val.txt: the last two
+    _, mat = read_confusion_csv(tmp_path / "ev" / "confusion_matrix.csv")
+    expected = sum(np.bincount(labels[n][labels[n] != 255].ravel(), minlength=5) for n in ("img_004", "img_005"))
+    np.testing.assert_array_equal(mat.sum(1), expected)
+    with pytest.raises(EvalError, match="has 3 classes, the checkpoint's model 5"):
+        run(_eval_cfg(ckpt, "dataset=folder", f"++dataset.root={tmp_path / 'mine'}", "++dataset.num_classes=3"))

@@ -53,6 +53,7 @@ def test_targets_outside_the_allowlist_are_refused_wherever_they_are():
     with pytest.raises(UntrustedCheckpointError, match="interpolation"):
         check_targets({"model": {"root": "${oc.env:HOME}"}}, source="t")
     check_targets({"_target_": "mypkg.models.Net"}, trusted_prefixes=trusted_prefixes(["mypkg.models"]), source="t")
+    assert trusted_prefixes("mypkg")[-1] == "mypkg."  # a single prefix without brackets
 
 
 def test_replayed_overrides_may_only_set_values():

@@ -142,26 +142,32 @@ def predict(
     scales = list(scales) or [1.0]
     if scales == [1.0] and not flip:
         return _single(model, x, mode, crop_size, stride, window_batch, progress)
-    probs = torch.zeros((), device=x.device)
+    # flipped views are summed in their own (mirrored) coordinates and flipped back once at the end:
+    # one flip of the final sum instead of one per scale at the scale's resolution
+    sums: list[torch.Tensor | None] = [None, None]  # [plain views, flipped views]
     n_views = 0
 
-    def add(out: torch.Tensor, flipped: bool) -> None:
-        nonlocal probs, n_views
-        if flipped:
-            out = out.flip(-1)
+    def add(out: torch.Tensor, kinds: Sequence[int]) -> None:
+        """Resize stacked views (``n`` images each, kind 0 plain / 1 flipped) back to (h, w) and add
+        their probabilities; one interpolate and one softmax for all of them (both work per sample,
+        so stacking the views does not change the values)."""
+        nonlocal n_views
         if out.shape[-2:] != (h, w):
             out = F.interpolate(out.float(), size=(h, w), mode="bilinear", align_corners=False)
-        probs = probs + out.float().softmax(1)
-        n_views += 1
+        p = out.float().softmax(1)
+        for v, kind in enumerate(kinds):
+            part = p[v * n:(v + 1) * n]
+            sums[kind] = part.clone() if sums[kind] is None else sums[kind].add_(part)
+        n_views += len(kinds)
 
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
         if flip and _share_flip(xs, mode, crop_size, share_flip):
-            both = _single(model, torch.cat([xs, xs.flip(-1)]), mode, crop_size, stride, window_batch, progress)
-            add(both[:n], False)
-            add(both[n:], True)
+            add(_single(model, torch.cat([xs, xs.flip(-1)]), mode, crop_size, stride, window_batch, progress), (0, 1))
             continue
-        for flipped in ([False, True] if flip else [False]):
-            add(_single(model, xs.flip(-1) if flipped else xs, mode, crop_size, stride, window_batch, progress),
-                flipped)
+        for kind in ([0, 1] if flip else [0]):
+            add(_single(model, xs.flip(-1) if kind else xs, mode, crop_size, stride, window_batch, progress), (kind,))
+    plain, mirrored = sums
+    assert plain is not None
+    probs = plain if mirrored is None else plain.add_(mirrored.flip(-1))
     return (probs / n_views).clamp_min(1e-12).log()

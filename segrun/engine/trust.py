@@ -33,6 +33,8 @@ class UntrustedCheckpointError(SegrunError):
 def trusted_prefixes(extra: Iterable[str] | None = None) -> tuple[str, ...]:
     """The default prefixes plus the user's ``trust.targets`` (a bare module name gets its dot)."""
     added = []
+    if isinstance(extra, str):  # trust.targets=mypkg rather than [mypkg]
+        extra = [extra]
     for p in extra or ():
         p = str(p).strip()
         if not p:

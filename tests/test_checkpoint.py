@@ -79,3 +79,50 @@ def test_damaged_foreign_and_newer_files_are_named_in_plain_words(tmp_path):
 
 def test_module_prefix_is_stripped():
     assert ck.strip_module_prefix({"module.a.b": 1, "c": 2}) == {"a.b": 1, "c": 2}
+
+
+class _Foreign:
+    """Any pickled object that is not plain data: ``weights_only`` loading must refuse it."""
+
+
+def test_foreign_objects_and_malformed_payloads_are_refused(tmp_path):
+    torch.save({"model": {}, "format": 1, "extra": _Foreign()}, tmp_path / "pickle.pt")
+    with pytest.raises(ck.CheckpointError, match=r"pickle.pt could not be read \(UnpicklingError: Weights only"):
+        ck.load_checkpoint(tmp_path / "pickle.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ck.CheckpointError, match=r"\(UnpicklingError: \S+"):  # the cause's first line, not blank
+        ck.load_checkpoint(tmp_path / "junk.pt")
+    for name, payload in (("no_model", {"format": 1}), ("no_format", {"model": {}}), ("list", ["model", "format"])):
+        torch.save(payload, tmp_path / f"{name}.pt")
+        with pytest.raises(ck.CheckpointError, match="not a segrun checkpoint"):
+            ck.load_checkpoint(tmp_path / f"{name}.pt")
+
+
+def test_map_location_is_honoured(tmp_path):
+    ck.save_checkpoint(_state(1.0), tmp_path / "c.pt")
+    assert ck.load_checkpoint(tmp_path / "c.pt", map_location="meta")["model"]["w"].device.type == "meta"
+
+
+def test_temp_file_is_a_hidden_sibling_and_missing_folders_are_created(tmp_path, monkeypatch):
+    renames = []
+    real_replace = ck.os.replace
+    monkeypatch.setattr(ck.os, "replace", lambda src, dst: (renames.append((src, dst)), real_replace(src, dst)))
+    path = tmp_path / "a" / "b" / "last.pt"  # two missing levels
+    ck.save_checkpoint(_state(1.0), path)
+    (src, dst), = renames
+    src = ck.Path(src)
+    # same folder: the rename is atomic (one filesystem) and `*.pt` globs never see a half-written file
+    assert src.parent == path.parent and src.name.startswith(".last.pt.") and src.name.endswith(".tmp")
+    assert ck.Path(dst) == path and ck.load_checkpoint(path)["epoch"] == 1
+
+
+def test_numpy_cached_gaussian_survives_the_rng_roundtrip(tmp_path):
+    import numpy as np
+
+    np.random.seed(4)
+    np.random.randn()  # the legacy generator now holds a cached second gaussian (has_gauss = 1)
+    ck.save_checkpoint({"model": {}, "rng": ck.rng_state()}, tmp_path / "r.pt")
+    expected = np.random.randn()
+    np.random.seed(0)
+    ck.set_rng_state(ck.load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert np.random.randn() == expected

@@ -94,3 +94,15 @@ def test_sixteen_bit_masks_out_of_range_name_the_file(tmp_path, family):
     Image.fromarray(np.full((4, 4), 300, np.uint16)).save(path)
     with pytest.raises(DatasetError, match=rf"^{path}: raw label value 300 is outside 0\.\.255"):
         ds.load_label(str(path))
+
+
+@pytest.mark.parametrize("family, bad", [("coco_stuff", 200), ("ade20k", 151)])
+def test_invalid_ids_are_errors_unless_checks_are_off_then_ignored(tmp_path, family, bad):
+    cls, make, _, _ = FAMILIES[family]
+    make(tmp_path, n=1)
+    path = tmp_path / "bad.png"
+    Image.fromarray(np.full((2, 2), bad, np.uint8)).save(path)
+    with pytest.raises(DatasetError, match=rf"raw label values \[{bad}\] are not valid"):
+        cls(tmp_path, "val").load_label(str(path))
+    unchecked = cls(tmp_path, "val", check_labels=False, ignore_index=100)
+    assert (unchecked.load_label(str(path)) == 100).all()

@@ -9,6 +9,7 @@
 #   benchmarks/mutation.sh                      every core module (about 2100 mutants: an hour or more)
 #   benchmarks/mutation.sh segrun.metrics ...   only these modules
 #   JOBS=2 benchmarks/mutation.sh               parallel test runs (default 1, niced)
+#   REPORT_ONLY=1 benchmarks/mutation.sh        the table of the results so far, running nothing
 #   mutmut show <mutant name>                   the diff of one survivor
 #
 # It prints, per module and in total: mutants tested, killed (a test failed), timeouts (counted as
@@ -28,19 +29,22 @@ if [ ${#MODULES[@]} -eq 0 ]; then
              segrun.data.ade20k segrun.data.transforms segrun.losses)
 fi
 mkdir -p mutants
-for module in "${MODULES[@]}"; do
-    echo "== $module" >&2
-    nice -n 10 mutmut run --max-children "$JOBS" "$module.*" > "mutants/run-$module.log" 2>&1 || true
-done
+if [ "${REPORT_ONLY:-0}" != 1 ]; then
+    GLOBS=()
+    for module in "${MODULES[@]}"; do GLOBS+=("$module.*"); done
+    echo "mutmut run over ${MODULES[*]} (log: mutants/run.log)" >&2
+    nice -n 10 mutmut run --max-children "$JOBS" "${GLOBS[@]}" > mutants/run.log 2>&1 || true
+fi
 
-mutmut results --all true 2>/dev/null | python3 -c '
+mutmut results --all true > mutants/results.txt 2>/dev/null
+python3 - "${MODULES[@]}" <<'PY'
 import re, sys
 from collections import Counter, defaultdict
 
 modules = sys.argv[1:]
 by_module = defaultdict(Counter)
 survivors = []
-for line in sys.stdin:
+for line in open("mutants/results.txt", encoding="utf-8"):
     m = re.match(r"\s*(\S+): (.+)$", line)
     if not m:
         continue
@@ -54,13 +58,13 @@ for line in sys.stdin:
 
 def row(label, c):
     tested = sum(v for k, v in c.items() if k not in ("not checked", "skipped"))
-    killed, timeout = c["killed"], c["timeout"]
+    killed, timeout, survived, untested = c["killed"], c["timeout"], c["survived"], c["not checked"]
     score = 100.0 * (killed + timeout) / tested if tested else float("nan")
-    print(f"{label:28s} {tested:7d} {killed:7d} {timeout:8d} {c[\"survived\"]:9d} {c[\"no tests\"]:8d} "
-          f"{c[\"not checked\"]:8d} {score:6.1f}%")
+    print(f"{label:28s} {tested:7d} {killed:7d} {timeout:8d} {survived:9d} {c['no tests']:8d} "
+          f"{untested:8d} {score:6.1f}%")
 
-print(f"{\"module\":28s} {\"mutants\":>7s} {\"killed\":>7s} {\"timeouts\":>8s} {\"survivors\":>9s} "
-      f"{\"no tests\":>8s} {\"untested\":>8s} {\"score\":>7s}")
+print(f"{'module':28s} {'mutants':>7s} {'killed':>7s} {'timeouts':>8s} {'survivors':>9s} "
+      f"{'no tests':>8s} {'untested':>8s} {'score':>7s}")
 total = Counter()
 for mod in modules:
     if by_module[mod]:
@@ -71,7 +75,7 @@ print()
 print("survivors (mutmut show <name>):")
 for name in survivors:
     print("  " + name)
-' "${MODULES[@]}"
+PY
 
 # ---------------------------------------------------------------------------------------------------
 # NOTES: survivors judged equivalent (no test can tell them from the original), with the reason.

@@ -81,20 +81,10 @@ def test_module_prefix_is_stripped():
     assert ck.strip_module_prefix({"module.a.b": 1, "c": 2}) == {"a.b": 1, "c": 2}
 
 
-class _Foreign:
-    """Any pickled object that is not plain data: ``weights_only`` loading must refuse it."""
-
-
-def test_foreign_objects_and_malformed_payloads_are_refused(tmp_path):
-    torch.save({"model": {}, "format": 1, "extra": _Foreign()}, tmp_path / "pickle.pt")
-    with pytest.raises(ck.CheckpointError, match=r"pickle.pt could not be read \(UnpicklingError: Weights only"):
-        ck.load_checkpoint(tmp_path / "pickle.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ck.CheckpointError, match=r"\(UnpicklingError: \S+"):  # the cause's first line, not blank
-        ck.load_checkpoint(tmp_path / "junk.pt")
+def test_payloads_without_model_or_format_are_refused(tmp_path):
     for name, payload in (("no_model", {"format": 1}), ("no_format", {"model": {}}), ("list", ["model", "format"])):
         torch.save(payload, tmp_path / f"{name}.pt")
-        with pytest.raises(ck.CheckpointError, match="not a segrun checkpoint"):
+        with pytest.raises(ck.CheckpointError, match=rf"{name}.pt is not a segrun checkpoint \(no 'model'/'format'"):
             ck.load_checkpoint(tmp_path / f"{name}.pt")
 
 

@@ -75,8 +75,6 @@ def test_options_reach_the_dataset(tmp_path, family):
     assert 255 not in np.unique(sample["label"].numpy())
 
 
-
-
 def test_palettes_and_names_of_the_fixtures(tmp_path):
     make_cityscapes_fixture(tmp_path / "cs", n=1)
     cs = Cityscapes(tmp_path / "cs", "val")

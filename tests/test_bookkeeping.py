@@ -13,6 +13,7 @@ import torch
 from conftest import make_trainer
 from segrun.engine.checkpoint import load_checkpoint
 from segrun.engine.monitor import Monitor
+from segrun.errors import MonitorError
 
 
 def _feed(monitor: Monitor, values):
@@ -60,6 +61,23 @@ def test_monitor_state_round_trips_and_restored_counters_continue():
     restored.load_state_dict(m.state_dict())
     assert (restored.best, restored.best_epoch, restored.stale) == (0.5, 1, 1)
     assert restored.update(0.45, 3) is False and restored.should_stop()
+
+
+def test_monitor_defaults_ties_and_patience_one():
+    m = Monitor()
+    assert (m.spec, m.mode, m.key, m.patience) == ("max val/mIoU", "max", "val/mIoU", 0)
+    assert Monitor("min  val/loss").spec == "min  val/loss"  # kept as written, for checkpoints
+    assert _feed(Monitor("max val/mIoU", patience=1), [0.5, 0.5]) == [(True, 0.5, 1, 0, False),
+                                                                      (False, 0.5, 1, 1, True)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("biggest val/mIoU", "must look like 'max val/mIoU'"), ("max", "must look like"), ("val/mIoU", "must look like"),
+    ("max val/mIoU extra", "must look like"), ("max val/nope", "names 'val/nope'.*'val/mIoU'"),
+])
+def test_malformed_monitor_specs_are_refused_with_the_reason(spec, message):
+    with pytest.raises(MonitorError, match=message):
+        Monitor(spec)
 
 
 class ScriptedValLoss(torch.nn.Module):

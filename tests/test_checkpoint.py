@@ -79,3 +79,40 @@ def test_damaged_foreign_and_newer_files_are_named_in_plain_words(tmp_path):
 
 def test_module_prefix_is_stripped():
     assert ck.strip_module_prefix({"module.a.b": 1, "c": 2}) == {"a.b": 1, "c": 2}
+
+
+def test_payloads_without_model_or_format_are_refused(tmp_path):
+    for name, payload in (("no_model", {"format": 1}), ("no_format", {"model": {}}), ("list", ["model", "format"])):
+        torch.save(payload, tmp_path / f"{name}.pt")
+        with pytest.raises(ck.CheckpointError, match=rf"{name}.pt is not a segrun checkpoint \(no 'model'/'format'"):
+            ck.load_checkpoint(tmp_path / f"{name}.pt")
+
+
+def test_map_location_is_honoured(tmp_path):
+    ck.save_checkpoint(_state(1.0), tmp_path / "c.pt")
+    assert ck.load_checkpoint(tmp_path / "c.pt", map_location="meta")["model"]["w"].device.type == "meta"
+
+
+def test_temp_file_is_a_hidden_sibling_and_missing_folders_are_created(tmp_path, monkeypatch):
+    renames = []
+    real_replace = ck.os.replace
+    monkeypatch.setattr(ck.os, "replace", lambda src, dst: (renames.append((src, dst)), real_replace(src, dst)))
+    path = tmp_path / "a" / "b" / "last.pt"  # two missing levels
+    ck.save_checkpoint(_state(1.0), path)
+    (src, dst), = renames
+    src = ck.Path(src)
+    # same folder: the rename is atomic (one filesystem) and `*.pt` globs never see a half-written file
+    assert src.parent == path.parent and src.name.startswith(".last.pt.") and src.name.endswith(".tmp")
+    assert ck.Path(dst) == path and ck.load_checkpoint(path)["epoch"] == 1
+
+
+def test_numpy_cached_gaussian_survives_the_rng_roundtrip(tmp_path):
+    import numpy as np
+
+    np.random.seed(4)
+    np.random.randn()  # the legacy generator now holds a cached second gaussian (has_gauss = 1)
+    ck.save_checkpoint({"model": {}, "rng": ck.rng_state()}, tmp_path / "r.pt")
+    expected = np.random.randn()
+    np.random.seed(0)
+    ck.set_rng_state(ck.load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert np.random.randn() == expected

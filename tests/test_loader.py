@@ -130,3 +130,54 @@ def test_a_set_smaller_than_half_the_ranks_still_gives_every_rank_a_sample():
     shards = [list(EpochSampler(1, seed=0, rank=r, world_size=3)) for r in range(3)]
     assert [[k[0] for k in s] for s in shards] == [[0], [0], [0]]
     assert all(len(EpochSampler(1, rank=r, world_size=3)) == 1 for r in range(3))
+
+
+def test_build_loader_settings_for_training_and_evaluation():
+    ds = Shapes(split="train", sizes={"train": 10}, min_size=32, max_size=48)
+    train = build_loader(ds, 3, train=True)  # the defaults
+    s = train.sampler
+    assert (s.shuffle, s.pad, s.seed, s.rank, s.world_size) == (True, True, 0, 0, 1)
+    assert (train.num_workers, train.drop_last, train.pin_memory, train.worker_init_fn) == (0, True, False, None)
+    assert len(train) == 10 // 3
+    ev = build_loader(ds, 3, train=False, seed=4, rank=1, world_size=2)
+    s = ev.sampler
+    assert (s.shuffle, s.pad, s.seed, s.rank, s.world_size) == (False, False, 4, 1, 2)
+    assert ev.drop_last is False and len(ev) == 2  # 5 samples on this rank, last batch kept
+    assert not build_loader(ds, 3, train=True, shuffle=False).sampler.shuffle
+    assert build_loader(ds, 3, train=True, drop_last=False).drop_last is False
+    assert build_loader(ds, 10, train=True).drop_last  # as many samples as the batch: allowed
+    with pytest.raises(ValueError, match="lower the batch size or set loader.drop_last=false"):
+        build_loader(ds, 11, train=True)
+    assert build_loader(ds, 11, train=True, drop_last=False).drop_last is False
+
+
+def test_build_loader_worker_options_and_seeded_generator():
+    from segrun.data.loader import _worker_init
+
+    ds = Shapes(split="train", sizes={"train": 8})
+    loader = build_loader(ds, 2, train=True, num_workers=1, persistent_workers=True, prefetch_factor=3,
+                          pin_memory=True, seed=9)
+    assert loader.num_workers == 1 and loader.worker_init_fn is _worker_init
+    assert loader.persistent_workers is True and loader.prefetch_factor == 3 and loader.pin_memory is True
+    assert build_loader(ds, 2, train=True, num_workers=1).prefetch_factor == 2  # torch's default when unset
+    assert torch.equal(loader.generator.get_state(), torch.Generator().manual_seed(9).get_state())
+
+
+def test_the_collate_pads_with_the_dataset_ignore_value():
+    ds = Shapes(split="val", sizes={"val": 6}, min_size=32, max_size=48, ignore_index=7, return_id=True)
+    batch = next(iter(build_loader(ds, 6, train=False)))
+    sizes = batch["size"]
+    assert len(set(sizes)) > 1  # different sizes: the batch is padded
+    assert batch["image"].dtype == torch.uint8 and batch["id"] == [ds.item_id(i) for i in ds.items]
+    for label, (h, w) in zip(batch["label"], sizes):
+        assert (label[h:] == 7).all() and (label[:, w:] == 7).all()
+
+
+def test_collate_keeps_image_dtype_and_compact_labels_with_ignore_zero():
+    a = {"image": torch.ones(1, 2, 2), "label": torch.ones(2, 2, dtype=torch.uint8)}
+    b = {"image": torch.ones(1, 3, 2), "label": torch.ones(3, 2, dtype=torch.uint8)}
+    out = pad_collate([a, b], ignore_index=0)
+    assert out["image"].dtype == torch.float32 and out["label"].dtype == torch.uint8
+    assert (out["label"][0, 2:] == 0).all()
+    assert pad_collate([a, b], ignore_index=256)["label"].dtype == torch.int64
+    assert "id" not in out

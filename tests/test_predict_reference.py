@@ -174,3 +174,81 @@ def test_batch_items_are_predicted_independently():
     for i in range(3):
         alone = predict(model, x[i:i + 1], IDENTITY, mode="slide", crop_size=6, stride=4, flip=True, scales=(1.0, 0.5))
         torch.testing.assert_close(together[i:i + 1], alone)
+
+
+class WindowModel(nn.Module):
+    """Depends on where the window sits and on everything inside it: 1x1 conv + column and row
+    ramps (counted from the window's own corner) + the window's mean value (padding included)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        self.sx = torch.tensor([0.3, -0.2, 0.1, 0.0])
+        self.sy = torch.tensor([-0.1, 0.25, 0.0, 0.05])
+        self.sm = torch.tensor([0.02, 0.0, -0.03, 0.01])
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        cols = torch.arange(w, dtype=x.dtype).view(1, 1, 1, -1)
+        rows = torch.arange(h, dtype=x.dtype).view(1, 1, -1, 1)
+        mean = x.mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
+        v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+        return self.conv(x) + v(self.sx) * cols + v(self.sy) * rows + v(self.sm) * mean
+
+
+def window_model_np(model: WindowModel, window: np.ndarray) -> np.ndarray:
+    h, w = window.shape[-2:]
+    v = lambda t: t.double().numpy()[None, :, None, None]  # noqa: E731
+    mean = window.mean(axis=(1, 2, 3))[:, None, None, None]
+    return (conv_np(model.conv, window) + v(model.sx) * np.arange(w)[None, None, None, :]
+            + v(model.sy) * np.arange(h)[None, None, :, None] + v(model.sm) * mean)
+
+
+# (image h, w), crop, stride, and the window corners worked out by hand: every stride from 0, plus
+# one flush with the far edge when the last one falls short; images smaller than the window are
+# zero-padded at the bottom/right to the window size first
+SLIDE_CASES = [
+    ((14, 20), (6, 9), None, [0, 4, 8], [0, 6, 11]),         # default stride 2/3 of the window: (4, 6)
+    ((14, 20), (6, 9), (3, 5), [0, 3, 6, 8], [0, 5, 10, 11]),
+    ((8, 10), (8, 4), (1, 3), [0], [0, 3, 6]),                 # window as tall as the image
+    ((5, 20), (6, 9), (4, 6), [0], [0, 6, 11]),                # one row of padding
+    ((14, 7), 9, None, [0, 5], [0]),                           # int crop; 2 columns of padding
+]
+
+
+@pytest.mark.parametrize("size, crop, stride, ys, xs", SLIDE_CASES)
+def test_slide_windows_by_hand(size, crop, stride, ys, xs):
+    model = WindowModel(pointwise(8)).eval()
+    x = images(2, *size, seed=8)
+    ch, cw = (crop, crop) if isinstance(crop, int) else crop
+    h, w = size
+    H, W = max(h, ch), max(w, cw)
+    padded = np.zeros((2, 3, H, W))
+    padded[..., :h, :w] = x.double().numpy()
+    total, count = np.zeros((2, K, H, W)), np.zeros((H, W))
+    for y0 in ys:
+        for x0 in xs:
+            total[..., y0:y0 + ch, x0:x0 + cw] += window_model_np(model, padded[..., y0:y0 + ch, x0:x0 + cw])
+            count[y0:y0 + ch, x0:x0 + cw] += 1
+    assert (count > 0).all()
+    got = predict(model, x, IDENTITY, mode="slide", crop_size=crop, stride=stride)
+    close(got, (total / count)[..., :h, :w], tol=1e-3)
+
+
+def test_slide_sums_in_float32_whatever_the_model_returns():
+    class Half(nn.Module):  # as a model under autocast would
+        def forward(self, x):
+            return x.bfloat16()[:, :2]
+
+    x = images(1, 8, 8)
+    out = predict(Half(), x, IDENTITY, mode="slide", crop_size=5, stride=3)
+    assert out.dtype == torch.float32
+    close(out, x[:, :2].double().numpy(), tol=1.0)  # bfloat16 keeps 8 bits: 255 -> within 1
+
+
+def test_prediction_mistakes_are_named():
+    conv = pointwise()
+    with pytest.raises(ValueError, match="predict mode 'slide' needs crop_size"):
+        predict(conv, images(1, 8, 8), IDENTITY, mode="slide")
+    with pytest.raises(ValueError, match="predict mode must be 'whole' or 'slide', got 'tiles'"):
+        predict(conv, images(1, 8, 8), IDENTITY, mode="tiles")

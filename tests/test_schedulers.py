@@ -57,3 +57,26 @@ def test_state_dict_resume_continues_identically():
 def test_bad_warmup_is_rejected():
     with pytest.raises(ValueError, match="warmup_iters"):
         PolyLR(_opt(), total_iters=5, warmup_iters=5)
+
+
+def test_defaults_are_the_documented_ones():
+    # PolyLR: power 0.9, no warmup; warmup_ratio 0.1 when only warmup_iters is given
+    opt = _opt((1.0,))
+    lrs = _run(PolyLR(opt, total_iters=8), opt, 8)
+    assert all(math.isclose(lr[0], (1 - it / 8) ** 0.9) for it, lr in enumerate(lrs))
+    opt = _opt((1.0,))
+    lrs = _run(PolyLR(opt, total_iters=8, power=1.0, warmup_iters=4), opt, 8)
+    for it, lr in enumerate(lrs):
+        warm = 0.1 + 0.9 * it / 4 if it < 4 else 1.0
+        assert math.isclose(lr[0], (1 - it / 8) * warm), it
+
+
+def test_total_and_warmup_bounds():
+    opt = _opt((1.0,))
+    assert _run(PolyLR(opt, total_iters=1), opt, 1) == [[1.0]]  # a one-step schedule is legal
+    with pytest.raises(ValueError, match="total_iters"):
+        PolyLR(_opt(), total_iters=0)
+    with pytest.raises(ValueError, match="warmup_iters"):
+        PolyLR(_opt(), total_iters=1, warmup_iters=1)
+    with pytest.raises(ValueError, match="warmup_iters"):
+        CosineLR(_opt(), total_iters=5, warmup_iters=-1)

@@ -183,3 +183,154 @@ def test_center_crop_after_halving_is_a_strided_slice(shape, cols, rows):
     np.testing.assert_array_equal(lbl, label[1::2, 1::2][rows, cols])
     blocks = image.reshape(shape[0] // 2, 2, shape[1] // 2, 2, 3).astype(float).mean(axis=(1, 3))
     assert np.abs(img.astype(float) - blocks[rows, cols]).max() <= 1.0
+
+
+def test_rotation_at_native_scale_matches_one_cv2_rotation():
+    """Without rescaling the reference interpolates once too: a rotation about the wrong centre
+    (even by half a pixel) or by the wrong angle shows on the labels."""
+    agree = []
+    for seed in range(20):
+        r = np.random.default_rng(500 + seed)
+        h, w = int(r.integers(20, 40)), int(r.integers(20, 40))
+        image = smooth_image(r, h, w)
+        label = np.kron(r.integers(0, 6, (h // 4 + 1, w // 4 + 1)), np.ones((4, 4)))[:h, :w].astype(np.uint8)
+        t = TrainTransform((int(r.integers(16, 48)), int(r.integers(16, 48))), base_size=None, scale=(1.0, 1.0),
+                           rotate=30, hflip=0.5)
+        img, lbl = t(image, label, np.random.default_rng(seed))
+        ref_img, ref_lbl, inside = sequential(t, image, label, seed)
+        agree.append((lbl == ref_lbl).mean())
+        diff = np.abs(img.astype(int) - ref_img.astype(int))[inside]
+        assert diff.size == 0 or diff.max() <= 3, (seed, diff.max())
+    assert min(agree) >= 0.99, min(agree)
+
+
+def _pad_case(channels_last):
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (10, 12, *channels_last), dtype=np.uint8)
+    label = np.ones((10, 12), np.uint8)
+    return image, label
+
+
+@pytest.mark.parametrize("channels, fill, expected", [
+    ((3,), (10, 20, 30), [10, 20, 30]),
+    ((3,), 7, [7, 7, 7]),
+    ((3,), [9], [9, 9, 9]),
+    ((4,), (1, 2, 3, 4), [1, 2, 3, 4]),
+    ((6,), (1, 2, 3, 4, 5, 6), [1, 2, 3, 4, 5, 6]),   # more than cv2's 4: warped channel by channel
+    ((6,), 8, [8] * 6),
+    ((1,), 5, [5]),
+])
+def test_padding_takes_the_fill_of_each_channel(channels, fill, expected):
+    image, label = _pad_case(channels)
+    t = TrainTransform((16, 20), base_size=None, scale=None, rotate=0, hflip=0, fill=fill, ignore_index=9)
+    img, lbl = t(image, label, np.random.default_rng(0))
+    assert img.shape == (16, 20, channels[0]) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[:10, :12], image)  # no rescale: the image sits at the top left
+    for padded in (img[10:], img[:, 12:]):
+        assert (padded.reshape(-1, channels[0]) == expected).all()
+    assert (lbl[10:] == 9).all() and (lbl[:10, :12] == 1).all()
+
+
+def test_many_channels_move_together():
+    rng = np.random.default_rng(4)
+    rgb = smooth_image(rng, 30, 40)
+    label = rng.integers(0, 4, (30, 40)).astype(np.uint8)
+    six = np.concatenate([rgb, rgb[..., ::-1]], axis=2)
+    t = TrainTransform((24, 24), base_size=48, rotate=20, hflip=0.5)
+    for seed in range(5):
+        a, la = t(rgb, label, np.random.default_rng(seed))
+        b, lb = t(six, label, np.random.default_rng(seed))
+        np.testing.assert_array_equal(b[..., :3], a)
+        np.testing.assert_array_equal(b[..., 3:], a[..., ::-1])
+        np.testing.assert_array_equal(la, lb)
+
+
+def test_grayscale_images_keep_their_channel_axis_and_blur():
+    rng = np.random.default_rng(5)
+    gray = smooth_image(rng, 20, 20)[..., :1]
+    label = np.zeros((20, 20), np.uint8)
+    t = TrainTransform(16, base_size=None, scale=(1.0, 1.0), rotate=0, hflip=0, blur=1.0, blur_sigma=(0.5, 0.5))
+    img, _ = t(gray, label, np.random.default_rng(0))
+    assert img.shape == (16, 16, 1)
+    unblurred = TrainTransform(16, base_size=None, scale=(1.0, 1.0), rotate=0, hflip=0)
+    ref = unblurred(gray, label, np.random.default_rng(0))[0]
+    np.testing.assert_array_equal(img[..., 0], cv2.GaussianBlur(ref[..., 0], (0, 0), 0.5))
+    plain = TrainTransform(16, base_size=None, scale=None, rotate=0, hflip=0)
+    assert plain(gray[..., 0], label, np.random.default_rng(0))[0].shape == (16, 16)
+
+
+def test_blur_with_the_drawn_sigma_after_the_crop_draws():
+    """The draw order is scale, crop y, crop x, [flip], blur decision, sigma; with hflip off there
+    is no flip draw, so the sigma is the sixth number of the stream."""
+    rng0 = np.random.default_rng(6)
+    image = smooth_image(rng0, 30, 30)
+    label = np.zeros((30, 30), np.uint8)
+    t = TrainTransform(20, base_size=None, scale=(0.8, 1.2), rotate=0, hflip=0, blur=1.0, blur_sigma=(0.3, 2.0))
+    for seed in range(5):
+        img, _ = t(image, label, np.random.default_rng(seed))
+        r = np.random.default_rng(seed)
+        s = r.uniform(0.8, 1.2)
+        sh = sw = max(1, round(30 * s))
+        y0, x0 = int(r.integers(0, max(sh, 20) - 20 + 1)), int(r.integers(0, max(sw, 20) - 20 + 1))
+        r.random()  # the blur decision, always taken at blur=1.0
+        sigma = r.uniform(0.3, 2.0)
+        unblurred = TrainTransform(20, base_size=None, scale=(0.8, 1.2), rotate=0, hflip=0)(
+            image, label, np.random.default_rng(seed))[0]
+        np.testing.assert_array_equal(img, cv2.GaussianBlur(unblurred, (0, 0), sigma), err_msg=str((seed, y0, x0)))
+    # a zero sigma means no blur at all
+    t0 = TrainTransform(20, base_size=None, scale=(1.0, 1.0), rotate=0, hflip=0, blur=1.0, blur_sigma=(0.0, 0.0))
+    plain = TrainTransform(20, base_size=None, scale=(1.0, 1.0), rotate=0, hflip=0)
+    np.testing.assert_array_equal(t0(image, label, np.random.default_rng(1))[0],
+                                  plain(image, label, np.random.default_rng(1))[0])
+
+
+def test_native_scale_is_a_plain_crop_and_base_size_sets_the_long_side():
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    label = rng.integers(0, 5, (30, 40)).astype(np.uint8)
+    img, lbl = TrainTransform((16, 24), scale=None, rotate=0, hflip=0)(image, label, np.random.default_rng(0))
+    offsets = [(y, x) for y in range(15) for x in range(17)
+               if np.array_equal(image[y:y + 16, x:x + 24], img) and np.array_equal(label[y:y + 16, x:x + 24], lbl)]
+    assert len(offsets) == 1
+    # base 80, factor 0.5: the long side becomes 40, i.e. the 40x30 image is not resized at all
+    same = TrainTransform(64, base_size=80, scale=(0.5, 0.5), rotate=0, hflip=0)
+    img, lbl = same(image, label, np.random.default_rng(0))
+    np.testing.assert_array_equal(lbl[:30, :40], label)
+
+
+@pytest.mark.parametrize("shape", [(2, 40), (40, 2)])
+def test_a_side_that_rounds_to_zero_keeps_one_pixel(shape):
+    label = np.ones(shape, np.uint8)
+    image = np.zeros((*shape, 3), np.uint8)
+    # factor 0.25: 2 -> round(0.5) = 0 -> 1 pixel; 40 -> 10
+    t = TrainTransform(16, base_size=None, scale=(0.25, 0.25), rotate=0, hflip=0)
+    _, lbl = t(image, label, np.random.default_rng(0))
+    assert (lbl == 1).sum() == 10
+
+
+def test_small_rotations_still_rotate_and_defaults():
+    rng = np.random.default_rng(8)
+    image = smooth_image(rng, 64, 64)
+    label = np.zeros((64, 64), np.uint8)
+    kw = dict(crop_size=64, base_size=None, scale=(1.0, 1.0), hflip=0)
+    a = TrainTransform(**kw, rotate=0.5)(image, label, np.random.default_rng(1))[0]
+    b = TrainTransform(**kw, rotate=0.0)(image, label, np.random.default_rng(1))[0]
+    assert not np.array_equal(a, b)
+    t = TrainTransform(32)
+    assert (t.crop, t.base_size, t.scale, t.rotate, t.hflip, t.blur, t.fill, t.ignore_index) == (
+        (32, 32), None, (0.5, 2.0), 10.0, 0.5, 0.0, 0, 255)
+    with pytest.raises(ValueError, match="augment.train.scale"):
+        TrainTransform(32, scale=(0.0, 1.0))
+    v = ValTransform()
+    assert (v.protocol, v.crop, v.ignore_index) == ("whole", None, 255)
+    with pytest.raises(ValueError, match="augment.val.crop_size is required with protocol=center_crop"):
+        ValTransform("center_crop")
+
+
+def test_center_crop_with_odd_vertical_excess_is_a_slice():
+    rng = np.random.default_rng(9)
+    image = rng.integers(0, 256, (65, 32, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, (65, 32)).astype(np.uint8)
+    img, lbl = ValTransform("center_crop", 32)(image, label)
+    np.testing.assert_array_equal(img, image[16:48])
+    np.testing.assert_array_equal(lbl, label[16:48])

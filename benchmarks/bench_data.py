@@ -76,7 +76,7 @@ class Baseline(Dataset):
     """The straightforward per-sample pipeline on PIL images."""
 
     def __init__(self, samples: list | None = None, files: list | None = None) -> None:
-        self.images = [(Image.fromarray(i), Image.fromarray(l)) for i, l in samples] if samples else None
+        self.images = [(Image.fromarray(i), Image.fromarray(m)) for i, m in samples] if samples else None
         self.files = files
 
     def __len__(self) -> int:
@@ -180,7 +180,7 @@ def main() -> None:
         print(f"  speed-up          {r_ours / r_base:8.2f}x")
     shapes = Shapes(split="train", transform=TrainTransform(64, 96, (0.5, 2.0), 10.0, 0.5, 0.0))
     r_shapes = rate(build_loader(shapes, args.batch, train=True, num_workers=0), args.samples, args.repeats)
-    print(f"[shapes: built-in dataset, generation + default augmentation, crop 64]")
+    print("[shapes: built-in dataset, generation + default augmentation, crop 64]")
     print(f"  shapes train      {r_shapes:8.1f} samples/s")
     sys.stdout.flush()
 

@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from segrun import __version__
+from segrun.build import build_data_loader, build_dataset
 from segrun.config import conf_dir
 from segrun.confusion import class_table, render_confusion_png, write_confusion_csv
-from segrun.build import build_data_loader, build_dataset
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint
 from segrun.engine.logging import write_json
 from segrun.engine.predict import Normalize, class_map, predict
@@ -158,7 +158,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     normalize = Normalize(ckpt["mean"], ckpt["std"]).to(device)
     transform_cfg = dict((stored.get("augment") or {}).get("val") or {})
     if not from_ckpt:  # another dataset: its own crop and ignore value
-        transform_cfg.update({k: dataset_cfg[k] for k in ("crop_size", "ignore_index") if k in transform_cfg and k in dataset_cfg})
+        shared = [k for k in ("crop_size", "ignore_index") if k in transform_cfg and k in dataset_cfg]
+        transform_cfg.update({k: dataset_cfg[k] for k in shared})
     if cfg.save_predictions and "return_id" in dataset_cfg:
         dataset_cfg = {**dataset_cfg, "return_id": True}  # prediction files named by sample id
     # the builder validation uses, on the checkpoint's config with this evaluation's data and batch

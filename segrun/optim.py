@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from segrun.models.base import model_param_groups
 from segrun.errors import ConfigError
+from segrun.models.base import model_param_groups
+
 
 def build_param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
     """Named ``backbone``/``head`` groups of trainable parameters; empty groups are dropped."""

@@ -7,7 +7,6 @@
 
 import os
 import signal
-import sys
 
 from segrun.engine.trainer import Trainer
 

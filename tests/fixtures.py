@@ -209,8 +209,9 @@ def make_checkpoint(path: str | Path, overrides: Sequence[str] = (), model_targe
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from conftest import compose_cfg
     from segrun.engine.checkpoint import save_checkpoint
+
+    from conftest import compose_cfg
 
     cfg = compose_cfg(list(overrides))
     torch.manual_seed(seed)

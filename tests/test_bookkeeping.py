@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
-from conftest import make_trainer
 from segrun.engine.checkpoint import load_checkpoint
 from segrun.engine.monitor import Monitor
 from segrun.errors import MonitorError
+
+from conftest import make_trainer
 
 
 def _feed(monitor: Monitor, values):

@@ -7,7 +7,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import TINY, make_trainer, run_cli
 from segrun.build import DatasetMeta, check_config
 from segrun.config import conf_dir
 from segrun.data.loader import build_loader
@@ -17,6 +16,8 @@ from segrun.engine.settings import TrainSettings
 from segrun.engine.trainer import Trainer
 from segrun.errors import ConfigError
 from segrun.schedulers import PolyLR
+
+from conftest import TINY, make_trainer, run_cli
 
 
 def _checked(overrides):

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose_cfg, make_trainer
 from segrun.class_weights import AutoWeightError, cache_path, pin_auto_weights, resolve_auto_weights
 from segrun.data import Folder
 from segrun.engine.checkpoint import load_checkpoint
 from segrun.train import resume_argv
+
+from conftest import compose_cfg, make_trainer
 
 
 def _write_known_frequencies(root):

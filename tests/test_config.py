@@ -7,9 +7,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
 from segrun.config import conf_dir
 from segrun.optim import build_optimizer
+
+from conftest import compose_cfg
 
 CONF = Path(conf_dir())
 GROUPS = ["dataset", "model", "loss", "optimizer", "scheduler", "augment", "trainer"]

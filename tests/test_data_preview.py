@@ -11,10 +11,11 @@ import numpy as np
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import compose_cfg, run_cli
-from fixtures import make_folder_fixture
 from segrun.data import build_loader, default_palette
 from segrun.data.preview import CAPTION_H, CELL, GAP, HATCH, HATCH_W, TITLE_H, VIEW_GAP
+
+from conftest import compose_cfg, run_cli
+from fixtures import make_folder_fixture
 
 SHAPES = ["dataset.sizes={train: 8, val: 4, test: 4}", "dataset.min_size=32", "dataset.max_size=48",
           "dataset.base_size=40", "dataset.crop_size=32"]

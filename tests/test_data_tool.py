@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fixtures import make_folder_fixture, make_voc_fixture
 from segrun.data import Folder
 from segrun.data.stats import inverse_log_weights, measure, median_frequency_weights
+
+from fixtures import make_folder_fixture, make_voc_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,9 +29,9 @@ def test_measure_exact_statistics(tmp_path):
     stats = measure(ds, progress=False)
     labels = [written[ds.item_id(item)] for item in ds.items]
     images = [ds.read(i)[0] for i in range(len(ds))]
-    expected = sum(np.bincount(l.ravel(), minlength=256)[:3] for l in labels)
+    expected = sum(np.bincount(lb.ravel(), minlength=256)[:3] for lb in labels)
     np.testing.assert_array_equal(stats["counts"], expected)
-    assert stats["pixels"] == sum(l.size for l in labels) and stats["labelled"] == expected.sum()
+    assert stats["pixels"] == sum(lb.size for lb in labels) and stats["labelled"] == expected.sum()
     pixels = np.concatenate([im.reshape(-1, 3) for im in images]).astype(np.float64) / 255
     np.testing.assert_allclose(stats["mean"], pixels.mean(0), atol=1e-9)
     np.testing.assert_allclose(stats["std"], pixels.std(0), atol=1e-6)
@@ -67,7 +68,7 @@ def test_tool_summary_writes_nothing(tmp_path):
 def test_tool_errors(tmp_path):
     r = run_tool("dataset=voc", f"dataset.root={tmp_path / 'missing'}", cwd=tmp_path)
     assert r.returncode == 2
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: voc: dataset root") and "Traceback" not in r.stderr
     assert str(tmp_path / "missing") in lines[0] and "VOCdevkit/VOC2012" in lines[0]
     r = run_tool("max_imagez=3", cwd=tmp_path)  # struct mode: a misspelt key fails

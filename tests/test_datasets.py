@@ -4,18 +4,46 @@ from __future__ import annotations
 
 import pickle
 import shutil
+
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from fixtures import (make_ade20k_fixture, make_cityscapes_fixture, make_clothes_fixture, make_coco_stuff_fixture,
-                      make_folder_fixture, make_voc_fixture, random_image, save_palette_png)
 from segrun.config import conf_dir
-from segrun.data import (ADE20K, VOC, COCOStuff, Cityscapes, CityscapesCoarse, ClothingCoParsing, DatasetError,
-                         DatasetNotFoundError, Folder, TrainTransform, VOCAug, build_loader, read_image, read_label)
-from segrun.data import ade20k, cityscapes, clothes, coco_stuff, voc
+from segrun.data import (
+    ADE20K,
+    VOC,
+    Cityscapes,
+    CityscapesCoarse,
+    ClothingCoParsing,
+    COCOStuff,
+    DatasetError,
+    DatasetNotFoundError,
+    Folder,
+    TrainTransform,
+    VOCAug,
+    ade20k,
+    build_loader,
+    cityscapes,
+    clothes,
+    coco_stuff,
+    read_image,
+    read_label,
+    voc,
+)
+
+from fixtures import (
+    make_ade20k_fixture,
+    make_cityscapes_fixture,
+    make_clothes_fixture,
+    make_coco_stuff_fixture,
+    make_folder_fixture,
+    make_voc_fixture,
+    random_image,
+    save_palette_png,
+)
 
 
 def labels_of(ds) -> dict[str, np.ndarray]:
@@ -35,7 +63,7 @@ def test_voc_palette_indices_not_colours(tmp_path):
             np.testing.assert_array_equal(label, written[sid])  # indices, including 255, never colours
         image, _ = ds.read(0)
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
-    assert set(np.unique(np.concatenate([l.ravel() for l in written.values()]))) > {0, 255}
+    assert set(np.unique(np.concatenate([lb.ravel() for lb in written.values()]))) > {0, 255}
     sample = train[0]
     assert sample["image"].dtype.is_floating_point is False and sample["label"].shape == (40, 56)
     # root may be the VOC2012 folder itself; a split can map to several lists
@@ -98,7 +126,7 @@ def test_ade20k_zero_becomes_ignore_and_shifts(tmp_path):
             raw = written[sid]
             expected = np.where(raw == 0, 255, raw.astype(int) - 1)
             np.testing.assert_array_equal(label, expected)
-    values = np.unique(np.concatenate([l.ravel() for l in written.values()]))
+    values = np.unique(np.concatenate([lb.ravel() for lb in written.values()]))
     assert {0, 1, 150} <= set(values.tolist())
     ds = ADE20K(tmp_path / "ADEChallengeData2016", "val")  # root may be the inner folder
     assert ds.num_classes == 150 and len(ds.palette) == 150

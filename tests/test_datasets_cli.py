@@ -46,5 +46,5 @@ def test_one_epoch_training_run(tmp_path, family):
 def test_bad_root_is_one_line(tmp_path):
     r = train(tmp_path, "dataset=voc", f"dataset.root={tmp_path / 'missing'}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(tmp_path / "missing") in errors[0] and "VOCdevkit/VOC2012" in errors[0]

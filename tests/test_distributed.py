@@ -13,11 +13,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import TINY, run_cli
 from segrun.data.loader import EpochSampler, build_loader
 from segrun.engine.checkpoint import load_checkpoint
 from segrun.engine.predict import Normalize, predict
 from segrun.metrics import ConfusionMatrix
+
+from conftest import TINY, run_cli
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")

@@ -11,11 +11,12 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import TINY, compose_cfg, make_trainer, run_cli
-from fixtures import make_folder_fixture
 from segrun.confusion import read_confusion_csv
 from segrun.engine.checkpoint import load_checkpoint, save_checkpoint
 from segrun.eval import EvalError, run
+
+from conftest import TINY, compose_cfg, make_trainer, run_cli
+from fixtures import make_folder_fixture
 
 SCALARS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 

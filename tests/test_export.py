@@ -9,10 +9,11 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import TINY, compose_cfg
-from fixtures import make_checkpoint
 from segrun.engine.predict import Normalize, predict
 from segrun.export import ExportError, run, sample_input
+
+from conftest import TINY, compose_cfg
+from fixtures import make_checkpoint
 
 NAMES = ["background", "ellipse", "rectangle", "triangle", "ring"]
 

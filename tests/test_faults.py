@@ -19,13 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY, make_trainer, run_cli
-from fixtures import make_folder_fixture
 from segrun.data.base import DatasetError
 from segrun.engine import checkpoint as ck
 from segrun.engine.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
 from segrun.engine.preempt import PREEMPTED_EXIT, Preempted
 from segrun.engine.trainer import NonFiniteLossError, NonFiniteStateError
+
+from conftest import REPO, TINY, make_trainer, run_cli
+from fixtures import make_folder_fixture
 
 EPOCHS = 2
 RUN = [*TINY, f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.tensorboard=false",

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from segrun.losses import (CombinedLoss, CrossEntropyLoss, DiceLoss, FocalLoss, LovaszSoftmaxLoss,
-                           OhemCrossEntropyLoss)
+from segrun.losses import CombinedLoss, CrossEntropyLoss, DiceLoss, FocalLoss, LovaszSoftmaxLoss, OhemCrossEntropyLoss
 from segrun.metrics import ConfusionMatrix
 
 #: tensor operations that copy a value to the host (or need a data-dependent output size)

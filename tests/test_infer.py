@@ -11,11 +11,12 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import TINY, compose_cfg, make_trainer, run_cli
 from segrun.data.decode import read_image
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segrun.engine.predict import Normalize, predict
 from segrun.infer import InferError, check_outputs, run
+
+from conftest import TINY, compose_cfg, make_trainer, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fixtures import make_ade20k_fixture, make_cityscapes_fixture, make_coco_stuff_fixture
-from segrun.data import ADE20K, COCOStuff, Cityscapes
+from segrun.data import ADE20K, Cityscapes, COCOStuff
 from segrun.data.base import DatasetError
+
+from fixtures import make_ade20k_fixture, make_cityscapes_fixture, make_coco_stuff_fixture
 
 IGNORE = 255
 

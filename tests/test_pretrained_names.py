@@ -7,9 +7,10 @@ import pytest
 import torch
 import torchvision
 
-from conftest import TINY, run_cli
 from segrun.models.backbones import build_backbone
 from segrun.models.pretrained import PretrainedError, PretrainedNotFoundError, find_weights, resolve_pretrained
+
+from conftest import TINY, run_cli
 
 
 def _small_resnet18_state():

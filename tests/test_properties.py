@@ -10,7 +10,8 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from segrun.data.loader import EpochSampler  # noqa: E402
 from segrun.data.transforms import TrainTransform, ValTransform  # noqa: E402

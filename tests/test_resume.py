@@ -9,8 +9,9 @@ import time
 
 import torch
 
-from conftest import REPO, TINY, run_cli
 from segrun.engine.checkpoint import load_checkpoint
+
+from conftest import REPO, TINY, run_cli
 
 ARGS = [*TINY, "trainer.epochs=4", "trainer.deterministic=true", "dataset.sizes={train: 32, val: 8, test: 4}"]
 

@@ -5,7 +5,6 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import make_trainer
 from segrun.build import DatasetMeta
 from segrun.data.loader import build_loader
 from segrun.data.prefetch import DevicePrefetcher
@@ -15,6 +14,8 @@ from segrun.engine.settings import TrainSettings
 from segrun.engine.trainer import Trainer
 from segrun.errors import ConfigError
 from segrun.schedulers import PolyLR
+
+from conftest import make_trainer
 
 
 class Pixels(torch.utils.data.Dataset):

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, make_trainer, run_cli
 from segrun.engine.status import RunClaim, effective_state, read_status
 from segrun.errors import RunFolderError
+
+from conftest import REPO, TINY, make_trainer, run_cli
 
 #: one-epoch jobs of the tiny run, deterministic so two sweeps can be compared number for number
 JOB = [*TINY, "trainer.epochs=1", "trainer.deterministic=true", "trainer.tensorboard=false"]

@@ -7,10 +7,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, make_trainer
 from segrun.engine.checkpoint import load_checkpoint
 from segrun.engine.trainer import NonFiniteLossError
 from segrun.errors import MonitorError
+
+from conftest import TINY, make_trainer
 
 
 def _trainer(tmp_path, extra=()):
@@ -131,8 +132,9 @@ def test_best_validation_leaves_its_confusion_matrix(tmp_path, caplog):
     import numpy as np
     from hydra.utils import instantiate
 
-    from conftest import compose_cfg
     from segrun.confusion import read_confusion_csv
+
+    from conftest import compose_cfg
 
     t = _trainer(tmp_path, ["trainer.epochs=1"])
     with caplog.at_level("INFO", logger="segrun"):

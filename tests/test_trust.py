@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, compose_cfg, run_cli
-from fixtures import make_checkpoint
 from segrun.engine.trust import UntrustedCheckpointError, check_overrides, check_targets, trusted_prefixes
 from segrun.train import resume_argv
+
+from conftest import TINY, compose_cfg, run_cli
+from fixtures import make_checkpoint
 
 MARKER_MODULE = '''
 import os

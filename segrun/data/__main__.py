@@ -23,7 +23,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from segrun.config import conf_dir
-from segrun.data.bad_samples import BadSamples, bad_sample_limit
 from segrun.data.base import DatasetError, SegDataset
 from segrun.data.stats import measure
 

@@ -19,9 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segrun.data.decode import read_label
-
 from segrun.data.files import IMAGE_EXTENSIONS, FileDataset, SplitSpec, list_files, pair_files, require_dir
-
 from segrun.data.label_maps import LabelMap
 
 CLASSES = (

@@ -22,7 +22,17 @@ import numpy as np
 
 from segrun.data.base import DatasetError, default_palette
 from segrun.data.decode import read_label
-from segrun.data.files import pair_listed, IMAGE_EXTENSIONS, MASK_EXTENSIONS, FileDataset, SplitSpec, list_files, pair_files, read_list, require_dir
+from segrun.data.files import (
+    IMAGE_EXTENSIONS,
+    MASK_EXTENSIONS,
+    FileDataset,
+    SplitSpec,
+    list_files,
+    pair_files,
+    pair_listed,
+    read_list,
+    require_dir,
+)
 from segrun.data.label_maps import colour_table, map_colours
 
 

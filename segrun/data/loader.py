@@ -22,7 +22,8 @@ class EpochSampler(Sampler):
     a run resumed from a mid-epoch checkpoint continues with exactly the samples it had not seen.
     """
 
-    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True) -> None:
+    def __init__(self, size: int, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 pad: bool = True) -> None:
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch = 0

@@ -18,8 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from segrun.data.base import DatasetError, default_palette
-from segrun.data.files import pair_listed, FileDataset, SplitSpec, read_list, require_dir
+from segrun.data.base import default_palette
+from segrun.data.files import FileDataset, SplitSpec, pair_listed, read_list, require_dir
 
 CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from segrun.data.transforms import size_pair
-from segrun.models.base import main_output
 from segrun.errors import ConfigError
+from segrun.models.base import main_output
 
 
 class Normalize(nn.Module):

@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
-
-import numpy as np
-from PIL import Image
 
 from segrun import __version__
 from segrun.confusion import class_table, render_confusion_png, write_confusion_csv
@@ -35,8 +34,17 @@ from segrun.data.bad_samples import BadSamples, bad_sample_limit
 from segrun.data.prefetch import DevicePrefetcher
 from segrun.engine import distributed as dist
 from segrun.engine import preempt
-from segrun.engine.checkpoint import (all_finite, load_checkpoint, load_model_state, prune_epoch_checkpoints,
-                                      rng_state, save_checkpoint, set_rng_state, state_tensors, strip_module_prefix)
+from segrun.engine.checkpoint import (
+    all_finite,
+    load_checkpoint,
+    load_model_state,
+    prune_epoch_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    state_tensors,
+    strip_module_prefix,
+)
 from segrun.engine.loggers import Logger, TensorBoard
 from segrun.engine.logging import prediction_grid, write_json
 from segrun.engine.monitor import SCALAR_METRICS, Monitor

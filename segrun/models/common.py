@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segrun.errors import ConfigError
 from segrun.models.backbones import build_backbone
 from segrun.models.base import SegModel
-from segrun.errors import ConfigError
 
 
 def conv_bn_relu(cin: int, cout: int, kernel_size: int = 3, dilation: int = 1) -> nn.Sequential:

@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from segrun.models.common import BackboneSegModel, check_positive, conv_bn_relu, resize
 from segrun.errors import ConfigError
+from segrun.models.common import BackboneSegModel, check_positive, conv_bn_relu, resize
 
 
 class ASPP(nn.Module):

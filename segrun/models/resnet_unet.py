@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segrun.errors import ConfigError
 from segrun.models.backbones import FEATURE_NAMES
 from segrun.models.common import BackboneSegModel, conv_bn_relu, resize
-from segrun.errors import ConfigError
 
 
 class DecoderBlock(nn.Module):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from omegaconf import Container, OmegaConf
 from torch import nn
 
+from segrun.errors import ConfigError
 from segrun.models.backbones import replace_first_conv
 from segrun.models.base import SegModel
-from segrun.errors import ConfigError
 from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 

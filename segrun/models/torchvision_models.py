@@ -14,10 +14,10 @@ import os
 import torch
 from torchvision.models import segmentation as tvseg
 
+from segrun.errors import ConfigError
 from segrun.models.backbones import replace_first_conv
 from segrun.models.base import SegModel
 from segrun.models.common import resize
-from segrun.errors import ConfigError
 from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 ARCHS = {

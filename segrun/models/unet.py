@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segrun.models.base import SegModel
 from segrun.errors import ConfigError
+from segrun.models.base import SegModel
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:

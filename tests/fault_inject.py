@@ -17,8 +17,8 @@ def _inject() -> None:
     rank = os.environ.get("FAULT_RANK")
     original = Trainer.run_step
 
-    def run_step(self, batch):
-        out = original(self, batch)
+    def run_step(self, batch, *args, **kwargs):
+        out = original(self, batch, *args, **kwargs)
         if self.global_step == step and (rank is None or os.environ.get("RANK", "0") == rank):
             os.kill(os.getpid(), sig)
         return out

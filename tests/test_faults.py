@@ -97,8 +97,8 @@ def test_sigterm_writes_the_position_and_resumes_exactly(tmp_path, straight):
     run = make_trainer(tmp_path, [*RUN, "trainer.checkpoint_every=null"])
     original = run.run_step
 
-    def step_then_signal(batch):
-        out = original(batch)
+    def step_then_signal(batch, *args, **kwargs):
+        out = original(batch, *args, **kwargs)
         if run.global_step == ITERS + 3:
             os.kill(os.getpid(), signal.SIGTERM)  # through the real handler, installed by fit()
         return out

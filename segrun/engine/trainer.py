@@ -572,9 +572,10 @@ class Trainer:
         write_confusion_csv(mat, self.meta.class_names, self.run_dir / "confusion_matrix.csv")
         png = render_confusion_png(mat, self.meta.class_names, self.run_dir / "confusion_matrix.png",
                                    title=f"validation, epoch {self.monitor.best_epoch}")
-        with Image.open(png) as picture:
-            image = torch.from_numpy(np.asarray(picture.convert("RGB")).copy()).permute(2, 0, 1)
-        self.open_logger().image("val/confusion_matrix", image, self.global_step)
+        if self.settings.vis_samples:  # 0: no pictures in TensorBoard
+            with Image.open(png) as picture:
+                image = torch.from_numpy(np.asarray(picture.convert("RGB")).copy()).permute(2, 0, 1)
+            self.open_logger().image("val/confusion_matrix", image, self.global_step)
 
     def write_metrics(self) -> None:
         if not dist.is_main():

@@ -41,7 +41,7 @@ def test_batched_windows_equal_a_window_by_window_hand_computation():
             count[..., y0:y0 + 32, x0:x0 + 32] += 1
     hand = total / count
     seen = []
-    for window_batch in (1, 4, None):  # one at a time, uneven chunks, all six in one pass
+    for window_batch in (1, 4, 6, None):  # one at a time, uneven chunks, all six in one pass, the default
         scores = predict(model, x, NORM, mode="slide", crop_size=32, stride=20, window_batch=window_batch,
                          progress=lambda done, total: seen.append((done, total)))
         torch.testing.assert_close(scores, hand, atol=1e-5, rtol=0)

@@ -73,7 +73,9 @@ def _slide(model: nn.Module, x: torch.Tensor, crop: tuple[int, int], stride: tup
         x = F.pad(x, (0, pw, 0, ph))
     H, W = x.shape[-2:]
     positions = window_positions((H, W), crop, stride)
-    per_pass = window_batch or max(1, PIXELS_PER_PASS // (ch * cw * n))
+    # null: on CUDA as many windows as fit PIXELS_PER_PASS; on the CPU one at a time, which measured
+    # faster there (benchmarks/bench_infer.py: the CPU is compute-bound, a larger batch only costs memory)
+    per_pass = window_batch or (max(1, PIXELS_PER_PASS // (ch * cw * n)) if x.device.type == "cuda" else 1)
     total = None
     count = torch.zeros((1, 1, H, W), device=x.device)
     for start in range(0, len(positions), per_pass):

@@ -7,17 +7,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from segrun.build import DatasetMeta, check_config
+from segrun.build import check_config
 from segrun.config import conf_dir
-from segrun.data.loader import build_loader
 from segrun.engine.checkpoint import load_checkpoint
-from segrun.engine.predict import Normalize
 from segrun.engine.settings import TrainSettings
 from segrun.engine.trainer import Trainer
 from segrun.errors import ConfigError
-from segrun.schedulers import PolyLR
 
 from conftest import TINY, make_trainer, run_cli
+from parts import hand_made_parts
 
 
 def _checked(overrides):
@@ -65,33 +63,12 @@ def test_fp16_on_cpu_asks_for_cuda(tmp_path):
         make_trainer(tmp_path, ["trainer.precision=fp16", "trainer.device=cpu"])
 
 
-class _Pixels(torch.utils.data.Dataset):
-    """Hand-made data: 2-class images whose class is the red channel's brightness."""
-
-    class_names, palette, ignore_index = ["dark", "bright"], [[0, 0, 0], [255, 255, 255]], 255
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, key):
-        index = key[0] if isinstance(key, tuple) else key
-        g = torch.Generator().manual_seed(index)
-        label = (torch.rand(8, 8, generator=g) > 0.5).to(torch.uint8)
-        image = (label * 200 + 20).expand(3, 8, 8).to(torch.uint8).clone()
-        return {"image": image, "label": label}
-
-
 def test_trainer_runs_from_hand_made_parts(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Conv2d(3, 2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     steps_per_epoch = 4  # 8 samples, batch 2
-    parts = type("Parts", (), dict(
-        model=model, criterion=torch.nn.CrossEntropyLoss(ignore_index=255), optimizer=optimizer,
-        scheduler=PolyLR(optimizer, total_iters=2 * steps_per_epoch, power=1.0),
-        normalize=Normalize([0.5] * 3, [0.25] * 3), device=torch.device("cpu"),
-        train_loader=build_loader(_Pixels(), 2, train=True), val_loader=build_loader(_Pixels(), 2, train=False),
-        meta=DatasetMeta(_Pixels.class_names, _Pixels.palette, 2, 255, [0.5] * 3, [0.25] * 3)))
+    parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), lr=0.5), batch_size=2,
+                            total_iters=2 * steps_per_epoch, power=1.0, noise=0)
     settings = TrainSettings(epochs=2, progress=False, tensorboard=False, log_every=3)
     trainer = Trainer(parts, settings, tmp_path)
     best = trainer.fit()

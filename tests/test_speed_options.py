@@ -5,47 +5,23 @@ import dataclasses
 import pytest
 import torch
 
-from segrun.build import DatasetMeta
 from segrun.data.loader import build_loader
 from segrun.data.prefetch import DevicePrefetcher
 from segrun.engine.checkpoint import load_checkpoint
-from segrun.engine.predict import Normalize
 from segrun.engine.settings import TrainSettings
 from segrun.engine.trainer import Trainer
 from segrun.errors import ConfigError
-from segrun.schedulers import PolyLR
 
 from conftest import make_trainer
-
-
-class Pixels(torch.utils.data.Dataset):
-    """Hand-made 2-class data: a pixel's class is its brightness; every pixel counts (no ignore)."""
-
-    class_names, palette, ignore_index = ["dark", "bright"], [[0, 0, 0], [255, 255, 255]], 255
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, key):
-        index = key[0] if isinstance(key, tuple) else key
-        g = torch.Generator().manual_seed(index)
-        label = (torch.rand(8, 8, generator=g) > 0.5).to(torch.uint8)
-        noise = torch.randint(0, 60, (3, 8, 8), generator=g)
-        return {"image": (label * 150 + noise).to(torch.uint8), "label": label}
+from parts import Pixels, hand_made_parts
 
 
 def hand_made_trainer(run_dir, batch_size, epochs=2, **settings):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))  # no BatchNorm
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     s = TrainSettings(epochs=epochs, progress=False, tensorboard=False, log_every=2, **settings)
-    loader = build_loader(Pixels(), batch_size, train=True)
-    steps = epochs * -(-len(loader) // s.accumulate)
-    parts = type("Parts", (), dict(
-        model=model, criterion=torch.nn.CrossEntropyLoss(), optimizer=optimizer,
-        scheduler=PolyLR(optimizer, total_iters=steps, power=0.9), normalize=Normalize([0.4] * 3, [0.3] * 3),
-        device=torch.device("cpu"), train_loader=loader, val_loader=build_loader(Pixels(), 4, train=False),
-        meta=DatasetMeta(Pixels.class_names, Pixels.palette, 2, 255, [0.4] * 3, [0.3] * 3)))
+    steps = epochs * -(-(8 // batch_size) // s.accumulate)  # Pixels has 8 samples
+    parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), batch_size, steps)
     return Trainer(parts, s, run_dir)
 
 

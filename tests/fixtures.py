@@ -229,3 +229,22 @@ def make_checkpoint(path: str | Path, overrides: Sequence[str] = (), model_targe
              "mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)}
     save_checkpoint(state, path)
     return state
+
+
+def perturb_checkpoint(src: str | Path, dst: str | Path, noise: float = 0.3, seed: int = 0) -> dict:
+    """A copy of a trained checkpoint with ``noise`` added to its conv weights, saved to ``dst``.
+
+    A briefly trained tiny model predicts background everywhere, which would make mask and
+    confusion-matrix comparisons vacuous; the perturbed one predicts several classes. Returns the
+    checkpoint dict as saved.
+    """
+    import torch
+
+    from segrun.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(src)
+    g = torch.Generator().manual_seed(seed)
+    ckpt["model"] = {k: v + noise * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.dim() == 4 else v
+                     for k, v in ckpt["model"].items()}
+    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "segrun_version")}, dst)
+    return ckpt

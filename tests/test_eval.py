@@ -7,16 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra.utils import instantiate
 from PIL import Image
 
 from segrun.confusion import read_confusion_csv
-from segrun.engine.checkpoint import load_checkpoint, save_checkpoint
+from segrun.engine.checkpoint import load_checkpoint
 from segrun.eval import EvalError, run
 
 from conftest import TINY, compose_cfg, make_trainer, run_cli
-from fixtures import make_folder_fixture
+from fixtures import make_folder_fixture, perturb_checkpoint
 
 SCALARS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 
@@ -28,12 +27,7 @@ def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("eval")
     cfg = compose_cfg([*TINY, "trainer.epochs=2", "trainer.tensorboard=false"])
     make_trainer(root / "run", ["trainer.epochs=2", "trainer.tensorboard=false"]).fit()
-    ckpt = load_checkpoint(root / "run" / "checkpoints" / "last.pt")
-    g = torch.Generator().manual_seed(0)
-    ckpt["model"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.dim() == 4 else v
-                     for k, v in ckpt["model"].items()}
-    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "segrun_version")},
-                    root / "run" / "checkpoints" / "perturbed.pt")
+    perturb_checkpoint(root / "run" / "checkpoints" / "last.pt", root / "run" / "checkpoints" / "perturbed.pt")
     return {"root": root, "run": root / "run", "cfg": cfg}
 
 

@@ -12,11 +12,12 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from segrun.data.decode import read_image
-from segrun.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segrun.engine.checkpoint import CheckpointError
 from segrun.engine.predict import Normalize, predict
 from segrun.infer import InferError, check_outputs, run
 
 from conftest import TINY, compose_cfg, make_trainer, run_cli
+from fixtures import perturb_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +31,8 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("infer")
     cfg = compose_cfg([*TINY, "trainer.epochs=1", "trainer.tensorboard=false"])
     make_trainer(root / "run", ["trainer.epochs=1", "trainer.tensorboard=false"]).fit()
-    ckpt = load_checkpoint(root / "run" / "checkpoints" / "best.pt")
-    g = torch.Generator().manual_seed(0)
-    ckpt["model"] = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() and v.dim() == 4 else v
-                     for k, v in ckpt["model"].items()}
     ckpt_path = root / "model.pt"
-    save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "segrun_version")}, ckpt_path)
+    ckpt = perturb_checkpoint(root / "run" / "checkpoints" / "best.pt", ckpt_path)
 
     shapes = instantiate(cfg.dataset, split="val", transform=None)
     pics = [shapes.read(i)[0] for i in range(3)]

@@ -155,3 +155,9 @@ def test_class_precision_dice_and_counts_by_hand():
     assert math.isnan(m["class_precision"]["c"]) and math.isnan(m["class_dice"]["c"])
     assert m["class_gt_pixels"] == {"a": 4, "b": 4, "c": 0} and m["class_pred_pixels"] == {"a": 5, "b": 3, "c": 0}
     assert list(class_metrics(mat)["class_dice"]) == ["0", "1", "2"]
+    # single pixels: a predicted once and right; b in the truth once, predicted as a
+    one = class_metrics(torch.tensor([[1, 0], [1, 0]]), ["a", "b"])
+    assert one["class_precision"]["a"] == 0.5 and one["class_dice"]["a"] == 2 / 3
+    assert math.isnan(one["class_precision"]["b"]) and one["class_dice"]["b"] == 0.0
+    lone = class_metrics(torch.tensor([[1, 0], [0, 0]]), ["a", "b"])
+    assert lone["class_precision"]["a"] == 1.0 and lone["class_dice"]["a"] == 1.0

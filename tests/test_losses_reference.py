@@ -43,6 +43,12 @@ def test_cross_entropy_defaults_and_class_weights_against_numpy():
     got = CrossEntropyLoss(weight=list(wts))(logits, target).item()
     assert got == pytest.approx((ce * w).sum() / w.sum(), rel=1e-5)
     assert "weight" not in CrossEntropyLoss(weight=[1.0, 2.0, 3.0]).state_dict()  # not in checkpoints
+    # label smoothing eps: (1 - eps) * ce + eps * mean over classes of -log p
+    x = logits.double().numpy()
+    logp = x - x.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    smooth = (0.9 * ce - 0.1 * logp.mean(1))[valid].mean()
+    assert CrossEntropyLoss(label_smoothing=0.1)(logits, target).item() == pytest.approx(smooth, rel=1e-5)
     with pytest.raises(ConfigError, match=r"^loss.weight has 2 entries but the model predicts 3 classes$"):
         CrossEntropyLoss(weight=[1.0, 2.0])(logits, target)
 
@@ -96,6 +102,14 @@ def test_ohem_selection_against_numpy():
     # nothing below a tiny threshold: the min_kept hardest valid pixels (here one)
     hardest = ce[valid].max()
     assert OhemCrossEntropyLoss(thresh=1e-9, min_kept=1)(logits, target).item() == pytest.approx(hardest, rel=1e-5)
+    # class weights: a weighted mean over the kept pixels; one kept pixel of weight 0.5 is its own ce
+    wts = np.array([0.5, 0.5, 0.5])
+    assert OhemCrossEntropyLoss(thresh=1e-9, min_kept=1, weight=list(wts))(logits, target).item() == \
+        pytest.approx(hardest, rel=1e-5)
+    wts = np.array([0.5, 2.0, 1.0])
+    w = wts[_ce_np(logits, target)[2]] * keep
+    got = OhemCrossEntropyLoss(thresh=0.9, min_kept=1, weight=list(wts))(logits, target).item()
+    assert got == pytest.approx((ce * w).sum() / w.sum(), rel=1e-5)
     with pytest.raises(ConfigError, match=r"^loss.thresh must be in \(0, 1\], got 0.0$"):
         OhemCrossEntropyLoss(thresh=0.0)
     with pytest.raises(ConfigError, match=r"^loss.min_kept must be >= 0, got -1$"):

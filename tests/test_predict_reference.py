@@ -99,13 +99,15 @@ def test_slide_of_a_pointwise_model_is_the_plain_logits(crop, stride):
     close(predict(conv, x, IDENTITY, mode="slide", crop_size=crop, stride=stride, flip=True), log_mean_softmax(logits))
 
 
-def test_flip_tta_flips_the_mirrored_view_back():
+@pytest.mark.parametrize("share_flip", [None, True, False])  # one forward pass for both views, or two
+def test_flip_tta_flips_the_mirrored_view_back(share_flip):
     conv, x = pointwise(3), images(w=13)
     model = RampModel(conv, SLOPE).eval()
     base = conv_np(conv, x.double().numpy())
     # view 1: conv + ramp; view 2: model(flip x) flipped back = conv(x) + mirrored ramp
     expected = log_mean_softmax(base + ramp_np(13), base + ramp_np(13)[..., ::-1])
-    close(predict(model, x, IDENTITY, flip=True), expected)
+    close(predict(model, x, IDENTITY, flip=True, share_flip=share_flip), expected)
+    close(predict(model, x, IDENTITY, flip=True, share_flip=share_flip, mode="slide", crop_size=(16, 13)), expected)
 
 
 def test_flip_tta_with_an_asymmetric_kernel():

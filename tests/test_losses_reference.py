@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from segrun.errors import ConfigError
-from segrun.losses import (CombinedLoss, CrossEntropyLoss, DiceLoss, FocalLoss, LovaszSoftmaxLoss,
-                           OhemCrossEntropyLoss)
+from segrun.losses import CombinedLoss, CrossEntropyLoss, DiceLoss, FocalLoss, LovaszSoftmaxLoss, OhemCrossEntropyLoss
 
 K = 3
 

@@ -78,9 +78,12 @@ for name in survivors:
 PY
 
 # ---------------------------------------------------------------------------------------------------
-# NOTES: the survivors of the last full run (README "Mutation score": 2468 mutants, 2320 killed,
-# 146 survivors, 2 without tests, 94.0%), each judged equivalent with the reason, except the three
-# listed last. A survivor not covered here is a missing test.
+# NOTES: the survivors of the triaged run (2468 mutants, 2320 killed, 146 survivors, 2 without tests,
+# 94.0%), each judged equivalent with the reason, except the three listed last. After the latest
+# merges the run gives 2661 / 2372 / 233 / 56 (89.1%): the new survivors are in code added since
+# (checkpoint write_failure, prune_epoch_checkpoints, _few, load_model_state, all_finite, umask_mode;
+# pad_collate's bad-sample path) and are NOT triaged yet; most are reached only by
+# tests/test_faults.py, which is left out of the mutation set for its 40 s.
 #
 # OpenCV / torch defaults spelled out (removing or nulling the argument changes nothing):
 #   transforms.warp: flags=None, borderMode=None or omitted (INTER_LINEAR / BORDER_CONSTANT are the

@@ -116,3 +116,35 @@ def test_numpy_cached_gaussian_survives_the_rng_roundtrip(tmp_path):
     np.random.seed(0)
     ck.set_rng_state(ck.load_checkpoint(tmp_path / "r.pt")["rng"])
     assert np.random.randn() == expected
+
+
+def test_refusal_messages_in_full(tmp_path, monkeypatch):
+    good = tmp_path / "good.pt"
+    ck.save_checkpoint(_state(1.0), good)
+    size = good.stat().st_size
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: size // 2])
+    with pytest.raises(ck.CheckpointError, match=r"truncated .*: copy it again or use another checkpoint$"):
+        ck.load_checkpoint(cut)
+    torch.save({"model": {}, "format": 99}, tmp_path / "newer.pt")
+    with pytest.raises(ck.CheckpointError, match=r"newer segrun \(\?, format 99\); .* upgrade segrun$"):
+        ck.load_checkpoint(tmp_path / "newer.pt")
+
+    def refuse(*a, **k):
+        import pickle
+        raise pickle.UnpicklingError("some objects")
+
+    monkeypatch.setattr(ck.torch, "load", refuse)
+    with pytest.raises(ck.CheckpointError, match=r"good.pt is not a segrun checkpoint \(it holds Python objects, "
+                                                 r"which segrun never writes and does not load\)$"):
+        ck.load_checkpoint(good)
+
+    def damaged(*a, **k):
+        raise RuntimeError("bad\n   crc " + "x" * 300)
+
+    monkeypatch.setattr(ck.torch, "load", damaged)
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_checkpoint(good)
+    first = ("bad crc " + "x" * 300)[:200]
+    assert str(e.value) == (f"checkpoint {good} could not be read; the file is damaged ({size:,} bytes; "
+                            f"RuntimeError: {first})")

@@ -146,7 +146,8 @@ def test_build_loader_settings_for_training_and_evaluation():
     assert not build_loader(ds, 3, train=True, shuffle=False).sampler.shuffle
     assert build_loader(ds, 3, train=True, drop_last=False).drop_last is False
     assert build_loader(ds, 10, train=True).drop_last  # as many samples as the batch: allowed
-    with pytest.raises(ValueError, match="lower the batch size or set loader.drop_last=false"):
+    with pytest.raises(ValueError, match=r"^the training set has 10 samples per process, fewer than "
+                                         r"loader.batch_size=11; lower the batch size or set loader.drop_last=false$"):
         build_loader(ds, 11, train=True)
     assert build_loader(ds, 11, train=True, drop_last=False).drop_last is False
 
@@ -181,3 +182,27 @@ def test_collate_keeps_image_dtype_and_compact_labels_with_ignore_zero():
     assert (out["label"][0, 2:] == 0).all()
     assert pad_collate([a, b], ignore_index=256)["label"].dtype == torch.int64
     assert "id" not in out
+
+
+def test_sampler_defaults_and_lengths_match_what_it_yields():
+    s = EpochSampler(5)
+    assert (s.shuffle, s.seed, s.rank, s.world_size, s.pad, s.epoch) == (True, 0, 0, 1, True, 0)
+    for pad in (True, False):
+        for rank in range(2):
+            s = EpochSampler(5, rank=rank, world_size=2, pad=pad)
+            assert len(s) == len(list(s)) == (3 if pad or rank == 0 else 2), (pad, rank)
+
+
+def test_collate_pads_with_255_for_datasets_without_an_ignore_value():
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, key):
+            index = key[0] if isinstance(key, tuple) else key
+            return {"image": torch.zeros(1, 2 + index, 2, dtype=torch.uint8),
+                    "label": torch.zeros(2 + index, 2, dtype=torch.uint8)}
+
+    batch = next(iter(build_loader(Plain(), 2, train=False)))
+    assert (batch["label"][0, 2:] == 255).all()
+    assert build_loader(Plain(), 1, train=True, num_workers=1).persistent_workers is False

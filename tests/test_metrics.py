@@ -124,3 +124,40 @@ def test_counts_are_exact_integers_and_255_is_ignored_by_default_even_with_many_
     assert cm.mat.dtype == torch.int64  # float32 counts stop being exact past 2**24 pixels
     cm.update(torch.tensor([255, 3, 3]), torch.tensor([255, 255, 3]))
     assert int(cm.mat.sum()) == 1 and int(cm.mat[3, 3]) == 1
+
+
+@pytest.mark.parametrize("method", ["auto", "bincount", "scatter"])
+def test_both_counting_methods_match_a_numpy_count(method):
+    rng = np.random.default_rng(1)
+    target = rng.integers(0, 6, (4, 7, 9))
+    target[rng.random(target.shape) < 0.2] = 255
+    pred = rng.integers(0, 5, target.shape)
+    cm = ConfusionMatrix(5, method=method)
+    assert cm.method == ("bincount" if method == "auto" else method)  # auto on the CPU: bincount
+    cm.update(torch.from_numpy(pred), torch.from_numpy(target))
+    expected = np.zeros((5, 5), np.int64)
+    for t, p in zip(target.ravel(), pred.ravel()):
+        if t < 5:  # 255 ignored, 5 out of range
+            expected[t, p] += 1
+    np.testing.assert_array_equal(cm.mat.numpy(), expected)
+    with pytest.raises(ValueError, match="method must be auto, bincount or scatter, got 'fast'"):
+        ConfusionMatrix(5, method="fast")
+
+
+def test_class_precision_dice_and_counts_by_hand():
+    from segrun.metrics import class_metrics
+
+    # rows truth, columns prediction; class c is absent everywhere
+    mat = torch.tensor([[3, 1, 0], [2, 2, 0], [0, 0, 0]])
+    m = class_metrics(mat, ["a", "b", "c"])
+    assert m["class_precision"]["a"] == 3 / 5 and m["class_precision"]["b"] == 2 / 3
+    assert m["class_dice"]["a"] == 2 * 3 / (4 + 5) and m["class_dice"]["b"] == 2 * 2 / (4 + 3)
+    assert math.isnan(m["class_precision"]["c"]) and math.isnan(m["class_dice"]["c"])
+    assert m["class_gt_pixels"] == {"a": 4, "b": 4, "c": 0} and m["class_pred_pixels"] == {"a": 5, "b": 3, "c": 0}
+    assert list(class_metrics(mat)["class_dice"]) == ["0", "1", "2"]
+    # single pixels: a predicted once and right; b in the truth once, predicted as a
+    one = class_metrics(torch.tensor([[1, 0], [1, 0]]), ["a", "b"])
+    assert one["class_precision"]["a"] == 0.5 and one["class_dice"]["a"] == 2 / 3
+    assert math.isnan(one["class_precision"]["b"]) and one["class_dice"]["b"] == 0.0
+    lone = class_metrics(torch.tensor([[1, 0], [0, 0]]), ["a", "b"])
+    assert lone["class_precision"]["a"] == 1.0 and lone["class_dice"]["a"] == 1.0

@@ -43,7 +43,7 @@ def test_models_without_a_split_are_all_head_and_frozen_models_are_refused():
     assert [g["name"] for g in groups] == ["head"] and groups[0]["lr"] == 0.5  # the empty backbone is dropped
     for p in plain.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameters"):
+    with pytest.raises(ValueError, match=r"^the model has no trainable parameters \(is everything frozen\?\)$"):
         build_param_groups(plain, 0.5)
 
 
@@ -58,3 +58,12 @@ def test_build_optimizer_from_config_resolves_and_strips_segrun_keys():
     no_mult = OmegaConf.create({"_target_": "torch.optim.SGD", "lr": 0.3})
     groups = _by_name(build_optimizer(no_mult, TwoPart()).param_groups)
     assert groups["backbone"]["lr"] == groups["head"]["lr"] == pytest.approx(0.3)
+
+
+def test_a_model_declaring_only_a_head_group():
+    class HeadOnly(nn.Linear):
+        def param_groups(self):
+            return {"head": list(self.parameters())}
+
+    groups = build_param_groups(HeadOnly(2, 1), 0.1, backbone_lr_mult=0.5)
+    assert [(g["name"], g["lr"]) for g in groups] == [("head", 0.1)]

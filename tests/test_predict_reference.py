@@ -99,13 +99,15 @@ def test_slide_of_a_pointwise_model_is_the_plain_logits(crop, stride):
     close(predict(conv, x, IDENTITY, mode="slide", crop_size=crop, stride=stride, flip=True), log_mean_softmax(logits))
 
 
-def test_flip_tta_flips_the_mirrored_view_back():
+@pytest.mark.parametrize("share_flip", [None, True, False])  # one forward pass for both views, or two
+def test_flip_tta_flips_the_mirrored_view_back(share_flip):
     conv, x = pointwise(3), images(w=13)
     model = RampModel(conv, SLOPE).eval()
     base = conv_np(conv, x.double().numpy())
     # view 1: conv + ramp; view 2: model(flip x) flipped back = conv(x) + mirrored ramp
     expected = log_mean_softmax(base + ramp_np(13), base + ramp_np(13)[..., ::-1])
-    close(predict(model, x, IDENTITY, flip=True), expected)
+    close(predict(model, x, IDENTITY, flip=True, share_flip=share_flip), expected)
+    close(predict(model, x, IDENTITY, flip=True, share_flip=share_flip, mode="slide", crop_size=(16, 13)), expected)
 
 
 def test_flip_tta_with_an_asymmetric_kernel():
@@ -213,11 +215,14 @@ SLIDE_CASES = [
     ((8, 10), (8, 4), (1, 3), [0], [0, 3, 6]),                 # window as tall as the image
     ((5, 20), (6, 9), (4, 6), [0], [0, 6, 11]),                # one row of padding
     ((14, 7), 9, None, [0, 5], [0]),                           # int crop; 2 columns of padding
+    ((8, 10), (4, 10), (3, 1), [0, 3, 4], [0]),                # window as wide as the image, stride 1
+    ((5, 7), 2, None, [0, 1, 2, 3], [0, 1, 2, 3, 4, 5]),       # tiny window: the default stride is 1
 ]
 
 
+@pytest.mark.parametrize("window_batch", [None, 1, 3])  # windows per forward pass: the result is the same
 @pytest.mark.parametrize("size, crop, stride, ys, xs", SLIDE_CASES)
-def test_slide_windows_by_hand(size, crop, stride, ys, xs):
+def test_slide_windows_by_hand(size, crop, stride, ys, xs, window_batch):
     model = WindowModel(pointwise(8)).eval()
     x = images(2, *size, seed=8)
     ch, cw = (crop, crop) if isinstance(crop, int) else crop
@@ -231,8 +236,15 @@ def test_slide_windows_by_hand(size, crop, stride, ys, xs):
             total[..., y0:y0 + ch, x0:x0 + cw] += window_model_np(model, padded[..., y0:y0 + ch, x0:x0 + cw])
             count[y0:y0 + ch, x0:x0 + cw] += 1
     assert (count > 0).all()
-    got = predict(model, x, IDENTITY, mode="slide", crop_size=crop, stride=stride)
+    calls = []
+    got = predict(model, x, IDENTITY, mode="slide", crop_size=crop, stride=stride, window_batch=window_batch,
+                  progress=lambda done, total: calls.append((done, total)))
     close(got, (total / count)[..., :h, :w], tol=1e-3)
+    n = len(ys) * len(xs)  # progress: windows done out of all, ending at all
+    assert calls[-1] == (n, n) and all(t == n and 0 < d <= n for d, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    if window_batch == 1:
+        assert [d for d, _ in calls] == list(range(1, n + 1))
 
 
 def test_slide_sums_in_float32_whatever_the_model_returns():
@@ -246,9 +258,16 @@ def test_slide_sums_in_float32_whatever_the_model_returns():
     close(out, x[:, :2].double().numpy(), tol=1.0)  # bfloat16 keeps 8 bits: 255 -> within 1
 
 
+def test_class_map_is_the_first_argmax():
+    from segrun.engine.predict import class_map
+
+    scores = torch.tensor([[[[0.1, 2.0]], [[0.5, 2.0]], [[0.2, -1.0]]]])  # (1, 3, 1, 2); a tie at pixel 2
+    assert class_map(scores).tolist() == [[[1, 0]]]
+
+
 def test_prediction_mistakes_are_named():
     conv = pointwise()
-    with pytest.raises(ValueError, match="predict mode 'slide' needs crop_size"):
+    with pytest.raises(ValueError, match="^predict mode 'slide' needs crop_size$"):
         predict(conv, images(1, 8, 8), IDENTITY, mode="slide")
     with pytest.raises(ValueError, match="predict mode must be 'whole' or 'slide', got 'tiles'"):
         predict(conv, images(1, 8, 8), IDENTITY, mode="tiles")

@@ -216,6 +216,7 @@ def _pad_case(channels_last):
     ((3,), 7, [7, 7, 7]),
     ((3,), [9], [9, 9, 9]),
     ((4,), (1, 2, 3, 4), [1, 2, 3, 4]),
+    ((5,), (1, 2, 3, 4, 5), [1, 2, 3, 4, 5]),
     ((6,), (1, 2, 3, 4, 5, 6), [1, 2, 3, 4, 5, 6]),   # more than cv2's 4: warped channel by channel
     ((6,), 8, [8] * 6),
     ((1,), 5, [5]),
@@ -323,7 +324,7 @@ def test_small_rotations_still_rotate_and_defaults():
         TrainTransform(32, scale=(0.0, 1.0))
     v = ValTransform()
     assert (v.protocol, v.crop, v.ignore_index) == ("whole", None, 255)
-    with pytest.raises(ValueError, match="augment.val.crop_size is required with protocol=center_crop"):
+    with pytest.raises(ValueError, match="^augment.val.crop_size is required with protocol=center_crop$"):
         ValTransform("center_crop")
 
 

@@ -250,3 +250,15 @@ def test_a_batch_without_bad_files_reports_none():
     assert out["bad"] == [] and set(out) == {"image", "label", "size", "bad"}
     out = pad_collate([_sample(1, 2, 2), _sample(1, 3, 2)])
     assert out["bad"] == [] and out["size"] == [(2, 2), (3, 2)]
+
+
+def test_a_mid_epoch_start_skips_that_many_keys_and_the_length_follows():
+    s = EpochSampler(5, shuffle=False, seed=3)
+    s.set_epoch(1, start=2)
+    assert list(s) == [(2, 3, 1), (3, 3, 1), (4, 3, 1)] and len(s) == 3
+    for start, n in [(4, 1), (5, 0), (7, 0), (-3, 5)]:
+        s.set_epoch(2, start=start)
+        assert len(s) == len(list(s)) == n, start
+    ranked = EpochSampler(5, shuffle=False, rank=1, world_size=2)  # keys 1, 3, 0 (padded to 3 per rank)
+    ranked.set_epoch(0, start=1)
+    assert [k[0] for k in ranked] == [3, 0] and len(ranked) == 2

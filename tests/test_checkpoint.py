@@ -320,7 +320,7 @@ NO_SPACE = "cannot write checkpoint {}: no space left on device; any previous fi
 
 
 @pytest.mark.parametrize("exc", [
-    OSError(errno.ENOSPC, "disk quota"),  # the errno alone
+    OSError(errno.ENOSPC, "disk quota"),  # errno 28 with its own wording ("[Errno 28] disk quota")
     RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing file "
                  "data/0: file write failed, No space left on device"),
     RuntimeError("unexpected pos 1024 vs 512 (Errno 28)"),

@@ -39,6 +39,8 @@ def test_uint8_labels_stay_compact_through_collate():
     out = pad_collate(mixed, ignore_index=255)
     assert out["label"].dtype == torch.uint8 and (out["label"][2, 2:] == 255).all()
     assert pad_collate(mixed, ignore_index=300)["label"].dtype == torch.int64
+    assert pad_collate(same, ignore_index=300)["label"].dtype == torch.int64  # nothing to pad: widened all the same
+    assert pad_collate(same, ignore_index=-1)["label"].dtype == torch.int64
 
 
 def test_augmentation_is_independent_of_worker_count():
@@ -206,3 +208,57 @@ def test_collate_pads_with_255_for_datasets_without_an_ignore_value():
     batch = next(iter(build_loader(Plain(), 2, train=False)))
     assert (batch["label"][0, 2:] == 255).all()
     assert build_loader(Plain(), 1, train=True, num_workers=1).persistent_workers is False
+
+
+def _sample(value: int, h: int, w: int, **extra) -> dict:
+    return {"image": torch.full((3, h, w), value, dtype=torch.uint8),
+            "label": torch.full((h, w), value, dtype=torch.uint8), **extra}
+
+
+def test_collate_leaves_dropped_samples_out_and_gathers_every_bad_file():
+    batch = [{"bad": ["a.png: truncated"]},  # dropped (validation)
+             _sample(1, 2, 3, id="b", bad=["c.png: unreadable", "d.png: empty"]),  # a replacement after two bad files
+             _sample(2, 2, 3, id="e")]
+    out = pad_collate(batch, ignore_index=9)
+    assert set(out) == {"image", "label", "id", "size", "bad"}
+    assert out["bad"] == ["a.png: truncated", "c.png: unreadable", "d.png: empty"]
+    assert out["id"] == ["b", "e"] and out["size"] == [(2, 3), (2, 3)]
+    assert out["image"].shape == (2, 3, 2, 3) and out["image"].dtype == torch.uint8
+    assert out["image"][0].unique().tolist() == [1] and out["image"][1].unique().tolist() == [2]
+    assert out["label"].dtype == torch.uint8 and out["label"][:, 0, 0].tolist() == [1, 2]
+    # the same with padding: the dropped sample's absence must not shift the sizes
+    padded = pad_collate([{"bad": ["x"]}, _sample(1, 2, 3), {"bad": []}, _sample(2, 4, 1)], ignore_index=9)
+    assert set(padded) == {"image", "label", "size", "bad"} and padded["bad"] == ["x"]
+    assert padded["image"].shape == (2, 3, 4, 3) and padded["size"] == [(2, 3), (4, 1)]
+    assert padded["label"][0].tolist() == [[1, 1, 1], [1, 1, 1], [9, 9, 9], [9, 9, 9]]
+    assert padded["label"][1].tolist() == [[2, 9, 9]] * 4
+    assert padded["image"][1, :, :, 1:].sum() == 0 and padded["image"][0, :, 2:].sum() == 0
+
+
+@pytest.mark.parametrize("batch, bad", [([], []), ([{"bad": ["a"]}], ["a"]), ([{"bad": ["a", "b"]}, {"bad": ["c"]}],
+                                                                            ["a", "b", "c"])])
+def test_an_all_bad_batch_collates_to_an_empty_batch(batch, bad):
+    out = pad_collate(batch, ignore_index=9)
+    assert set(out) == {"image", "label", "size", "bad"}
+    assert out["image"].shape == (0, 3, 1, 1) and out["image"].dtype == torch.uint8
+    assert out["label"].shape == (0, 1, 1) and out["label"].dtype == torch.uint8
+    assert out["size"] == [] and out["bad"] == bad
+
+
+def test_a_batch_without_bad_files_reports_none():
+    out = pad_collate([_sample(1, 2, 2), _sample(1, 2, 2)])
+    assert out["bad"] == [] and set(out) == {"image", "label", "size", "bad"}
+    out = pad_collate([_sample(1, 2, 2), _sample(1, 3, 2)])
+    assert out["bad"] == [] and out["size"] == [(2, 2), (3, 2)]
+
+
+def test_a_mid_epoch_start_skips_that_many_keys_and_the_length_follows():
+    s = EpochSampler(5, shuffle=False, seed=3)
+    s.set_epoch(1, start=2)
+    assert list(s) == [(2, 3, 1), (3, 3, 1), (4, 3, 1)] and len(s) == 3
+    for start, n in [(4, 1), (5, 0), (7, 0), (-3, 5)]:
+        s.set_epoch(2, start=start)
+        assert len(s) == len(list(s)) == n, start
+    ranked = EpochSampler(5, shuffle=False, rank=1, world_size=2)  # keys 1, 3, 0 (padded to 3 per rank)
+    ranked.set_epoch(0, start=1)
+    assert [k[0] for k in ranked] == [3, 0] and len(ranked) == 2

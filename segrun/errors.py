@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 T = TypeVar("T")
 log = logging.getLogger("segrun")
+
+
+def few(items: Sequence[str], n: int = 3) -> str:
+    """The first ``n`` of ``items`` for a one-line message, and how many there are when some are left out."""
+    items = list(items)
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 class SegrunError(Exception):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from segrun.engine import checkpoint as ck
-from segrun.errors import SegrunError
+from segrun.errors import SegrunError, few
 
 
 def _state(v: float) -> dict:
@@ -282,12 +282,12 @@ def test_load_model_state_each_mismatch_alone_and_long_lists_cut():
 
 
 def test_few_lists_at_most_n_items_and_counts_the_rest():
-    assert ck._few([]) == ""
-    assert ck._few(["a"]) == "a"
-    assert ck._few(["a", "b", "c"]) == "a, b, c"
-    assert ck._few(["a", "b", "c", "d"]) == "a, b, c, ... (4 in all)"
-    assert ck._few(["a", "b", "c"], n=2) == "a, b, ... (3 in all)"
-    assert ck._few(["a", "b"], n=2) == "a, b"
+    assert few([]) == ""
+    assert few(["a"]) == "a"
+    assert few(["a", "b", "c"]) == "a, b, c"
+    assert few(["a", "b", "c", "d"]) == "a, b, c, ... (4 in all)"
+    assert few(["a", "b", "c"], n=2) == "a, b, ... (3 in all)"
+    assert few(["a", "b"], n=2) == "a, b"
 
 
 def test_umask_mode_applies_the_process_umask_and_leaves_it_set():

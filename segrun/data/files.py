@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from segrun.data.base import DatasetError, DatasetNotFoundError, SegDataset
 from segrun.data.decode import check_same_size, read_image, read_label
+from segrun.errors import few
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".pgm", ".pnm", ".ppm")
@@ -64,12 +65,6 @@ def list_files(folder: Path, extensions: Sequence[str], suffix: str = "") -> dic
     return found
 
 
-def _few(names: Iterable[str], n: int = 3) -> str:
-    names = sorted(names)
-    more = f", ... ({len(names)} in all)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
 def pair_files(
     images: Mapping[str, str],
     masks: Mapping[str, str],
@@ -87,13 +82,13 @@ def pair_files(
     if orphans:
         raise DatasetError(
             f"{family}: {len(orphans)} masks in {mask_dir} have no image in {image_dir}: "
-            f"{_few(os.path.basename(masks[k]) for k in orphans)}"
+            f"{few(sorted(os.path.basename(masks[k]) for k in orphans))}"
         )
     missing = set(images) - set(masks)
     if missing and require_masks:
         raise DatasetError(
             f"{family}: {len(missing)} images in {image_dir} have no mask in {mask_dir} (expected {mask_pattern}): "
-            f"{_few(os.path.basename(images[k]) for k in missing)}"
+            f"{few(sorted(os.path.basename(images[k]) for k in missing))}"
         )
     return [(images[k], masks[k]) for k in sorted(set(images) & set(masks))]
 
@@ -127,9 +122,7 @@ def pair_listed(ids: Sequence[str], images: Mapping[str, str], masks: Mapping[st
     for folder, found, what in ((image_dir, images, "image"), (mask_dir, masks, "mask")):
         missing = [i for i in ids if i not in found]
         if missing:
-            more = f", ... ({len(missing)} in all)" if len(missing) > 3 else ""
-            raise DatasetError(f"{family}: {len(missing)} ids of {list_name} have no {what} in {folder}: "
-                               f"{', '.join(missing[:3])}{more}")
+            raise DatasetError(f"{family}: {len(missing)} ids of {list_name} have no {what} in {folder}: {few(missing)}")
     return [(images[i], masks[i]) for i in ids]
 
 

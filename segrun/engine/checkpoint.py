@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from segrun import __version__
-from segrun.errors import SegrunError
+from segrun.errors import SegrunError, few
 
 FORMAT_VERSION = 1
 
@@ -171,18 +171,14 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     if missing or unexpected or shapes:
         parts = []
         if shapes:
-            parts.append(f"{len(shapes)} shapes differ (checkpoint vs model: {_few(shapes)})")
+            parts.append(f"{len(shapes)} shapes differ (checkpoint vs model: {few(shapes)})")
         if missing:
-            parts.append(f"{len(missing)} keys missing from the checkpoint ({_few(missing)})")
+            parts.append(f"{len(missing)} keys missing from the checkpoint ({few(missing)})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+            parts.append(f"{len(unexpected)} unexpected keys ({few(unexpected)})")
         raise CheckpointError(f"checkpoint {source} does not fit the configured model: {'; '.join(parts)}; "
                               "resume with the model options the run was started with")
     model.load_state_dict(state)
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

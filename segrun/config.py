@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: the override that resumes a run; it says how to start, not what the run is
+RESUME_KEY = "trainer.resume"
+
+
+def override_key(arg: str) -> str:
+    """The config key a command-line override sets: ``+a.b=1`` / ``~a.b`` / ``a.b=1`` -> ``a.b``."""
+    return arg.split("=", 1)[0].lstrip("+~")
+
 
 def conf_dir() -> str:
     """Absolute path of the ``conf/`` tree: ``<repo>/conf`` in a checkout, ``segrun/conf`` when installed."""

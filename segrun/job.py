@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from segrun.config import RESUME_KEY, override_key
 from segrun.engine import distributed as dist
 from segrun.engine import preempt
 from segrun.engine.status import RunClaim, read_status
@@ -27,7 +28,6 @@ from segrun.errors import RunFolderError, SegrunError, is_user_error, log_to_fil
 
 log = logging.getLogger("segrun")
 
-RESUME_KEY = "trainer.resume"
 MAX_ERROR_CHARS = 500
 
 
@@ -54,10 +54,6 @@ def _rank_failure(exc: BaseException) -> BaseException:
         return PeerError(peer)
     return SegrunError(f"rank {dist.rank()}: another rank died or stopped answering, stopping; last.pt is "
                        f"the last complete checkpoint ({one_line(exc)[:300]})")
-
-
-def _override_key(arg: str) -> str:
-    return arg.split("=", 1)[0].lstrip("+~")
 
 
 def share_resources(cfg: DictConfig, hc: Any) -> None:
@@ -122,7 +118,7 @@ def run_job(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     # trainer.resume and sweep.resume say how to start, not what the job is
-    overrides = [o for o in hc.overrides.task if _override_key(o) not in (RESUME_KEY, "sweep.resume")]
+    overrides = [o for o in hc.overrides.task if override_key(o) not in (RESUME_KEY, "sweep.resume")]
     is_main = dist.launch_rank() == 0
     claim = RunClaim(run_dir, overrides, job_num=int(hc.job.num) if multirun else None) if is_main else None
     start = time.time()

@@ -13,14 +13,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from segrun.config import conf_dir
+from segrun.config import RESUME_KEY, conf_dir, override_key
 from segrun.errors import report_user_errors
-
-RESUME_KEY = "trainer.resume"
-
-
-def _override_key(arg: str) -> str:
-    return arg.split("=", 1)[0].lstrip("+~")
 
 
 def _trust_settings(argv: list[str]) -> tuple[bool, list[str]]:
@@ -30,7 +24,7 @@ def _trust_settings(argv: list[str]) -> tuple[bool, list[str]]:
     trust_all, targets = False, []
     parser = OverridesParser.create()
     for a in argv:
-        key = _override_key(a)
+        key = override_key(a)
         if key in ("trust_checkpoint", "trust.targets") and "=" in a:
             value = parser.parse_override(a.lstrip("+")).value()
             if key == "trust_checkpoint":
@@ -48,7 +42,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     """
     if any(a in ("-m", "--multirun") for a in argv):
         return argv
-    resume = [a for a in argv if _override_key(a) == RESUME_KEY and "=" in a]
+    resume = [a for a in argv if override_key(a) == RESUME_KEY and "=" in a]
     if not resume:
         return argv
     path = Path(resume[-1].split("=", 1)[1])
@@ -59,10 +53,10 @@ def resume_argv(argv: list[str]) -> list[str]:
     from segrun.engine.trust import check_checkpoint, check_overrides
 
     ckpt = load_checkpoint(path, map_location="cpu")
-    given = {_override_key(a) for a in argv if "=" in a}
-    original = [a for a in ckpt.get("overrides", []) if _override_key(a) not in given
-                and _override_key(a) != RESUME_KEY and not _override_key(a).startswith(("hydra.", "trust."))
-                and _override_key(a) != "trust_checkpoint"]
+    given = {override_key(a) for a in argv if "=" in a}
+    original = [a for a in ckpt.get("overrides", []) if override_key(a) not in given
+                and override_key(a) != RESUME_KEY and not override_key(a).startswith(("hydra.", "trust."))
+                and override_key(a) != "trust_checkpoint"]
     trust_all, targets = _trust_settings(argv)
     check_checkpoint(ckpt, path, ("model",), extra_prefixes=targets, trust_all=trust_all)
     if not trust_all:
@@ -87,14 +81,14 @@ def check_run_dir(argv: list[str]) -> None:
     (the claim itself is taken atomically when the job starts)."""
     if any(a in ("-m", "--multirun") for a in argv):
         return
-    given = [a.split("=", 1)[1] for a in argv if _override_key(a) == "hydra.run.dir" and "=" in a]
+    given = [a.split("=", 1)[1] for a in argv if override_key(a) == "hydra.run.dir" and "=" in a]
     if not given or "${" in given[-1]:
         return
     from segrun.engine.distributed import launch_rank
     from segrun.engine.status import check_free
 
     if launch_rank() == 0:  # the other ranks of a torchrun job share rank 0's folder
-        resumed = any(_override_key(a) == RESUME_KEY and a.split("=", 1)[1] not in ("", "null", "None")
+        resumed = any(override_key(a) == RESUME_KEY and a.split("=", 1)[1] not in ("", "null", "None")
                       for a in argv if "=" in a)
         check_free(given[-1], reuse_finished=resumed)
 
@@ -112,7 +106,7 @@ def worker_argv(argv: list[str]) -> list[str]:
     rank = launch_rank()
     if rank == 0:
         return argv
-    keys = {_override_key(a) for a in argv if "=" in a}
+    keys = {override_key(a) for a in argv if "=" in a}
     extra = ["hydra.output_subdir=null"]
     if "hydra/job_logging" not in keys:
         extra += ["hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING",

@@ -13,9 +13,7 @@ import io
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -23,6 +21,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import torch
 
 from segrun.engine.distributed import is_main
+from segrun.engine.logging import write_text
 from segrun.errors import ConfigError
 
 log = logging.getLogger("segrun")
@@ -114,10 +113,7 @@ class CSVLogger(BaseLogger):
         writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         writer.writerows(history)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, self.path)
+        write_text(buf.getvalue(), self.path)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -59,11 +59,16 @@ def _json_safe(obj: Any) -> Any:
 
 def write_json(data: dict[str, Any], path: str | Path) -> None:
     """Write strict JSON atomically (temp file + rename)."""
+    write_text(json.dumps(_json_safe(data), indent=2), path)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """Write a run-folder file atomically (temp file + rename): a reader never sees half of it."""
     from segrun.engine.checkpoint import umask_mode
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, umask_mode())  # mkstemp makes 0600; the run folder's other files follow the umask
     with os.fdopen(fd, "w") as f:
-        json.dump(_json_safe(data), f, indent=2)
+        f.write(text)
     os.replace(tmp, path)

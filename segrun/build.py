@@ -124,7 +124,8 @@ def _option_defaults(group: str, option: str) -> DictConfig | None:
     return OmegaConf.merge(merged, node)
 
 
-def _type_errors(default: Any, value: Any, key: str) -> str | None:
+def _expected_type(default: Any, value: Any) -> str | None:
+    """What ``value`` should have been, going by its default's type; None when it fits."""
     if isinstance(default, bool):
         return None if isinstance(value, bool) else "true or false"
     if isinstance(default, int):
@@ -159,16 +160,14 @@ def _compare_types(default: Any, actual: Any, key: str, source: str) -> None:
         return
     if isinstance(default, ListConfig):
         return
-    d = default._value() if hasattr(default, "_value") else default
-    if isinstance(d, str) and "${" in d:
-        return
+    d = default._value() if hasattr(default, "_value") else default  # never an interpolation: skipped above
     try:
         a = actual._value() if hasattr(actual, "_value") else actual
     except Exception:
         return
     if isinstance(a, (DictConfig, ListConfig)) or a is None:
         return
-    expected = _type_errors(d, a, key)
+    expected = _expected_type(d, a)
     if expected is not None:
         raise ConfigError(f"{key}={a!r}: expected {expected} (default {d!r} in {source})")
 

@@ -206,7 +206,7 @@ def make_checkpoint(path: str | Path, overrides: Sequence[str] = (), model_targe
     mask comparisons vacuous. Returns the checkpoint dict as saved.
     """
     import torch
-    from conftest import compose_cfg
+    from helpers.cli import compose_cfg
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 

@@ -206,11 +206,12 @@ def make_checkpoint(path: str | Path, overrides: Sequence[str] = (), model_targe
     mask comparisons vacuous. Returns the checkpoint dict as saved.
     """
     import torch
-    from helpers.cli import compose_cfg
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from segrun.engine.checkpoint import save_checkpoint
+
+    from helpers.cli import compose_cfg
 
     cfg = compose_cfg(list(overrides))
     torch.manual_seed(seed)

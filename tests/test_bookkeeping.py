@@ -15,7 +15,7 @@ from segrun.engine.checkpoint import load_checkpoint
 from segrun.engine.monitor import Monitor
 from segrun.errors import MonitorError
 
-from conftest import make_trainer
+from helpers.cli import make_trainer
 
 
 def _feed(monitor: Monitor, values):

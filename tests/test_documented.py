@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_cli
+from helpers.cli import REPO, TINY, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_a_second_signal_exits_130_without_a_traceback(tmp_path):
     """README: "Status 130: a second signal stopped it at once" (docs/long-runs.md)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "FAULT_SIGNAL": "TERM", "FAULT_STEP": "2",
            "FAULT_TIMES": "2"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fault_inject.py"), *TINY, "trainer.epochs=1",
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "fault_inject.py"), *TINY, "trainer.epochs=1",
                            f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -71,7 +71,7 @@ def test_a_second_signal_exits_130_without_a_traceback(tmp_path):
 def test_a_graceful_stop_exits_75(tmp_path):
     """docs/long-runs.md: ``[ $status -eq 75 ] && scontrol requeue $SLURM_JOB_ID``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "FAULT_SIGNAL": "USR1", "FAULT_STEP": "2"}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fault_inject.py"), *TINY, "trainer.epochs=1",
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "fault_inject.py"), *TINY, "trainer.epochs=1",
                            f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert "stopped by SIGUSR1 at epoch 1, batch 2/6" in (tmp_path / "train.log").read_text()

@@ -15,8 +15,8 @@ from segrun.confusion import read_confusion_csv
 from segrun.engine.checkpoint import load_checkpoint
 from segrun.eval import EvalError, run
 
-from conftest import TINY, compose_cfg, make_trainer, run_cli
-from fixtures import make_folder_fixture, perturb_checkpoint
+from helpers.cli import TINY, compose_cfg, make_trainer, run_cli
+from helpers.fixtures import make_folder_fixture, perturb_checkpoint
 
 SCALARS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 
@@ -95,6 +95,7 @@ def test_dataset_overrides_score_another_copy(trained, tmp_path):
         run(_eval_cfg(ckpt, "++dataset.colour=1"))
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_throughput(trained, tmp_path):
     ckpt = trained["run"] / "checkpoints" / "last.pt"
     r = run_cli([f"ckpt={ckpt}", "dataset.sizes.val=6", f"out={tmp_path / 'cli'}", "save_predictions=true"],

@@ -12,8 +12,8 @@ from segrun.engine.settings import TrainSettings
 from segrun.engine.trainer import Trainer
 from segrun.errors import ConfigError
 
-from conftest import make_trainer
-from parts import Pixels, hand_made_parts
+from helpers.cli import make_trainer
+from helpers.parts import Pixels, hand_made_parts
 
 
 def hand_made_trainer(run_dir, batch_size, epochs=2, **settings):

@@ -13,8 +13,8 @@ import pytest
 
 from segrun.engine.status import read_status
 
-from conftest import run_cli
-from fixtures import make_folder_fixture
+from helpers.cli import run_cli
+from helpers.fixtures import make_folder_fixture
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 ``FAULT_SIGNAL`` (KILL, TERM, INT, USR1) is sent by the process to itself right after global step
 ``FAULT_STEP`` (on rank ``FAULT_RANK`` only, if set), ``FAULT_TIMES`` times in a row (default once):
 the real signal path, at a known point. Used by
-``tests/test_faults.py`` as ``python tests/fault_inject.py <overrides>`` or as torchrun's script.
+``tests/test_faults.py`` as ``python tests/helpers/fault_inject.py <overrides>`` or as torchrun's script.
 """
 
 import os

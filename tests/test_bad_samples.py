@@ -70,6 +70,9 @@ def test_more_bad_samples_than_the_limit_stop_the_run():
         bad.check()
     assert str(exc.value) == ("7 bad samples in the train split, more than dataset.max_bad_samples allows (4): "
                               "f0 | f1 | f2 | f3 | f4 | ... (7 in all)")
+    six = BadSamples("train", limit=4, seen=[f"f{i}" for i in range(6)])
+    with pytest.raises(DatasetError, match=r"allows \(4\): f0 \| f1 \| f2 \| f3 \| f4 \| \.\.\. \(6 in all\)$"):
+        six.check()
     five = BadSamples("train", limit=4, seen=[f"f{i}" for i in range(5)])
     with pytest.raises(DatasetError, match=r"allows \(4\): f0 \| f1 \| f2 \| f3 \| f4$"):
         five.check()

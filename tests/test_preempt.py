@@ -33,7 +33,10 @@ def test_the_first_signal_is_a_request_the_second_stops(sig, caplog):
     assert all(signal.getsignal(s) is preempt._handle for s in preempt.SIGNALS)
     assert preempt.requested() is None
     with caplog.at_level(logging.WARNING, logger="segrun"):
-        os.kill(os.getpid(), sig)
+        try:
+            os.kill(os.getpid(), sig)
+        except KeyboardInterrupt as exc:  # a failure of this test, not an abort of the whole session
+            pytest.fail(f"the first signal stopped at once: {exc}")
     assert preempt.requested() == sig
     name = signal.Signals(sig).name
     assert caplog.messages == [f"received {name}: finishing the current step, then writing last.pt and exiting "

@@ -128,6 +128,24 @@ def test_the_thread_count_is_set_and_logged_once_at_start(tmp_path, caplog, monk
 
 
 # --- rough edges --------------------------------------------------------------------------------
+def test_the_data_tool_lists_every_unreadable_file_of_a_small_split(tmp_path):
+    """``segrun.data dataset.on_bad_sample=skip`` is a checker: dataset.max_bad_samples does not stop it."""
+    from segrun.data import Folder
+    from segrun.data.stats import measure
+
+    from fixtures import make_folder_fixture
+
+    make_folder_fixture(tmp_path, n=10, num_classes=3)
+    broken = sorted((tmp_path / "images").glob("*.png"))[:2]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:40])  # cut short
+    ds = Folder(tmp_path, "train", num_classes=3, on_bad_sample="skip")
+    stats = measure(ds, progress=False, list_all_bad=True)
+    assert sorted(m.split(":")[0] for m in stats["bad"]) == [str(p) for p in broken]
+    with pytest.raises(Exception, match="more than dataset.max_bad_samples"):  # what training enforces
+        measure(ds, progress=False)
+
+
 def test_prediction_grid_separates_the_panels_with_a_white_gap():
     palette = [[0, 0, 0], [200, 10, 10], [10, 200, 10]]
     image = torch.full((3, 16, 10), 7, dtype=torch.uint8)

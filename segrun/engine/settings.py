@@ -6,10 +6,13 @@ the run with one line (``SegrunError``) instead of a traceback from deep inside 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import torch
 
 from segrun.engine.monitor import parse_monitor
 from segrun.errors import ConfigError
@@ -17,6 +20,8 @@ from segrun.errors import ConfigError
 log = logging.getLogger("segrun")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: torch.autocast's dtype per ``precision`` (fp32: no autocast)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -98,30 +103,89 @@ def check_size(key: str, value: Any) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class PredictSettings:
-    """How validation (and ``segrun.infer``/``eval``) turns images into class scores."""
+    """How validation, ``segrun.eval``, ``segrun.infer`` and export checks turn images into class scores
+    (``engine.predict.predict``'s arguments, checked)."""
 
     mode: str = "whole"
-    crop_size: tuple[int, int] | None = None
-    stride: tuple[int, int] | None = None
+    crop_size: int | tuple[int, int] | None = None  # as given: one side, or (height, width)
+    stride: int | tuple[int, int] | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    window_batch: int | None = None  # slide windows per forward pass (None: see engine.predict)
 
     @classmethod
-    def from_config(cls, pcfg: Any, prefix: str = "predict") -> "PredictSettings":
-        mode = str(pcfg.mode)
-        if mode not in ("whole", "slide"):
-            raise ConfigError(f"{prefix}.mode={mode!r}: expected whole or slide")
-        crop = check_size(f"{prefix}.crop_size", pcfg.crop_size) if pcfg.crop_size is not None else None
-        if mode == "slide" and crop is None:
-            raise ConfigError(f"{prefix}.mode=slide needs {prefix}.crop_size (the window size)")
-        stride = check_size(f"{prefix}.stride", pcfg.stride) if pcfg.stride is not None else None
-        scales = tuple(check_number(f"{prefix}.scales", s, 0.0, exclusive=True) for s in (pcfg.scales or [1.0]))
-        return cls(mode, crop, stride, scales, check_bool(f"{prefix}.flip", pcfg.flip))
+    def from_config(cls, pcfg: Any, prefix: str = "predict", fallback: Any = None,
+                    crop_fallback: Any = None, error: type[ConfigError] = ConfigError) -> "PredictSettings":
+        """Check ``pcfg``'s ``mode``, ``crop_size``, ``stride``, ``scales``, ``flip`` (and ``window_batch``);
+        a null takes ``fallback``'s value (a checkpoint's ``predict`` settings), a null window
+        ``crop_fallback``. Keys are named ``<prefix>.<key>`` (just ``<key>`` with an empty prefix)."""
+        fallback = fallback or {}
+
+        def get(key: str, default: Any = None) -> Any:
+            value = _plain(pcfg.get(key)) if hasattr(pcfg, "get") else None
+            if value is None:
+                value = _plain(fallback.get(key))
+            return default if value is None else value
+
+        def name(key: str) -> str:
+            return f"{prefix}.{key}" if prefix else key
+
+        with reraise_as(error):
+            mode = str(get("mode", "whole"))
+            if mode not in ("whole", "slide"):
+                raise ConfigError(f"{name('mode')}={mode!r}: expected whole or slide")
+            crop = get("crop_size")
+            crop = _size_as_given(name("crop_size"), crop if crop is not None else _plain(crop_fallback))
+            if mode == "slide" and crop is None:
+                raise ConfigError(f"{name('mode')}=slide needs {name('crop_size')} (the window size)")
+            stride = _size_as_given(name("stride"), get("stride"))
+            scales = get("scales") or [1.0]
+            scales = [scales] if isinstance(scales, (int, float)) and not isinstance(scales, bool) else scales
+            if not isinstance(scales, (list, tuple)):
+                raise ConfigError(f"{name('scales')}={scales!r}: expected a list of positive numbers, e.g. [0.75, 1.0, 1.25]")
+            scales = tuple(check_number(name("scales"), s, 0.0, exclusive=True) for s in scales)
+            flip = check_bool(name("flip"), get("flip", False))
+            window_batch = pcfg.get("window_batch") if hasattr(pcfg, "get") else None
+            window_batch = None if window_batch is None else check_int(name("window_batch"), window_batch, 1)
+        return cls(mode, crop, stride, scales, flip, window_batch)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``engine.predict.predict``."""
         return {"mode": self.mode, "crop_size": self.crop_size, "stride": self.stride,
-                "scales": list(self.scales), "flip": self.flip}
+                "scales": list(self.scales), "flip": self.flip, "window_batch": self.window_batch}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for a JSON record (pairs as lists)."""
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs().items()}
+        return plain
+
+
+def _size_as_given(key: str, value: Any) -> int | tuple[int, int] | None:
+    """A window or stride: null, one positive side, or ``[height, width]`` (kept in the form given)."""
+    if value is None:
+        return None
+    pair = check_size(key, value)
+    return pair if isinstance(value, (list, tuple)) else pair[0]
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers as plain lists and dicts."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+@contextlib.contextmanager
+def reraise_as(error: type[Exception]):
+    """A tool's ``ConfigError`` as the tool's own error class (``InferError``...), same one-line message."""
+    try:
+        yield
+    except ConfigError as exc:
+        if error is ConfigError or isinstance(exc, error):
+            raise
+        raise error(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,8 @@ class Evaluation:
         return metrics
 
 
-#: ``on_batch(batch, images, labels, pred)`` after each batch: pictures, saved predictions
-OnBatch = Callable[[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor], None]
+#: ``on_batch(batch, images, labels, pred, scores)`` after each batch: pictures, saved predictions, checks
+OnBatch = Callable[[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @torch.no_grad()
@@ -123,7 +123,7 @@ def evaluate(predictor: Predictor, loader: Iterable[dict[str, Any]], num_classes
         else:
             start = time.perf_counter()
         if on_batch is not None:
-            on_batch(batch, images, labels, pred)
+            on_batch(batch, images, labels, pred, scores)
         n_batches += 1
         n_images += images.shape[0]
     if timed:

@@ -281,7 +281,8 @@ class Trainer:
         dist.broadcast_buffers(model)
         vis: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-        def keep_pictures(batch: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor) -> None:
+        def keep_pictures(batch: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor,
+                          scores: torch.Tensor) -> None:
             for j in range(images.shape[0]):
                 if len(vis) < s.vis_samples:
                     h, w = batch["size"][j]

@@ -15,7 +15,7 @@ from segrun.build import build_dataset
 from segrun.errors import ConfigError
 from segrun.models import DUCHDC, GCN, ENet, PSPNet, SegNet, UPerNet, count_parameters, main_output
 
-from conftest import TINY, compose_cfg, run_cli
+from helpers.cli import TINY, compose_cfg, run_cli
 
 NUM_CLASSES = 5
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from segrun.config import conf_dir
 from segrun.optim import build_optimizer
 
-from conftest import compose_cfg
+from helpers.cli import compose_cfg
 
 CONF = Path(conf_dir())
 GROUPS = ["dataset", "model", "loss", "optimizer", "scheduler", "augment", "trainer"]

@@ -16,7 +16,7 @@ import pytest
 
 from segrun.engine.status import read_status
 
-from conftest import REPO, TINY, run_cli
+from helpers.cli import REPO, TINY, run_cli
 
 optuna = pytest.importorskip("optuna")
 if int(optuna.__version__.split(".")[0]) < 4:

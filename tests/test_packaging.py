@@ -5,7 +5,11 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import REPO, run_cli
+import pytest
+
+from helpers.cli import REPO, run_cli
+
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI
 
 
 def test_wheel_ships_conf_and_runs_from_elsewhere(tmp_path):

@@ -167,6 +167,16 @@ def agree(flag: bool, device: torch.device | str = "cpu", every: bool = False) -
     return bool(value)
 
 
+def main_decides(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Rank 0's ``flag`` on every rank (a decision only rank 0 can take, e.g. asking a study); one
+    process keeps its own."""
+    if world_size() == 1:
+        return bool(flag)
+    value = torch.tensor(float(bool(flag)), device=device)
+    dist.broadcast(value, src=0)
+    return bool(value)
+
+
 def agreement_is_free() -> bool:
     """True on one process: a decision needs no collective, so it can be taken at every step; several
     processes agree at log points only (one small all-reduce there instead of one per step)."""

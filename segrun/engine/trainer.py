@@ -108,6 +108,7 @@ class Trainer:
                                          save_period=settings.save_period, keep_last=settings.keep_last,
                                          every_iters=settings.checkpoint_every_iters,
                                          every_s=settings.checkpoint_every_s, device=self.device)
+        self.trial: Any = None  # segrun.pruning.TrialReporter of an Optuna trial (set by segrun.job)
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -123,8 +124,9 @@ class Trainer:
             while self.epoch < s.epochs:
                 epoch = self.epoch + 1
                 record: dict[str, Any] = {"epoch": epoch, **_prefixed("train", self.train_one_epoch(epoch))}
-                improved = False
+                improved = validated = False
                 if epoch % s.val_every == 0 or epoch == s.epochs:
+                    validated = True
                     val_metrics = self.validate(epoch)
                     record.update(_prefixed("val", val_metrics))
                     improved = self.monitor.update(record[self.monitor.key], epoch)
@@ -136,6 +138,8 @@ class Trainer:
                 self.logger.epoch_end(self.history)
                 self.checkpointer.epoch_end(epoch, improved)
                 self.write_metrics()
+                if validated and self.trial is not None:
+                    self.report_trial(epoch, record[self.monitor.key])
                 if self.monitor.should_stop():
                     log.info("early stop: %s did not improve for %d validations", self.monitor.key, self.monitor.stale)
                     break
@@ -324,6 +328,17 @@ class Trainer:
         for messages in dist.all_gather_object(bad.as_list()):  # one process: its own list, already known
             bad.add(messages)
         bad.check()
+
+    def report_trial(self, epoch: int, value: float) -> None:
+        """Give an Optuna trial this validation; raise ``TrialPruned`` when its pruner stops the run
+        (rank 0 asks the study, every rank follows)."""
+        from segrun.pruning import TrialPruned
+
+        last = epoch >= self.settings.epochs  # a trial that trained to its end is complete, never pruned
+        stop = self.trial.report(epoch, value, ask=not last) if dist.is_main() else False
+        if dist.main_decides(stop, self.device):
+            raise TrialPruned(f"pruned after epoch {epoch} of {self.settings.epochs}: {self.monitor.key} = "
+                              f"{value:.4f} lags the study's other trials")
 
     # ------------------------------------------------------------------------------------------
     # state and checkpoints

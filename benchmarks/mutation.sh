@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation score of segrun's core modules with mutmut 3 (`pip install -e '.[mutation]'`).
 #
-# Dev tooling, not part of CI: every mutant is a forked pytest run of the fast test modules that
+# Dev tooling, not part of CI: every mutant is a forked pytest run of the tests not marked slow that
 # reach the mutated function ([tool.mutmut] in pyproject.toml names both), about 0.3-1 mutants per
 # second on one core. Results accumulate in mutants/ (git-ignored): a second run only tests the
 # mutants not tested yet; `rm -rf mutants` starts over.
@@ -24,7 +24,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 JOBS=${JOBS:-1}
 MODULES=("$@")
 if [ ${#MODULES[@]} -eq 0 ]; then
-    MODULES=(segrun.metrics segrun.schedulers segrun.optim segrun.engine.monitor segrun.engine.checkpoint
+    MODULES=(segrun.metrics segrun.schedulers segrun.optim segrun.engine.monitor segrun.engine.checkpoint segrun.engine.checkpointer
              segrun.engine.predict segrun.data.loader segrun.data.cityscapes segrun.data.coco_stuff
              segrun.data.ade20k segrun.data.transforms segrun.losses)
 fi

@@ -14,7 +14,7 @@ from segrun.engine.loggers import run_name
 from segrun.engine.logging import prediction_grid
 from segrun.errors import ConfigError
 
-from conftest import compose_cfg, make_trainer, run_cli
+from helpers.cli import compose_cfg, make_trainer, run_cli
 
 
 # --- no silent typos ----------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_the_data_tool_lists_every_unreadable_file_of_a_small_split(tmp_path):
     from segrun.data import Folder
     from segrun.data.stats import measure
 
-    from fixtures import make_folder_fixture
+    from helpers.fixtures import make_folder_fixture
 
     make_folder_fixture(tmp_path, n=10, num_classes=3)
     broken = sorted((tmp_path / "images").glob("*.png"))[:2]
@@ -194,3 +194,6 @@ def test_infer_help_lists_its_own_options_only():
     assert "images: ???" in r.stdout and "overlay_alpha: 0.5" in r.stdout
     for training in ("Configuration groups", "model:", "optimizer:", "trainer:"):
         assert training not in r.stdout
+    for module, own in (("segrun.eval", "split: val"), ("segrun.export", "format: onnx")):
+        r = run_cli(["--help"], module=module)
+        assert r.returncode == 0 and own in r.stdout and "Configuration groups" not in r.stdout, (module, r.stdout)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from helpers.cli import REPO
 
 README = REPO / "README.md"
 TESTED_SECTIONS = ("Quickstart", "Your own data in five commands")

@@ -169,6 +169,34 @@ def test_mlflow_run_names_tell_sweep_jobs_apart():
 
 
 @pytest.mark.slow
+def test_an_mlflow_run_of_a_sweep_job_is_named_by_its_number_and_overrides(tmp_path):
+    pytest.importorskip("mlflow")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from mlflow.tracking import MlflowClient
+    from omegaconf import open_dict
+
+    from segrun.config import conf_dir
+    from segrun.engine.loggers import MLflowLogger
+
+    overrides = ["optimizer.lr=0.01", "seed=1", "logger=mlflow"]
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode, cfg.hydra.job.num, cfg.hydra.overrides.task = RunMode.MULTIRUN, 3, overrides
+        cfg.hydra.sweep.dir = str(tmp_path / "sweep")
+    HydraConfig.instance().set_config(cfg)
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        logger = MLflowLogger(tmp_path / "sweep" / "3", tracking_uri=uri)
+        logger.close()
+    finally:
+        HydraConfig.instance().cfg = None
+    assert MlflowClient(tracking_uri=uri).get_run(logger.run_id).info.run_name == "#3 optimizer.lr=0.01 seed=1"
+
+
+@pytest.mark.slow
 def test_a_run_does_not_catch_stop_signals_when_trained_in_process(tmp_path):
     """A test suite (or notebook) that trains in-process keeps its own SIGTERM handling."""
     from segrun.engine import preempt

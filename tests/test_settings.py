@@ -103,10 +103,12 @@ def _predict(**values):
 def test_prediction_settings():
     assert PredictSettings.from_config(_predict()) == PredictSettings()
     s = PredictSettings.from_config(_predict(mode="slide", crop_size=24, stride=[8, 16], scales=[0.5, 1], flip=True))
-    assert (s.mode, s.crop_size, s.stride, s.scales, s.flip) == ("slide", (24, 24), (8, 16), (0.5, 1.0), True)
-    assert s.kwargs() == {"mode": "slide", "crop_size": (24, 24), "stride": (8, 16), "scales": [0.5, 1.0], "flip": True}
+    assert (s.mode, s.crop_size, s.stride, s.scales, s.flip) == ("slide", 24, (8, 16), (0.5, 1.0), True)  # as given
+    assert s.kwargs() == {"mode": "slide", "crop_size": 24, "stride": (8, 16), "scales": [0.5, 1.0], "flip": True,
+                          "window_batch": None}
+    assert s.as_dict()["stride"] == [8, 16]
     assert PredictSettings.from_config(_predict(scales=None)).scales == (1.0,)
-    assert PredictSettings.from_config(_predict(crop_size=16)).crop_size == (16, 16)  # kept for infer's slide default
+    assert PredictSettings.from_config(_predict(crop_size=[16, 20])).crop_size == (16, 20)  # kept for a later slide
     assert _error(PredictSettings.from_config, _predict(mode="tiles")) == "predict.mode='tiles': expected whole or slide"
     assert _error(PredictSettings.from_config, _predict(mode="slide")) == \
         "predict.mode=slide needs predict.crop_size (the window size)"
@@ -137,7 +139,7 @@ def test_train_settings_read_every_key():
         (True, True, "default", 3, 0.99, "false", "cpu", 11)
     assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s) == (6, 2, 0, 900.0)
     assert (s.keep_last, s.dist_timeout_s) == (2, 90.0)
-    assert s.predict == PredictSettings("slide", (24, 24), None, (1.0,), True)
+    assert s.predict == PredictSettings("slide", 24, None, (1.0,), True)
     s = _settings("trainer.checkpoint_every=50", "trainer.compile=max-autotune", "trainer.prefetch=true",
                   "trainer.resume=null")
     assert (s.checkpoint_every_iters, s.checkpoint_every_s, s.compile, s.prefetch, s.resume) == (50, 0.0, "max-autotune",
@@ -151,7 +153,7 @@ def test_train_settings_defaults_are_the_documented_ones():
                                                                                             "auto")
     assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s, s.keep_last) == \
         (None, None, 0, 0.0, 0)
-    assert s.dist_timeout_s == 300.0 and s.predict == PredictSettings(crop_size=(64, 64))  # the dataset's crop
+    assert s.dist_timeout_s == 300.0 and s.predict == PredictSettings(crop_size=64)  # the dataset's crop
 
 
 @pytest.mark.parametrize("override, message", [

@@ -32,7 +32,7 @@ from segrun.engine.predict import Normalize, class_map, predict
 from segrun.engine.runtime import resolve_workers
 from segrun.engine.trainer import AUTOCAST_DTYPES
 from segrun.engine.trust import check_checkpoint
-from segrun.errors import SegrunError, report_user_errors
+from segrun.errors import SegrunError, report_user_errors, writing
 from segrun.infer import _device, _plain, _size, build_model, save_mask
 from segrun.metrics import ConfusionMatrix, class_metrics
 
@@ -182,7 +182,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sync = _SYNC.get(device.type, lambda: None)
     pred_dir = out / "predictions"
     if cfg.save_predictions:
-        pred_dir.mkdir(parents=True, exist_ok=True)
+        with writing(pred_dir, "output folder"):
+            pred_dir.mkdir(parents=True, exist_ok=True)
     n_images, model_time, timed_images, start, index = 0, 0.0, 0, None, 0
     bar = tqdm(loader, desc=f"eval {split}", unit="batch", file=sys.stderr, disable=not cfg.progress,
                dynamic_ncols=True)
@@ -208,13 +209,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 host = pred.cpu().numpy()
                 for j, (h, w) in enumerate(batch["size"]):
                     name = _safe_name(batch["id"][j]) if "id" in batch else f"{index + j:06d}"
-                    save_mask(host[j, :h, :w], palette, pred_dir / f"{name}.png", num_classes)
+                    with writing(pred_dir / f"{name}.png"):
+                        save_mask(host[j, :h, :w], palette, pred_dir / f"{name}.png", num_classes)
             index += images.shape[0]
             n_images += images.shape[0]
     sync()
     wall = time.perf_counter() - start if start is not None else 0.0
     bar.close()
     mat = cm.mat.detach().cpu()
+    if int(mat.sum()) == 0:  # no image read, or every pixel ignored: a mIoU of nan would mean nothing
+        raise EvalError(f"split={split}: no usable image to score ({n_images} image(s) read, none with a labelled "
+                        "pixel); check the split with python -m segrun.data")
     metrics = cm.compute(class_names)
     metrics.update(class_metrics(mat, class_names))
     result = {
@@ -236,7 +241,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         },
         "segrun_version": __version__,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, "output folder"):
+        out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "metrics.json")
     write_confusion_csv(mat, class_names, out / "confusion_matrix.csv")
     render_confusion_png(mat, class_names, out / "confusion_matrix.png",

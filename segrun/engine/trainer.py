@@ -31,6 +31,7 @@ from tqdm import tqdm
 from segrun import __version__
 from segrun.confusion import class_table, render_confusion_png, write_confusion_csv
 from segrun.data.bad_samples import BadSamples, bad_sample_limit
+from segrun.data.base import DatasetError
 from segrun.data.prefetch import DevicePrefetcher
 from segrun.engine import distributed as dist
 from segrun.engine import preempt
@@ -354,6 +355,12 @@ class Trainer:
         if dist.world_size() > 1:
             torch.distributed.all_reduce(loss_sum)
             torch.distributed.all_reduce(counts)
+        if float(cm.mat.sum()) == 0:  # every image unreadable (skipped) or wholly ignored: a mIoU of nan means nothing
+            bad = len(self.bad_samples["val"])
+            raise DatasetError(f"epoch {epoch} validation had no usable image: "
+                               + (f"{bad} val image(s) could not be read and were skipped"
+                                  if bad else "no val pixel carries a label other than ignore_index")
+                               + "; fix the val split (python -m segrun.data checks it) before training")
         metrics = cm.compute(self.meta.class_names)
         metrics["confusion"] = cm.mat.cpu()
         metrics["loss"] = float(loss_sum) / max(1.0, float(counts))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation score of segrun's core modules with mutmut 3 (`pip install -e '.[mutation]'`).
 #
-# Dev tooling, not part of CI: every mutant is a forked pytest run of the fast test modules that
+# Dev tooling, not part of CI: every mutant is a forked pytest run of the tests not marked slow that
 # reach the mutated function ([tool.mutmut] in pyproject.toml names both), about 0.3-1 mutants per
 # second on one core. Results accumulate in mutants/ (git-ignored): a second run only tests the
 # mutants not tested yet; `rm -rf mutants` starts over.

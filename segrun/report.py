@@ -139,6 +139,8 @@ def read_row(run_dir: Path, root: Path) -> Row:
     job = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
     if state in ("failed", "killed"):
         error = (status or {}).get("error")
+    elif state == "pruned":
+        error = (status or {}).get("note")
     return Row(job=job, overrides=_overrides(run_dir, status), state=state, monitor=monitor,
                best_epoch=metrics.get("best_epoch"), best_metric=metrics.get("best_metric"),
                mIoU=metrics.get("mIoU"), pixel_acc=metrics.get("pixel_acc"), mean_acc=metrics.get("mean_acc"),
@@ -171,6 +173,7 @@ def varying_keys(rows: Sequence[Row]) -> list[str]:
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row.overrides if k not in keys]
+    keys = [k for k in keys if k != "sweep.trial"]  # an Optuna trial's number: its job folder has that name
     return [k for k in keys if len({row.overrides.get(k) for row in rows}) > 1 or len(rows) == 1]
 
 
@@ -185,11 +188,11 @@ def rank_rows(rows: list[Row]) -> tuple[list[Row], str | None]:
     sign = 1.0 if monitor and monitor.split()[0] == "min" else -1.0
 
     def key(r: Row) -> tuple[int, float, list[Any]]:
-        ok = _finite(r.best_metric) and r.monitor == monitor
+        ok = _finite(r.best_metric) and r.monitor == monitor and r.state != "pruned"
         return (0 if ok else 1, sign * r.best_metric if ok else 0.0, _natural_key(Path(r.job)))
 
     rows = sorted(rows, key=key)
-    if rows and _finite(rows[0].best_metric) and rows[0].monitor == monitor:
+    if rows and _finite(rows[0].best_metric) and rows[0].monitor == monitor and rows[0].state != "pruned":
         rows[0].best = True
     return rows, monitor
 
@@ -298,7 +301,7 @@ def write_report(root: str | Path, quiet: bool = False) -> dict[str, Any]:
     table = markdown(rows, keys, monitor)
     _write(root / "report.md", table)
     write_csv(rows, keys, root / "report.csv")
-    not_done = [r for r in rows if r.state != "done"]
+    not_done = [r for r in rows if r.state not in ("done", "pruned")]  # a pruned trial ended as its study asked
     data = {"root": str(root), "monitor": monitor, "varying": keys,
             "best_job": next((r.job for r in rows if r.best), None),
             "counts": {s: sum(r.state == s for r in rows) for s in sorted({r.state for r in rows})},

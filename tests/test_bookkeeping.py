@@ -5,6 +5,7 @@ schedule through the real trainer against its closed form.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from segrun.engine.checkpoint import load_checkpoint
 from segrun.engine.monitor import Monitor
 from segrun.errors import MonitorError
 
-from conftest import make_trainer
+from helpers.cli import make_trainer
 
 
 def _feed(monitor: Monitor, values):
@@ -162,3 +163,20 @@ def test_resume_restores_step_schedule_and_monitor(scripted_run, tmp_path):
     assert (resumed.monitor.best, resumed.monitor.best_epoch, resumed.monitor.stale) == (0.5, 3, 1)
     for group in resumed.optimizer.param_groups:
         assert group["lr"] == pytest.approx(poly(0.05, step, 8 * t.iters_per_epoch), rel=1e-9)
+
+
+def test_metrics_and_report_carry_the_best_epoch_not_the_last(scripted_run):
+    """A real 5-epoch run whose scripted val/loss is best at epoch 3 (0.5) and worst at its last (4.0)."""
+    from segrun.report import write_report
+
+    t, run, _, _ = scripted_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    third = metrics["history"][2]
+    assert (metrics["best_epoch"], metrics["best_metric"], metrics["epochs_completed"]) == (3, 0.5, 5)
+    assert metrics["history"][-1]["val/loss"] == 4.0
+    for key in ("mIoU", "pixel_acc", "mean_acc"):  # the best epoch's validation numbers
+        assert metrics[key] == third[f"val/{key}"], key
+    row = write_report(run, quiet=True)["rows"][0]
+    assert (row["best_epoch"], row["best_metric"], row["epochs"], row["monitor"]) == (3, 0.5, 5, "min val/loss")
+    assert (row["mIoU"], row["pixel_acc"], row["mean_acc"]) == (third["val/mIoU"], third["val/pixel_acc"],
+                                                                third["val/mean_acc"])

@@ -14,8 +14,8 @@ from segrun.engine.settings import TrainSettings
 from segrun.engine.trainer import Trainer
 from segrun.errors import ConfigError
 
-from conftest import TINY, make_trainer, run_cli
-from parts import hand_made_parts
+from helpers.cli import TINY, make_trainer, run_cli
+from helpers.parts import hand_made_parts
 
 
 def _checked(overrides):
@@ -50,6 +50,7 @@ def test_good_values_pass_and_fill_settings():
     assert (s.epochs, s.precision, s.predict.scales) == (3, "bf16", (0.5, 1.0))
 
 
+@pytest.mark.slow
 def test_cli_stops_before_training_with_one_line(tmp_path):
     proc = run_cli([*TINY, "trainer.epochs=abc", f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 2

@@ -12,7 +12,7 @@ from segrun.data import Folder
 from segrun.engine.checkpoint import load_checkpoint
 from segrun.train import resume_argv
 
-from conftest import compose_cfg, make_trainer
+from helpers.cli import compose_cfg, make_trainer
 
 
 def _write_known_frequencies(root):

@@ -2,7 +2,11 @@
 
 import json
 
-from conftest import TINY, run_cli
+import pytest
+
+from helpers.cli import TINY, run_cli
+
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI
 
 
 def test_cfg_job_prints_composed_config():

@@ -8,14 +8,15 @@ view ``v`` in row ``r`` starts at ``y = TITLE_H + r (CAPTION_H + CELL + GAP) + C
 """
 
 import numpy as np
+import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
 from segrun.data import build_loader, default_palette
 from segrun.data.preview import CAPTION_H, CELL, GAP, HATCH, HATCH_W, TITLE_H, VIEW_GAP
 
-from conftest import compose_cfg, run_cli
-from fixtures import make_folder_fixture
+from helpers.cli import compose_cfg, run_cli
+from helpers.fixtures import make_folder_fixture
 
 SHAPES = ["dataset.sizes={train: 8, val: 4, test: 4}", "dataset.min_size=32", "dataset.max_size=48",
           "dataset.base_size=40", "dataset.crop_size=32"]
@@ -57,6 +58,7 @@ def _sample(total, n, seed=0):
         else list(range(total))
 
 
+@pytest.mark.slow
 def test_show_shapes_writes_one_grid_per_split(tmp_path):
     r = run_cli(["show=4", *SHAPES], module="segrun.data", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -71,6 +73,7 @@ def test_show_shapes_writes_one_grid_per_split(tmp_path):
             _check_view(grid, row, 0, image, label, list(cfg.dataset.palette))
 
 
+@pytest.mark.slow
 def test_show_folder_marks_ignore_pixels(tmp_path):
     written = make_folder_fixture(tmp_path / "data", n=6, num_classes=3)
     out = tmp_path / "pictures"
@@ -89,6 +92,7 @@ def test_show_folder_marks_ignore_pixels(tmp_path):
     assert ignored == 6  # every fixture mask has ignore pixels
 
 
+@pytest.mark.slow
 def test_augment_shows_what_the_training_loader_yields(tmp_path):
     r = run_cli(["show=3", "augment=true", "draws=2", "seed=5", *SHAPES], module="segrun.data", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

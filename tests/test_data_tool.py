@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from segrun.data import Folder
 from segrun.data.stats import inverse_log_weights, measure, median_frequency_weights
 
-from fixtures import make_folder_fixture, make_voc_fixture
+from helpers.fixtures import make_folder_fixture, make_voc_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,7 @@ def test_class_weight_formulas():
     np.testing.assert_allclose(inverse_log_weights(counts), 1 / np.log(1.02 + counts / 1000))
 
 
+@pytest.mark.slow
 def test_tool_summary_writes_nothing(tmp_path):
     make_voc_fixture(tmp_path / "voc", n=6)
     work = tmp_path / "cwd"
@@ -65,6 +67,7 @@ def test_tool_summary_writes_nothing(tmp_path):
     assert list(work.iterdir()) == []  # no outputs/, .hydra/ or log file
 
 
+@pytest.mark.slow
 def test_tool_errors(tmp_path):
     r = run_tool("dataset=voc", f"dataset.root={tmp_path / 'missing'}", cwd=tmp_path)
     assert r.returncode == 2

@@ -34,7 +34,7 @@ from segrun.data import (
     voc,
 )
 
-from fixtures import (
+from helpers.fixtures import (
     make_ade20k_fixture,
     make_cityscapes_fixture,
     make_clothes_fixture,

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import make_folder_fixture, make_voc_fixture
+from helpers.fixtures import make_folder_fixture, make_voc_fixture
+
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["trainer.epochs=1", "model.width=4", "model.depth=2", "dataset.crop_size=32", "dataset.base_size=48",

@@ -18,7 +18,7 @@ from segrun.engine.checkpoint import load_checkpoint
 from segrun.engine.predict import Normalize, predict
 from segrun.metrics import ConfusionMatrix
 
-from conftest import TINY, run_cli
+from helpers.cli import TINY, run_cli
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -67,6 +67,7 @@ def test_epoch_sampler_shards_cover_validation_exactly_once_and_training_evenly(
     assert [len(s) for s in train] == [len(list(s)) for s in train] == [3, 3]  # same number of steps per rank
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_cpu_matches_single_process_evaluation(tmp_path):
     # 5 validation images: shards of 3 and 2, so duplicated or dropped images would change the numbers
     cwd = tmp_path / "work"
@@ -99,6 +100,7 @@ def test_torchrun_ddp_cpu_matches_single_process_evaluation(tmp_path):
     assert final["val/loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_rank_without_validation_images(tmp_path):
     # one validation image for two ranks: rank 1 validates nothing and must not wait on a collective
     cwd = tmp_path / "work"

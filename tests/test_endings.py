@@ -17,8 +17,8 @@ import torch
 
 from segrun.errors import WriteError
 
-from conftest import TINY, compose_cfg, make_trainer, run_cli
-from fixtures import make_checkpoint, make_folder_fixture
+from helpers.cli import TINY, compose_cfg, make_trainer, run_cli
+from helpers.fixtures import make_checkpoint, make_folder_fixture
 
 
 @contextlib.contextmanager

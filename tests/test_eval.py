@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -14,8 +15,8 @@ from segrun.confusion import read_confusion_csv
 from segrun.engine.checkpoint import load_checkpoint
 from segrun.eval import EvalError, run
 
-from conftest import TINY, compose_cfg, make_trainer, run_cli
-from fixtures import make_folder_fixture, perturb_checkpoint
+from helpers.cli import TINY, compose_cfg, make_trainer, run_cli
+from helpers.fixtures import make_folder_fixture, perturb_checkpoint
 
 SCALARS = ("mIoU", "pixel_acc", "mean_acc", "fwIoU")
 
@@ -94,6 +95,7 @@ def test_dataset_overrides_score_another_copy(trained, tmp_path):
         run(_eval_cfg(ckpt, "++dataset.colour=1"))
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_throughput(trained, tmp_path):
     ckpt = trained["run"] / "checkpoints" / "last.pt"
     r = run_cli([f"ckpt={ckpt}", "dataset.sizes.val=6", f"out={tmp_path / 'cli'}", "save_predictions=true"],
@@ -117,3 +119,42 @@ def test_another_dataset_with_the_same_classes(trained, tmp_path):
     np.testing.assert_array_equal(mat.sum(1), expected)
     with pytest.raises(EvalError, match="has 3 classes, the checkpoint's model 5"):
         run(_eval_cfg(ckpt, "dataset=folder", f"++dataset.root={tmp_path / 'mine'}", "++dataset.num_classes=3"))
+
+
+@pytest.fixture(scope="module")
+def trained_slide_flip(tmp_path_factory) -> Path:
+    """A one-epoch tiny run validated with ``predict.mode=slide`` (24 px windows) and ``predict.flip=true``.
+
+    The conv weights get noise before training and the learning rate is tiny, so the validated model
+    predicts several classes and the prediction settings change its numbers."""
+    run_dir = tmp_path_factory.mktemp("slide") / "run"
+    t = make_trainer(run_dir, ["trainer.epochs=1", "trainer.tensorboard=false", "optimizer.lr=1e-9",
+                               "predict.mode=slide", "predict.crop_size=24", "predict.stride=16", "predict.flip=true"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in t.model.parameters():
+            if p.dim() == 4:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    t.fit()
+    return run_dir
+
+
+def test_eval_of_a_slide_flip_run_reproduces_its_validation_and_records_the_mode(trained_slide_flip):
+    run_dir = trained_slide_flip
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    validated = load_checkpoint(ckpt)["history"][-1]
+    result = run(_eval_cfg(ckpt))
+    for k in SCALARS:
+        assert result[k] == validated[f"val/{k}"], k
+    out = run_dir / "eval" / "last-val-slide-tta"  # the folder says how it predicted
+    recorded = json.loads((out / "metrics.json").read_text())["predict"]
+    assert recorded["mode"] == "slide" and recorded["flip"] is True
+    assert recorded["crop_size"] == 24 and recorded["stride"] == 16 and recorded["scales"] == [1.0]
+    _, mat = read_confusion_csv(out / "confusion_matrix.csv")
+    assert (mat.sum(0) > 0).sum() > 1  # several classes predicted: the settings can matter
+    # each stored setting matters: without either one the numbers are not the validation's
+    for extra in (["mode=whole"], ["flip=false"]):
+        other = run(_eval_cfg(ckpt, *extra, f"out={run_dir / 'other'}"))
+        _, other_mat = read_confusion_csv(run_dir / "other" / "confusion_matrix.csv")
+        assert not np.array_equal(other_mat, mat), extra
+        assert other["predict"]["mode"] == ("whole" if extra == ["mode=whole"] else "slide")

@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from segrun.engine.predict import Normalize, predict
 from segrun.export import ExportError, run, sample_input
 
-from conftest import TINY, compose_cfg
-from fixtures import make_checkpoint
+from helpers.cli import TINY, compose_cfg
+from helpers.fixtures import make_checkpoint
 
 NAMES = ["background", "ellipse", "rectangle", "triangle", "ring"]
 

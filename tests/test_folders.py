@@ -17,7 +17,7 @@ import pytest
 from segrun.engine.status import RunClaim, SweepClaim, read_status, record_job
 from segrun.errors import RunFolderError
 
-from conftest import REPO, TINY, run_cli
+from helpers.cli import REPO, TINY, run_cli
 
 #: imports segrun first, then waits for the shared start time: the two launches reach the claim together
 _AT_ONCE = """

@@ -16,8 +16,8 @@ from segrun.engine.checkpoint import CheckpointError
 from segrun.engine.predict import Normalize, predict
 from segrun.infer import InferError, check_outputs, run
 
-from conftest import TINY, compose_cfg, make_trainer, run_cli
-from fixtures import perturb_checkpoint
+from helpers.cli import TINY, compose_cfg, make_trainer, run_cli
+from helpers.fixtures import perturb_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,7 @@ def _infer_cfg(setup: dict, out: Path, *extra: str):
                         *extra], config_name="infer")
 
 
+@pytest.mark.slow
 def test_cli_writes_palette_masks_equal_to_validation(setup):
     out = setup["root"] / "out"
     r = run_cli([f"ckpt={setup['ckpt']}", f"images={setup['images']}", f"out={out}"], module="segrun.infer")
@@ -132,6 +133,7 @@ def test_config_and_checkpoint_mistakes_raise_named_errors(setup, tmp_path):
         check_outputs([tmp_path / "x.jpg", tmp_path / "x.png"], tmp_path / "out", overlay=False)
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line(setup, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -152,6 +154,7 @@ def test_bad_inputs_exit_2_with_one_line(setup, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_unreadable_file_is_skipped_and_named_and_subfolders_are_mirrored(setup, tmp_path):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)

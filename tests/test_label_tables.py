@@ -14,7 +14,7 @@ from PIL import Image
 from segrun.data import ADE20K, Cityscapes, COCOStuff
 from segrun.data.base import DatasetError
 
-from fixtures import make_ade20k_fixture, make_cityscapes_fixture, make_coco_stuff_fixture
+from helpers.fixtures import make_ade20k_fixture, make_cityscapes_fixture, make_coco_stuff_fixture
 
 IGNORE = 255
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from segrun.models import (
+    BACKBONES,
     FCN,
     PSPNet,
     ResNetUNet,
@@ -46,12 +47,22 @@ TINY = {
     "width": 8,
     "depth": 3,
     "max_width": 32,
+    "channels": 16,
+}
+#: where the shared tiny settings would change what a config is about
+PER_MODEL = {
+    "gcn": {"output_stride": 32},  # GCN's decoder needs the undilated strides
+    "psp_densenet": {"backbone": "densenet121"},
+    "upernet_convnext": {"backbone": "test_convnext"},  # timm's 0.3 M test ConvNeXt
+    "segformer": {"decoder_channels": 16},
+    "dpt": {"backbone": "test_vit", "channels": 16},
 }
 
 
 def model_cfg(name: str, **overrides):
     raw = OmegaConf.load(CONF / f"{name}.yaml")
     tiny = {k: v for k, v in TINY.items() if k in raw}
+    tiny.update({k: v for k, v in PER_MODEL.get(name, {}).items() if k in raw})
     cfg = OmegaConf.create({"dataset": {"num_classes": NUM_CLASSES, "ignore_index": 255}, "model": raw})
     cfg.model = OmegaConf.merge(cfg.model, tiny, overrides)
     OmegaConf.resolve(cfg)
@@ -61,8 +72,10 @@ def model_cfg(name: str, **overrides):
 def build(name: str, **overrides) -> nn.Module:
     """Instantiate like the trainer does; Hydra's wrapper is removed so tests see our own errors."""
     cfg = model_cfg(name, **overrides)
-    if cfg["_target_"].endswith("SMPModel"):
+    if cfg["_target_"].endswith(("SMPModel", "SegFormer", "DPT")):
         pytest.importorskip("segmentation_models_pytorch")
+    if cfg.get("backbone") and cfg["backbone"] not in BACKBONES:
+        pytest.importorskip("timm")
     try:
         return instantiate(cfg)
     except InstantiationException as exc:

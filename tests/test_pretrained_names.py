@@ -10,7 +10,7 @@ import torchvision
 from segrun.models.backbones import build_backbone
 from segrun.models.pretrained import PretrainedError, PretrainedNotFoundError, find_weights, resolve_pretrained
 
-from conftest import TINY, run_cli
+from helpers.cli import TINY, run_cli
 
 
 def _small_resnet18_state():
@@ -56,6 +56,7 @@ def test_imagenet_loads_from_the_torch_cache_with_its_hash(tmp_path, monkeypatch
         build_backbone("resnet18", output_stride=32, pretrained="imagenet")
 
 
+@pytest.mark.slow
 def test_missing_weights_one_line_from_the_cli(tmp_path):
     torch_home = tmp_path / "torch"
     with pytest.raises(PretrainedNotFoundError):  # in-process: the error type

@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from segrun.engine.checkpoint import load_checkpoint
 
-from conftest import REPO, TINY, run_cli
+from helpers.cli import REPO, TINY, run_cli
+
+pytestmark = pytest.mark.slow  # subprocess runs of the CLI
 
 ARGS = [*TINY, "trainer.epochs=4", "trainer.deterministic=true", "dataset.sizes={train: 32, val: 8, test: 4}"]
 

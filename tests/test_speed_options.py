@@ -12,8 +12,8 @@ from segrun.engine.settings import TrainSettings
 from segrun.engine.trainer import Trainer
 from segrun.errors import ConfigError
 
-from conftest import make_trainer
-from parts import Pixels, hand_made_parts
+from helpers.cli import make_trainer
+from helpers.parts import Pixels, hand_made_parts
 
 
 def hand_made_trainer(run_dir, batch_size, epochs=2, **settings):
@@ -40,8 +40,8 @@ def test_accumulate_2_of_batch_b_equals_batch_2b(tmp_path):
     assert not torch.allclose(plain.model[0].weight, large.model[0].weight, atol=1e-4)
 
 
-def test_ema_is_the_hand_computed_average_and_is_what_checkpoints_serve(tmp_path):
-    decay = 0.5
+@pytest.mark.parametrize("decay", [0.5, 0.9])  # 0.9: the old average's share and the new weights' differ
+def test_ema_is_the_hand_computed_average_and_is_what_checkpoints_serve(tmp_path, decay):
     trainer = hand_made_trainer(tmp_path, batch_size=2, epochs=1, ema_decay=decay)
     seen = []
     step = trainer.optimizer_step
@@ -52,9 +52,14 @@ def test_ema_is_the_hand_computed_average_and_is_what_checkpoints_serve(tmp_path
 
     trainer.optimizer_step = record
     trainer.fit()
+    assert len(seen) == trainer.global_step == 4  # Pixels: 8 samples, batches of 2
     expected = dict(seen[0])  # the first update copies, later ones move (1 - decay) of the way
     for weights in seen[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
+    if decay == 0.9:  # written out for the first weight: w1 d^3 + w2 (1-d) d^2 + w3 (1-d) d + w4 (1-d)
+        w = [s["0.weight"] for s in seen]
+        by_hand = 0.729 * w[0] + 0.081 * w[1] + 0.09 * w[2] + 0.1 * w[3]
+        torch.testing.assert_close(expected["0.weight"], by_hand)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     for k, v in expected.items():
         torch.testing.assert_close(last["model"][k], v)

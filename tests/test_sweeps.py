@@ -17,7 +17,7 @@ import pytest
 from segrun.engine.status import RunClaim, effective_state, read_status
 from segrun.errors import RunFolderError
 
-from conftest import REPO, TINY, make_trainer, run_cli
+from helpers.cli import REPO, TINY, make_trainer, run_cli
 
 #: one-epoch jobs of the tiny run, deterministic so two sweeps can be compared number for number
 JOB = [*TINY, "trainer.epochs=1", "trainer.deterministic=true", "trainer.tensorboard=false"]
@@ -43,6 +43,7 @@ def failing_sweep(tmp_path_factory):
     return sweep, r
 
 
+@pytest.mark.slow
 def test_grid_2x2_gives_four_folders_and_a_four_row_report(tmp_path):
     r = run_cli(["-m", *JOB, "optimizer.lr=0.01,0.02", "seed=0,1", f"hydra.sweep.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -67,6 +68,7 @@ def test_grid_2x2_gives_four_folders_and_a_four_row_report(tmp_path):
     assert [row["best_metric"] for row in report["rows"]] == metrics
 
 
+@pytest.mark.slow
 def test_failed_middle_job_does_not_stop_the_sweep(failing_sweep):
     sweep, r = failing_sweep
     assert r.returncode == 1, r.stderr[-2000:]
@@ -84,6 +86,7 @@ def test_failed_middle_job_does_not_stop_the_sweep(failing_sweep):
     assert r.stderr.count("error: job 1") == 1
 
 
+@pytest.mark.slow
 def test_sigkilled_sweep_resumes_to_the_uninterrupted_report(failing_sweep, tmp_path):
     reference, _ = failing_sweep
     sweep = tmp_path / "sweep"
@@ -109,6 +112,7 @@ def test_sigkilled_sweep_resumes_to_the_uninterrupted_report(failing_sweep, tmp_
     assert _comparable(_report(sweep), sweep) == _comparable(_report(reference), reference)
 
 
+@pytest.mark.slow
 def test_joblib_runs_two_jobs_in_parallel(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     r = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *JOB, "seed=0,1",
@@ -122,9 +126,13 @@ def test_joblib_runs_two_jobs_in_parallel(tmp_path):
     assert f"of 2 parallel jobs: {max(1, (os.cpu_count() or 1) // 2)} CPU thread(s)" in log
 
 
+@pytest.mark.slow
 def test_hparams_search_runs_three_optuna_trials(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    r = run_cli(["-m", "hparams_search=lr_wd", "hydra.sweeper.n_trials=3", *JOB, f"hydra.sweep.dir={tmp_path}"])
+    optuna = pytest.importorskip("optuna")
+    if int(optuna.__version__.split(".")[0]) < 4:
+        pytest.skip(f"optuna {optuna.__version__}: segrun's sweeper needs optuna >= 4")
+    r = run_cli(["-m", "hparams_search=lr_wd", "hydra.sweeper.n_trials=3", *JOB, f"hydra.sweep.dir={tmp_path}",
+                 f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}"])
     assert r.returncode == 0, r.stderr[-2000:]
     report = _report(tmp_path)
     assert len(report["rows"]) == 3 and report["varying"] == ["optimizer.lr", "optimizer.weight_decay"]
@@ -134,6 +142,7 @@ def test_hparams_search_runs_three_optuna_trials(tmp_path):
         assert 1e-4 <= float(row["overrides"]["optimizer.lr"]) <= 0.2
 
 
+@pytest.mark.slow
 def test_debug_fast_then_resume_auto(tmp_path):
     """debug=fast: one batch each way; trainer.resume=auto starts fresh, then continues last.pt."""
     run = tmp_path / "run"
@@ -179,6 +188,7 @@ def test_csv_logger_records_the_epoch_metrics(tmp_path):
     assert (tmp_path / "tensorboard").is_dir()  # both loggers ran
 
 
+@pytest.mark.slow
 def test_mlflow_logger_run_reads_back_with_mlflows_client(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
@@ -202,6 +212,7 @@ def test_mlflow_logger_run_reads_back_with_mlflows_client(tmp_path):
     assert (tmp_path / "mlartifacts").is_dir() and not (REPO / "mlruns").exists()
 
 
+@pytest.mark.slow
 def test_second_run_into_a_live_folder_stops_with_one_line(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -224,6 +235,7 @@ def test_second_run_into_a_live_folder_stops_with_one_line(tmp_path):
     assert effective_state(read_status(run)) == "killed"
 
 
+@pytest.mark.slow
 def test_two_launches_with_the_same_default_folder_get_two_folders(tmp_path):
     """What two launches in the same second do: both resolve the same ``${now:...}`` path."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -237,6 +249,7 @@ def test_two_launches_with_the_same_default_folder_get_two_folders(tmp_path):
     assert {read_status(tmp_path / "outputs" / f)["pid"] for f in folders} == {p.pid for p in procs}
 
 
+@pytest.mark.slow
 def test_claim_rules(tmp_path):
     """A live owner blocks, a dead one is taken over, a finished run needs a deliberate resume."""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -11,7 +11,7 @@ from segrun.engine.checkpoint import load_checkpoint
 from segrun.engine.trainer import NonFiniteLossError
 from segrun.errors import MonitorError
 
-from conftest import TINY, make_trainer
+from helpers.cli import TINY, make_trainer
 
 
 def _trainer(tmp_path, extra=()):
@@ -134,7 +134,7 @@ def test_best_validation_leaves_its_confusion_matrix(tmp_path, caplog):
 
     from segrun.confusion import read_confusion_csv
 
-    from conftest import compose_cfg
+    from helpers.cli import compose_cfg
 
     t = _trainer(tmp_path, ["trainer.epochs=1"])
     with caplog.at_level("INFO", logger="segrun"):

@@ -12,8 +12,8 @@ from PIL import Image
 from segrun.engine.trust import UntrustedCheckpointError, check_overrides, check_targets, trusted_prefixes
 from segrun.train import resume_argv
 
-from conftest import TINY, compose_cfg, run_cli
-from fixtures import make_checkpoint
+from helpers.cli import TINY, compose_cfg, run_cli
+from helpers.fixtures import make_checkpoint
 
 MARKER_MODULE = '''
 import os
@@ -96,6 +96,7 @@ def test_infer_eval_export_refuse_before_building_and_accept_when_trusted(untrus
         marker.unlink()
 
 
+@pytest.mark.slow
 def test_resume_refuses_the_stored_target_and_replayed_override(untrusted, tmp_path):
     ckpt, marker = untrusted["ckpt"], untrusted["marker"]
     with pytest.raises(UntrustedCheckpointError, match="trust_marker.build"):

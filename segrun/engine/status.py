@@ -4,7 +4,8 @@ A run claims its folder before anything is written into it (``state: running`` w
 start time; a Hydra callback takes the claim before Hydra writes its log file, and segrun writes
 ``.hydra/`` itself afterwards). The claim is taken under an exclusive lock on ``.status.lock``, so
 two runs started at once into the same folder cannot both win. It ends as ``done`` (with the best
-monitored value) or ``failed`` (with the one-line error); both carry the wall time. A folder that
+monitored value), ``pruned`` (an Optuna trial its study's pruner stopped) or ``failed`` (with the
+one-line error); all carry the wall time. A folder that
 holds files segrun did not write, or a previous run's checkpoints that are not being resumed, is
 refused. A sweep claims its sweep folder the same way (``sweep.json``) before any job folder exists.
 
@@ -36,12 +37,12 @@ STATUS_FILE = "status.json"
 LOCK_FILE = ".status.lock"
 SWEEP_FILE = "sweep.json"
 SWEEP_LOCK = ".sweep.lock"
-STATES = ("running", "done", "failed")
+STATES = ("running", "done", "pruned", "failed")
 #: field -> accepted types (bool is rejected where a number is meant)
 _FIELDS: dict[str, tuple[type, ...]] = {
     "pid": (int,), "host": (str,), "started": (str,), "start_time": (int, float), "overrides": (list,),
     "job_num": (int,), "slurm_job_id": (str,), "best_metric": (int, float, type(None)), "wall_s": (int, float),
-    "ended": (str,), "error": (str,), "error_type": (str,),
+    "ended": (str,), "error": (str,), "error_type": (str,), "note": (str,),
 }
 
 
@@ -258,6 +259,10 @@ class RunClaim:
 
     def done(self, best_metric: float | None) -> None:
         self._end(state="done", best_metric=best_metric)
+
+    def pruned(self, note: str, best_metric: float | None) -> None:
+        """Stopped early by an Optuna pruner: neither done nor failed."""
+        self._end(state="pruned", note=note, best_metric=best_metric)
 
     def failed(self, error: str, error_type: str) -> None:
         self._end(state="failed", error=error, error_type=error_type)

@@ -122,6 +122,7 @@ class Trainer:
         self.resume_position: dict[str, Any] | None = None  # where a mid-epoch checkpoint stopped
         self.last_saved_step: int | None = None
         self.last_checkpoint_time = time.monotonic()
+        self.trial: Any = None  # segrun.pruning.TrialReporter of an Optuna trial (set by segrun.job)
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -137,8 +138,9 @@ class Trainer:
             while self.epoch < s.epochs:
                 epoch = self.epoch + 1
                 record: dict[str, Any] = {"epoch": epoch, **_prefixed("train", self.train_one_epoch(epoch))}
-                improved = False
+                improved = validated = False
                 if epoch % s.val_every == 0 or epoch == s.epochs:
+                    validated = True
                     val_metrics = self.validate(epoch)
                     record.update(_prefixed("val", val_metrics))
                     improved = self.monitor.update(record[self.monitor.key], epoch)
@@ -157,6 +159,8 @@ class Trainer:
                     for old in prune_epoch_checkpoints(self.ckpt_dir, s.keep_last) if dist.is_main() else []:
                         log.info("removed %s (trainer.keep_last=%d)", old.name, s.keep_last)
                 self.write_metrics()
+                if validated and self.trial is not None:
+                    self.report_trial(epoch, record[self.monitor.key])
                 if self.monitor.should_stop():
                     log.info("early stop: %s did not improve for %d validations", self.monitor.key, self.monitor.stale)
                     break
@@ -425,6 +429,21 @@ class Trainer:
             cm.mat.copy_(pos["confusion"].to(cm.mat.device))
         log.info("continuing epoch %d at batch %d of %d", epoch, batches + 1, self.batches_per_epoch)
         return batches
+
+    def report_trial(self, epoch: int, value: float) -> None:
+        """Give an Optuna trial this validation; raise ``TrialPruned`` when its pruner stops the run
+        (rank 0 asks the study, every rank follows)."""
+        from segrun.pruning import TrialPruned
+
+        last = epoch >= self.settings.epochs  # a trial that trained to its end is complete, never pruned
+        stop = self.trial.report(epoch, value, ask=not last) if dist.is_main() else False
+        if dist.world_size() > 1:
+            flag = torch.tensor(float(stop), device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            stop = bool(flag)
+        if stop:
+            raise TrialPruned(f"pruned after epoch {epoch} of {self.settings.epochs}: {self.monitor.key} = "
+                              f"{value:.4f} lags the study's other trials")
 
     def stop_if_requested(self, epoch: int, batches: int, at_epoch_end: bool = False) -> None:
         """Raise ``Preempted`` once ``last.pt`` holds this point. Inside an epoch the caller has already

@@ -1,16 +1,19 @@
-"""Multi-level feature extractors built from torchvision classifiers (never with downloaded weights).
+"""Multi-level feature extractors built from torchvision classifiers or timm (never with downloaded weights).
 
 Every backbone returns an ordered dict of five feature maps named after their nominal stride
 (FPN convention): ``c1`` (1/2), ``c2`` (1/4), ``c3`` (1/8), ``c4`` (1/16), ``c5`` (1/32). With
 ``output_stride`` 8 or 16 the deeper stages are dilated instead of strided, so e.g. at OS8 ``c3``,
 ``c4`` and ``c5`` all have 1/8 resolution. ``channels`` maps each name to its channel count, which
 is what heads need to size themselves. Parameter names match torchvision's classifiers so that
-their state dicts load directly (see :mod:`segrun.models.pretrained`).
+their state dicts load directly (see :mod:`segrun.models.pretrained`). ``strides`` maps each name to
+its actual stride (what decoders that upsample by fixed factors check). Any other name is looked up
+in timm (:mod:`segrun.models.timm_backbone`, optional extra ``segrun[models]``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 
 import torch
@@ -24,7 +27,8 @@ from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_p
 FEATURE_NAMES = ("c1", "c2", "c3", "c4", "c5")
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 MOBILENETS = ("mobilenet_v3_large",)
-BACKBONES = RESNETS + MOBILENETS
+DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
+BACKBONES = RESNETS + MOBILENETS + DENSENETS
 
 
 def replace_first_conv(module: nn.Module, in_channels: int) -> str:
@@ -73,6 +77,11 @@ def _dilate_basic_layer(layer: nn.Sequential, previous_dilation: int, dilation: 
         block.stride = 1
 
 
+def nominal_strides(output_stride: int) -> dict[str, int]:
+    """Each level's stride when the stages past ``output_stride`` are dilated instead of strided."""
+    return {name: min(2 ** (i + 1), output_stride) for i, name in enumerate(FEATURE_NAMES)}
+
+
 def _check_output_stride(name: str, output_stride: int, allowed: tuple[int, ...]) -> None:
     if output_stride not in allowed:
         raise ConfigError(
@@ -109,6 +118,7 @@ class ResNetBackbone(nn.Module):
         expansion = 4 if name in ("resnet50", "resnet101") else 1
         widths = (64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion)
         self.channels = dict(zip(FEATURE_NAMES, widths))
+        self.strides = nominal_strides(output_stride)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         c1 = self.relu(self.bn1(self.conv1(x)))
@@ -138,6 +148,7 @@ class MobileNetV3Backbone(nn.Module):
             raise RuntimeError(f"unexpected MobileNetV3 layout: stage ends {ends}")
         self._taps = dict(zip(ends, FEATURE_NAMES))
         self.channels = {name: self.features[i].out_channels for i, name in self._taps.items()}
+        self.strides = nominal_strides(output_stride)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats: dict[str, torch.Tensor] = OrderedDict()
@@ -148,9 +159,57 @@ class MobileNetV3Backbone(nn.Module):
         return feats
 
 
+class DenseNetBackbone(nn.Module):
+    """torchvision DenseNet-121/161/169/201 ``features``: ``c1`` after the stem conv, ``c2``..``c4`` after
+    dense blocks 1..3, ``c5`` after block 4 and its final norm + ReLU.
+
+    For ``output_stride`` 8/16 the average pool of the transitions past that stride is dropped and the
+    3x3 convolutions of the following dense blocks are dilated (as for ResNets); weights still load.
+    """
+
+    def __init__(self, name: str = "densenet121", in_channels: int = 3, output_stride: int = 8) -> None:
+        super().__init__()
+        if name not in DENSENETS:
+            raise ConfigError(f"model.backbone='{name}' is not a DenseNet; expected one of {DENSENETS}")
+        _check_output_stride(name, output_stride, (8, 16, 32))
+        self.features = getattr(torchvision.models, name)(weights=None).features
+        self.name = name
+        self.output_stride = output_stride
+        dilation = 1
+        for i, (transition, block) in enumerate((("transition2", "denseblock3"), ("transition3", "denseblock4"))):
+            if output_stride <= 8 * 2**i:  # OS8: both transitions; OS16: the last one
+                dilation *= 2
+                self.features.get_submodule(transition).pool = nn.Identity()
+                for layer in self.features.get_submodule(block).children():
+                    layer.conv2.dilation, layer.conv2.padding = (dilation, dilation), (dilation, dilation)
+        if in_channels != 3:
+            replace_first_conv(self, in_channels)
+        f = self.features
+        self.channels = {"c1": f.conv0.out_channels, "c2": f.transition1.conv.in_channels,
+                         "c3": f.transition2.conv.in_channels, "c4": f.transition3.conv.in_channels,
+                         "c5": f.norm5.num_features}
+        self.strides = nominal_strides(output_stride)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features
+        c1 = f.relu0(f.norm0(f.conv0(x)))
+        c2 = f.denseblock1(f.pool0(c1))
+        c3 = f.denseblock2(f.transition1(c2))
+        c4 = f.denseblock3(f.transition2(c3))
+        c5 = torch.relu(f.norm5(f.denseblock4(f.transition3(c4))))
+        return OrderedDict(c1=c1, c2=c2, c3=c3, c4=c4, c5=c5)
+
+
+#: torchvision's published DenseNet files name layers ``norm.1``; its modules say ``norm1``
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
 def _drop_classifier(key: str) -> str | None:
     """Classification-head keys are expected to be absent from a backbone; drop them before loading."""
-    return None if key.split(".")[0] in ("fc", "classifier") else key
+    if key.split(".")[0] in ("fc", "classifier"):
+        return None
+    match = _DENSENET_OLD_KEY.match(key)
+    return match.group(1) + match.group(2) if match else key
 
 
 def build_backbone(
@@ -158,18 +217,25 @@ def build_backbone(
     in_channels: int = 3,
     output_stride: int = 16,
     pretrained: str | os.PathLike | None = None,
-) -> ResNetBackbone | MobileNetV3Backbone:
-    """Build backbone ``name`` (one of :data:`BACKBONES`) and optionally load a local state dict."""
+    model: str | None = None,
+) -> nn.Module:
+    """Build backbone ``name`` (one of :data:`BACKBONES`, else a timm model name) and optionally load weights.
+
+    ``model`` names the architecture asking, for messages about strides it cannot use."""
     if in_channels < 1:
         raise ConfigError(f"model.in_channels must be >= 1, got {in_channels}")
+    if name not in BACKBONES:
+        from segrun.models.timm_backbone import TimmBackbone
+
+        return TimmBackbone(name, in_channels, output_stride, pretrained, model=model)
     pretrained = resolve_pretrained(pretrained, name)  # `imagenet` etc. -> the file in the torch cache
     state = read_state_dict(pretrained) if pretrained else None  # fail fast, before building
     if name in RESNETS:
-        backbone: ResNetBackbone | MobileNetV3Backbone = ResNetBackbone(name, in_channels, output_stride)
+        backbone: nn.Module = ResNetBackbone(name, in_channels, output_stride)
     elif name in MOBILENETS:
         backbone = MobileNetV3Backbone(in_channels, output_stride)
     else:
-        raise ConfigError(f"model.backbone='{name}' is unknown; expected one of {BACKBONES}")
+        backbone = DenseNetBackbone(name, in_channels, output_stride)
     if state is not None:
         load_pretrained(backbone, state, key_map=_drop_classifier, label=pretrained)
     return backbone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -39,6 +40,13 @@ def resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the bottom/right of ``x`` so H and W are multiples of ``multiple`` (crop back with ``[..., :h, :w]``)."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
 def check_positive(**values: int) -> None:
     """Raise a one-line error for a non-positive width knob, naming the config key."""
     for key, value in values.items():
@@ -52,7 +60,13 @@ class BackboneSegModel(SegModel):
     The auxiliary FCN head reads ``c4`` (the third residual stage) and is only evaluated in training
     mode, where the output becomes ``{"out", "aux"}``; its loss weight lives in the loss config.
     Subclasses build their head in ``__init__`` and then call ``self.set_freeze(...)``.
+    The input is padded to ``input_multiple`` (the backbone's need, e.g. a ViT's patch size, or the
+    decoder's, set by a subclass) and the logits cropped back. A plain-ViT backbone gets a small
+    neck (``self.neck``, trained with the head) that rescales its one-stride features to four strides.
     """
+
+    #: the decoder's own multiple for the input size (GCN's exact x2 upsamplings need 32)
+    decoder_multiple: int = 1
 
     def __init__(
         self,
@@ -68,16 +82,28 @@ class BackboneSegModel(SegModel):
         super().__init__()
         check_positive(num_classes=num_classes, aux_channels=aux_channels)
         self.num_classes = num_classes
-        self.backbone = build_backbone(backbone, in_channels, output_stride, pretrained)
+        self.backbone = build_backbone(backbone, in_channels, output_stride, pretrained, model=type(self).__name__)
+        make_neck = getattr(self.backbone, "make_neck", None)
+        self.neck = make_neck() if make_neck is not None else None
         self.aux_head = FCNHead(self.backbone.channels["c4"], aux_channels, num_classes, dropout) if aux else None
 
     def decode(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        size = x.shape[-2:]
+    @property
+    def input_multiple(self) -> int:
+        return math.lcm(int(getattr(self.backbone, "input_multiple", 1)), self.decoder_multiple)
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.backbone(x)
-        out = resize(self.decode(features), size)
+        return self.neck(features) if self.neck is not None else features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        x = pad_to_multiple(x, self.input_multiple)
+        size = x.shape[-2:]
+        features = self.features(x)
+        out = resize(self.decode(features), size)[..., :h, :w]
         if self.training and self.aux_head is not None:
-            return {"out": out, "aux": resize(self.aux_head(features["c4"]), size)}
+            return {"out": out, "aux": resize(self.aux_head(features["c4"]), size)[..., :h, :w]}
         return out

@@ -16,14 +16,14 @@ class PyramidPooling(nn.Module):
     """Average-pool to each ``bins`` grid, reduce with 1x1 conv, upsample, concat with the input.
 
     Each branch gets ``in_channels // len(bins)`` channels, as in the paper, so the concatenation has
-    twice the input channels.
+    twice the input channels; UPerNet gives each branch its head width instead (``branch_channels``).
     """
 
-    def __init__(self, in_channels: int, bins: Sequence[int]) -> None:
+    def __init__(self, in_channels: int, bins: Sequence[int], branch_channels: int | None = None) -> None:
         super().__init__()
         if not bins or any(b < 1 for b in bins):
             raise ConfigError(f"model.bins must be a non-empty list of positive ints, got {list(bins)}")
-        branch = max(in_channels // len(bins), 1)
+        branch = branch_channels or max(in_channels // len(bins), 1)
         self.branches = nn.ModuleList(
             nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, branch, kernel_size=1)) for b in bins
         )
@@ -40,7 +40,8 @@ class PSPNet(BackboneSegModel):
     Args:
         num_classes: output classes.
         in_channels: input image channels (the first conv is rebuilt when != 3).
-        backbone: one of ``resnet18/34/50/101``, ``mobilenet_v3_large``.
+        backbone: one of ``resnet18/34/50/101``, ``mobilenet_v3_large``, ``densenet121/161/169/201``,
+            or a timm model name.
         output_stride: 8 (paper), 16 or 32; MobileNet supports 16/32.
         bins: pyramid grid sizes.
         head_channels: channels of the 3x3 fusion conv after pooling (paper: 512).

@@ -1,8 +1,9 @@
 """Run ``python -m segrun`` (or one torchrun rank of it) with a fault injected at a chosen step.
 
 ``FAULT_SIGNAL`` (KILL, TERM, INT, USR1) is sent by the process to itself right after global step
-``FAULT_STEP`` (on rank ``FAULT_RANK`` only, if set): the real signal path, at a known point. Used by
-``tests/test_faults.py`` as ``python tests/fault_inject.py <overrides>`` or as torchrun's script.
+``FAULT_STEP`` (on rank ``FAULT_RANK`` only, if set), ``FAULT_TIMES`` times in a row (default once):
+the real signal path, at a known point. Used by
+``tests/test_faults.py`` as ``python tests/helpers/fault_inject.py <overrides>`` or as torchrun's script.
 """
 
 import os
@@ -20,7 +21,8 @@ def _inject() -> None:
     def run_step(self, batch, *args, **kwargs):
         out = original(self, batch, *args, **kwargs)
         if self.global_step == step and (rank is None or os.environ.get("RANK", "0") == rank):
-            os.kill(os.getpid(), sig)
+            for _ in range(int(os.environ.get("FAULT_TIMES", "1"))):
+                os.kill(os.getpid(), sig)
         return out
 
     Trainer.run_step = run_step

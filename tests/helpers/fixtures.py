@@ -211,7 +211,7 @@ def make_checkpoint(path: str | Path, overrides: Sequence[str] = (), model_targe
 
     from segrun.engine.checkpoint import save_checkpoint
 
-    from conftest import compose_cfg
+    from helpers.cli import compose_cfg
 
     cfg = compose_cfg(list(overrides))
     torch.manual_seed(seed)

@@ -1,0 +1,20 @@
+"""Optional libraries behind some model options: a missing one is a one-line user error naming the extra."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from segrun.errors import SegrunError
+
+
+class MissingExtraError(SegrunError, ImportError):
+    """A model option needs an optional package that is not installed."""
+
+
+def require(module: str, extra: str, what: str) -> ModuleType:
+    """Import ``module`` or stop with one line saying that ``what`` needs ``pip install 'segrun[extra]'``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{what} needs the optional package {module}: pip install 'segrun[{extra}]'") from None

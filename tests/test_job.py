@@ -1,0 +1,312 @@
+"""``segrun.job.run_job``, in-process: how a job ends (exit status, ``status.json``) for every kind of
+ending, and how ``sweep.resume`` and ``trainer.resume=auto`` pick where a job starts.
+
+The trainer is replaced by a stub whose ``fit`` returns or raises what the test scripts; Hydra's
+runtime config is set by hand. Exit statuses are the documented literals (README "Troubleshooting",
+docs/long-runs.md, docs/sweeps.md), not the constants of the code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import open_dict
+
+from segrun import job
+from segrun.config import conf_dir
+from segrun.engine import preempt
+from segrun.engine.status import read_status
+from segrun.errors import ConfigError, RunFolderError, SegrunError
+
+
+class StubTrainer:
+    """Stands for the built trainer: ``fit`` runs ``script`` (returns its value or raises)."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = 0
+
+    def fit(self):
+        self.calls += 1
+        return self.script()
+
+
+@pytest.fixture
+def hydra_job(tmp_path, monkeypatch):
+    """``make(overrides, multirun=, num=, script=)`` -> (cfg, run_dir, stub): Hydra's runtime set as a
+    job of ``python -m segrun`` would see it, with ``build_trainer`` returning the stub."""
+    built = {}
+
+    def make(overrides=(), multirun=False, num=0, script=lambda: 0.75, run_dir=None, launcher=None):
+        run_dir = Path(run_dir or tmp_path / "run")
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            cfg.hydra.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+            cfg.hydra.job.num = num
+            cfg.hydra.overrides.task = list(overrides)
+            if launcher is not None:
+                cfg.hydra.launcher = launcher
+        HydraConfig.instance().set_config(cfg)
+        stub = StubTrainer(script)
+
+        def build_trainer(cfg_, run_dir_, overrides_, choices=None):
+            built.update(cfg=cfg_, run_dir=run_dir_, overrides=list(overrides_), resume=cfg_.trainer.resume)
+            return stub
+
+        monkeypatch.setattr("segrun.build.build_trainer", build_trainer)
+        return cfg, run_dir, stub
+
+    make.built = built
+    yield make
+    HydraConfig.instance().cfg = None
+
+
+def _raise(exc):
+    def script():
+        raise exc
+    return script
+
+
+def test_a_finished_job_records_done_with_its_best_value(hydra_job):
+    cfg, run_dir, stub = hydra_job(["seed=1", "trainer.resume=null", "optimizer.lr=0.1"])
+    assert job.run_job(cfg) == 0.75 and stub.calls == 1
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "done" and status["best_metric"] == 0.75
+    assert status["overrides"] == ["seed=1", "optimizer.lr=0.1"]  # how to start is not what the job is
+    assert hydra_job.built["overrides"] == ["seed=1", "optimizer.lr=0.1"]
+    assert status["pid"] == os.getpid() and status["host"] == socket.gethostname()
+    assert "job_num" not in status and status["wall_s"] >= 0 and "error" not in status
+    assert signal.getsignal(signal.SIGTERM) is not preempt._handle  # handlers restored
+
+
+def test_a_stop_signal_exits_75_after_recording_the_stop(hydra_job, caplog):
+    cfg, run_dir, _ = hydra_job(script=_raise(preempt.Preempted("stopped by SIGTERM at epoch 2; resume it")))
+    with pytest.raises(SystemExit) as exc:
+        job.run_job(cfg)
+    assert exc.value.code == 75  # EX_TEMPFAIL: SLURM scripts requeue on it (docs/long-runs.md)
+    status = read_status(run_dir)
+    assert (status["state"], status["error_type"]) == ("failed", "Preempted")
+    assert status["error"] == "stopped by SIGTERM at epoch 2; resume it"
+    assert "stopped by SIGTERM at epoch 2" in caplog.text
+
+
+def test_a_second_signal_exits_130(hydra_job, capsys):
+    def two_signals():
+        os.kill(os.getpid(), signal.SIGTERM)  # through run_job's own handler: a request
+        os.kill(os.getpid(), signal.SIGTERM)  # the second: stop at once
+        raise AssertionError("not reached")
+
+    before = signal.getsignal(signal.SIGTERM)
+    cfg, run_dir, _ = hydra_job(script=two_signals)
+    with pytest.raises(SystemExit) as exc:
+        job.run_job(cfg)
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == "error: stopped at once by a second SIGTERM\n"
+    status = read_status(run_dir)
+    assert (status["state"], status["error_type"]) == ("failed", "ForcedStop")
+    assert status["error"] == "stopped at once by a second SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before and preempt.requested() is None
+
+
+def test_a_user_error_exits_2_with_one_line(hydra_job, capsys):
+    cfg, run_dir, _ = hydra_job(script=_raise(ConfigError("trainer.epochs=0: expected an integer >= 1")))
+    with pytest.raises(SystemExit) as exc:
+        job.run_job(cfg)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: trainer.epochs=0: expected an integer >= 1\n"
+    status = read_status(run_dir)
+    assert (status["state"], status["error_type"], status["error"]) == \
+        ("failed", "ConfigError", "trainer.epochs=0: expected an integer >= 1")
+
+
+def test_a_bug_keeps_its_traceback_and_is_recorded(hydra_job, capsys):
+    cfg, run_dir, _ = hydra_job(script=_raise(ZeroDivisionError("division by zero")))
+    with pytest.raises(ZeroDivisionError):
+        job.run_job(cfg)
+    status = read_status(run_dir)
+    assert (status["state"], status["error_type"]) == ("failed", "ZeroDivisionError")
+    assert status["error"] == "ZeroDivisionError: division by zero"
+    assert capsys.readouterr().err == ""
+
+
+def test_inside_a_sweep_a_failed_job_returns_none_and_the_sweep_goes_on(hydra_job, capsys):
+    long = "x" * 800
+    for num, exc, line in [(3, RuntimeError("boom\nsecond line"), "RuntimeError: boom second line"),
+                           (4, ConfigError("optimizer.lr=-1: expected a number >= 0"),
+                            "optimizer.lr=-1: expected a number >= 0"),
+                           (5, RuntimeError(long), f"RuntimeError: {long}")]:
+        cfg, run_dir, _ = hydra_job(["seed=2"], multirun=True, num=num, script=_raise(exc))
+        assert job.run_job(cfg) is None
+        err = capsys.readouterr().err
+        assert f"error: job {num} ({run_dir}): {line}\n" in err
+        status = read_status(run_dir)
+        assert status["state"] == "failed" and status["job_num"] == num
+        assert status["error"] == line[:500] and status["error_type"] == type(exc).__name__
+
+
+def test_sweep_resume_skips_a_done_job_without_touching_it(hydra_job, tmp_path, capsys):
+    run_dir = tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    done = {"state": "done", "best_metric": 0.625, "overrides": ["seed=0"], "pid": 1, "host": "elsewhere"}
+    (run_dir / "status.json").write_text(json.dumps(done))
+    cfg, _, stub = hydra_job(["seed=0", "sweep.resume=true"], multirun=True, run_dir=run_dir)
+    assert job.run_job(cfg) == 0.625 and stub.calls == 0
+    assert json.loads((run_dir / "status.json").read_text()) == done
+    assert capsys.readouterr().out == f"[segrun] {run_dir}: already done, skipped (sweep.resume=true)\n"
+    (run_dir / "status.json").write_text(json.dumps({**done, "best_metric": None}))
+    assert job.run_job(cfg) is None and stub.calls == 0  # done without a monitored value
+
+
+def test_sweep_resume_runs_a_failed_job_again_from_its_last_checkpoint(hydra_job, tmp_path):
+    run_dir = tmp_path / "sweep" / "1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "status.json").write_text(json.dumps({"state": "failed", "error": "x", "overrides": ["seed=1"],
+                                                     "pid": 1, "host": "elsewhere"}))
+    cfg, _, stub = hydra_job(["seed=1", "sweep.resume=true"], multirun=True, num=1, run_dir=run_dir)
+    assert job.run_job(cfg) == 0.75 and stub.calls == 1
+    assert hydra_job.built["resume"] is None  # no last.pt: a fresh start
+    status = read_status(run_dir)
+    assert status["state"] == "done" and status["best_metric"] == 0.75 and "error" not in status
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    (run_dir / "status.json").write_text(json.dumps({"state": "failed", "overrides": ["seed=1"]}))
+    cfg, _, stub = hydra_job(["seed=1", "sweep.resume=true"], multirun=True, num=1, run_dir=run_dir)
+    assert job.run_job(cfg) == 0.75
+    assert hydra_job.built["resume"] == str(run_dir / "checkpoints" / "last.pt")  # continued, not restarted
+    assert read_status(run_dir)["state"] == "done"
+
+
+def test_sweep_resume_refuses_a_folder_of_another_job(hydra_job, tmp_path, capsys):
+    run_dir = tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    other = {"state": "failed", "overrides": ["seed=9"]}
+    (run_dir / "status.json").write_text(json.dumps(other))
+    cfg, _, stub = hydra_job(["seed=0", "sweep.resume=true"], multirun=True, run_dir=run_dir)
+    assert job.run_job(cfg) is None and stub.calls == 0
+    err = capsys.readouterr().err
+    assert f"sweep.resume: {run_dir} ran with ['seed=9'] but this job is ['seed=0']" in err
+    assert json.loads((run_dir / "status.json").read_text()) == other  # not claimed, not rewritten
+    with pytest.raises(RunFolderError, match="resume with the same sweep arguments as the first launch"):
+        job.sweep_resume(cfg, run_dir, ["seed=0"])
+
+
+def test_without_sweep_resume_a_done_job_folder_is_refused(hydra_job, tmp_path, capsys):
+    run_dir = tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text(json.dumps({"state": "done", "overrides": ["seed=0"]}))
+    cfg, _, stub = hydra_job(["seed=0"], multirun=True, run_dir=run_dir)
+    assert job.run_job(cfg) is None and stub.calls == 0
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_a_live_run_in_the_folder_stops_the_job_with_status_2(hydra_job, tmp_path, capsys):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_dir = tmp_path / "live"
+        run_dir.mkdir()
+        live = {"state": "running", "pid": sleeper.pid, "host": socket.gethostname(), "started": "then"}
+        (run_dir / "status.json").write_text(json.dumps(live))
+        cfg, _, stub = hydra_job(run_dir=run_dir)
+        with pytest.raises(SystemExit) as exc:
+            job.run_job(cfg)
+        assert exc.value.code == 2 and stub.calls == 0
+        assert capsys.readouterr().err.startswith(f"error: run folder {run_dir} is in use by another run (pid {sleeper.pid}")
+        assert read_status(run_dir) == live
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_resume_auto_continues_last_pt_or_starts_fresh(hydra_job, tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    cfg, run_dir, _ = hydra_job(["trainer.resume=auto"])
+    assert job.resolve_resume(cfg, run_dir, False) is True and cfg.trainer.resume is None
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    cfg.trainer.resume = "auto"
+    assert job.resolve_resume(cfg, run_dir, False) is True
+    assert cfg.trainer.resume == str(run_dir / "checkpoints" / "last.pt")
+    cfg.trainer.resume = None
+    assert job.resolve_resume(cfg, run_dir, False) is False and cfg.trainer.resume is None
+    cfg.trainer.resume = "/some/other.pt"
+    assert job.resolve_resume(cfg, run_dir, False) is True and cfg.trainer.resume == "/some/other.pt"
+    cfg.trainer.resume = ""
+    assert job.resolve_resume(cfg, run_dir, False) is False
+    # a SLURM job requeued after preemption continues its own last.pt without being told
+    for count, expected in (("0", None), ("", None), ("1", str(run_dir / "checkpoints" / "last.pt"))):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", count)
+        cfg.trainer.resume = None
+        job.resolve_resume(cfg, run_dir, False)
+        assert cfg.trainer.resume == expected, count
+    # and a finished run in the folder may then be reused: the resume is deliberate
+    (run_dir / "status.json").write_text(json.dumps({"state": "done", "overrides": []}))
+    cfg, run_dir, stub = hydra_job(["trainer.resume=auto"])
+    assert job.run_job(cfg) == 0.75 and hydra_job.built["resume"] == str(run_dir / "checkpoints" / "last.pt")
+
+
+def test_parallel_local_jobs_share_the_cpu_cores(hydra_job, monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        for n_jobs, expected in ((2, 4), (3, 2), (16, 1), (-1, 1), (-2, 1), (-5, 2)):
+            torch.set_num_threads(7)
+            cfg, _, _ = hydra_job(multirun=True, launcher={"n_jobs": n_jobs})
+            job.share_resources(cfg, HydraConfig.get())
+            assert torch.get_num_threads() == expected, n_jobs
+        for launcher in ({"n_jobs": 1}, {"n_jobs": None}, {}):
+            torch.set_num_threads(7)
+            cfg, _, _ = hydra_job(multirun=True, launcher=launcher)
+            job.share_resources(cfg, HydraConfig.get())
+            assert torch.get_num_threads() == 7, launcher
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_parallel_jobs_take_gpus_round_robin(hydra_job, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    for num, device in ((0, "cuda:0"), (4, "cuda:1"), (5, "cuda:2")):
+        cfg, _, _ = hydra_job(multirun=True, num=num, launcher={"n_jobs": 2})
+        job.share_resources(cfg, HydraConfig.get())
+        assert cfg.trainer.device == device
+    cfg, _, _ = hydra_job(["trainer.device=cpu"], multirun=True, num=1, launcher={"n_jobs": 2})
+    job.share_resources(cfg, HydraConfig.get())
+    assert cfg.trainer.device == "cpu"  # an explicit device is kept
+
+
+def test_a_failed_collective_names_the_peer_or_says_a_rank_died(monkeypatch):
+    from segrun.engine import distributed as dist
+
+    gloo = RuntimeError("[gloo] Connection closed by peer 10.0.0.2")
+    assert job._rank_failure(gloo) is gloo  # one process: nothing to translate
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "peer_error", lambda: None)
+    for text in ("gloo: x", "NCCL error", "Connection reset by peer", "Connection closed", "op timed out",
+                 "Timed out waiting"):
+        exc = job._rank_failure(RuntimeError(text))
+        assert type(exc) is SegrunError and str(exc).startswith("rank 1: another rank died or stopped answering"), text
+        assert f"last.pt is the last complete checkpoint ({text})" in str(exc)
+    other = ValueError("shape mismatch")
+    assert job._rank_failure(other) is other
+    user = ConfigError("gloo in a user message")
+    assert job._rank_failure(user) is user
+    monkeypatch.setattr(dist, "peer_error", lambda: "dataset: bad file (rank 0)")
+    peer = job._rank_failure(RuntimeError("NCCL error"))
+    assert isinstance(peer, job.PeerError) and str(peer) == "dataset: bad file (rank 0)"
+    if hasattr(torch.distributed, "DistError"):
+        assert job._collective_failure(torch.distributed.DistError("anything"))
+    assert not job._collective_failure(RuntimeError("no keyword"))

@@ -1,0 +1,276 @@
+"""``segrun.report`` and the sweep's end (``segrun.sweep``) on hand-written run folders, in-process.
+
+Every run folder here is written by the test, so what the report must say is known beforehand:
+the best value is the run's best epoch (not its last), the direction follows the monitor, failed
+and killed runs keep their error and sort last, only varying overrides become columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from segrun import report
+from segrun.report import ReportError, find_runs, varying_keys, write_report
+from segrun.sweep import SweepCallback
+
+
+def epoch(n: int, miou: float, loss: float, acc: float = 0.9) -> dict:
+    return {"epoch": n, "train/loss": loss + 0.1, "val/mIoU": miou, "val/loss": loss, "val/pixel_acc": acc,
+            "val/mean_acc": acc - 0.1}
+
+
+def write_run(folder: Path, history: list[dict], monitor: str = "max val/mIoU", overrides=(), state="done",
+              error=None, wall=12.5, pid=None, status: bool = True, **extra) -> Path:
+    """A run folder as the trainer leaves it: metrics.json (the best epoch's numbers on top) and status.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if history:
+        mode, key = monitor.split()
+        pick = max if mode == "max" else min
+        best = pick((h for h in history if key in h), key=lambda h: h[key])
+        metrics = {"monitor": monitor, "best_epoch": best["epoch"], "best_metric": best[key],
+                   "mIoU": best["val/mIoU"], "pixel_acc": best["val/pixel_acc"], "mean_acc": best["val/mean_acc"],
+                   "epochs_completed": history[-1]["epoch"], "history": history, **extra}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    if status:
+        st = {"state": state, "pid": pid or 99999999, "host": socket.gethostname(), "overrides": list(overrides),
+              "start_time": 1000.0}
+        if wall is not None:
+            st["wall_s"] = wall
+        if error is not None:
+            st["error"] = error
+        if history and state == "done":
+            st["best_metric"] = metrics["best_metric"]
+        (folder / "status.json").write_text(json.dumps(st))
+    return folder
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """Three jobs: job 0's best epoch (2, mIoU 0.6) is not its last (0.4); job 1 peaks at its last
+    epoch with 0.55, between job 0's last and best; job 2 failed in its first epoch."""
+    write_run(tmp_path / "0", [epoch(1, 0.2, 0.9, 0.70), epoch(2, 0.6, 0.5, 0.85), epoch(3, 0.4, 0.7, 0.80)],
+              overrides=["optimizer.lr=0.01", "seed=0"], wall=75.0)
+    write_run(tmp_path / "1", [epoch(1, 0.5, 0.6, 0.81), epoch(2, 0.55, 0.8, 0.83)],
+              overrides=["optimizer.lr=0.02", "seed=0"], wall=3725.0)
+    write_run(tmp_path / "2", [], overrides=["optimizer.lr=1e6", "seed=0"], state="failed",
+              error="NonFiniteLossError: loss became non-finite | step 3", wall=2.04)
+    return tmp_path
+
+
+def test_the_best_value_is_the_best_epochs_not_the_last(sweep):
+    data = write_report(sweep, quiet=True)
+    rows = data["rows"]
+    assert [r["job"] for r in rows] == ["0", "1", "2"]
+    assert data["best_job"] == "0" and [r["best"] for r in rows] == [True, False, False]
+    first = rows[0]
+    assert (first["best_epoch"], first["best_metric"], first["mIoU"], first["pixel_acc"]) == (2, 0.6, 0.6, 0.85)
+    assert first["mean_acc"] == pytest.approx(0.75) and first["epochs"] == 3
+    assert (rows[1]["best_epoch"], rows[1]["best_metric"]) == (2, 0.55)
+    table = (sweep / "report.md").read_text().splitlines()
+    assert table[0] == ("|  | job | optimizer.lr | state | best epoch | best val/mIoU (max) | val mIoU | pixel acc | "
+                        "mean acc | epochs | wall | error |")
+    assert table[1] == "|" + "---|" * 12
+    assert table[2] == "| **best** | 0 | 0.01 | done | 2 | 0.6000 | 0.6000 | 0.8500 | 0.7500 | 3 | 1:15 |  |"
+    assert table[3] == "|  | 1 | 0.02 | done | 2 | 0.5500 | 0.5500 | 0.8300 | 0.7300 | 2 | 1:02:05 |  |"
+    assert table[4] == ("|  | 2 | 1e6 | failed |  |  |  |  |  |  | 2.0 s | NonFiniteLossError: loss became non-finite "
+                        "\\| step 3 |")
+    with open(sweep / "report.csv", newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == ["best", "job", "optimizer.lr", "state", "monitor", "best_epoch", "best_metric", "val_mIoU",
+                        "val_pixel_acc", "val_mean_acc", "epochs", "wall_s", "error"]
+    assert lines[1] == ["1", "0", "0.01", "done", "max val/mIoU", "2", "0.600000", "0.600000", "0.850000", "0.750000",
+                        "3", "75.0", ""]
+    assert lines[3][:4] == ["0", "2", "1e6", "failed"] and lines[3][-1].startswith("NonFiniteLossError")
+    saved = json.loads((sweep / "report.json").read_text())
+    assert saved == json.loads(json.dumps(data))
+    assert saved["monitor"] == "max val/mIoU" and saved["varying"] == ["optimizer.lr"]
+    assert saved["counts"] == {"done": 2, "failed": 1}
+    assert saved["failed"] == [{"job": "2", "error": "NonFiniteLossError: loss became non-finite | step 3"}]
+    assert "history" not in saved["rows"][0] and saved["rows"][0]["overrides"] == {"optimizer.lr": "0.01", "seed": "0"}
+
+
+def test_a_min_monitor_sorts_ascending(tmp_path):
+    write_run(tmp_path / "a", [epoch(1, 0.2, 0.9), epoch(2, 0.3, 0.4), epoch(3, 0.1, 0.8)], monitor="min val/loss",
+              overrides=["x=a"])
+    write_run(tmp_path / "b", [epoch(1, 0.2, 0.5)], monitor="min val/loss", overrides=["x=b"])
+    data = write_report(tmp_path, quiet=True)
+    assert [(r["job"], r["best_epoch"], r["best_metric"]) for r in data["rows"]] == [("a", 2, 0.4), ("b", 1, 0.5)]
+    assert data["best_job"] == "a"
+    assert "| best val/loss (min) |" in (tmp_path / "report.md").read_text()
+
+
+def test_runs_without_a_finite_value_sort_last_in_folder_order(tmp_path):
+    write_run(tmp_path / "10", [epoch(1, 0.3, 0.5)], overrides=["k=10"])
+    write_run(tmp_path / "2", [epoch(1, 0.3, 0.5)], overrides=["k=2"])  # a tie: natural order, 2 before 10
+    write_run(tmp_path / "1", [epoch(1, 0.1, 0.5)], overrides=["k=1"])
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "metrics.json").write_text(json.dumps({"monitor": "max val/mIoU", "best_metric": None,
+                                                             "history": []}))
+    write_run(tmp_path / "4", [epoch(1, 0.9, 0.5)], monitor="min val/loss", overrides=["k=4"])  # another monitor
+    rows = write_report(tmp_path, quiet=True)["rows"]
+    assert [r["job"] for r in rows] == ["2", "10", "1", "3", "4"]
+    assert [r["best"] for r in rows] == [True, False, False, False, False]
+    assert rows[3]["state"] == "done"  # metrics.json without status.json: a run from before status files
+
+
+def test_nan_best_values_are_not_the_best(tmp_path):
+    write_run(tmp_path / "a", [epoch(1, float("nan"), 0.5)], overrides=["k=a"])
+    data = write_report(tmp_path, quiet=True)
+    assert data["best_job"] is None and data["rows"][0]["best"] is False
+    assert "| nan |" in (tmp_path / "report.md").read_text()
+
+
+def test_killed_and_running_claims(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "pass"])
+    sleeper.wait()  # a pid that existed and is gone
+    write_run(tmp_path / "killed", [epoch(1, 0.5, 0.5)], state="running", wall=None, pid=sleeper.pid,
+              error="not shown for a done run")
+    write_run(tmp_path / "live", [epoch(1, 0.4, 0.5)], state="running", wall=None, pid=os.getpid())
+    data = write_report(tmp_path, quiet=True)
+    rows = {r["job"]: r for r in data["rows"]}
+    assert rows["killed"]["state"] == "killed" and rows["killed"]["error"] == "not shown for a done run"
+    assert data["failed"] == [{"job": "killed", "error": "not shown for a done run"}]
+    assert rows["live"]["state"] == "running" and rows["live"]["error"] is None
+    assert rows["live"]["wall_s"] > 1e6  # measured from start_time (1000 s after the epoch) until now
+    assert rows["killed"]["wall_s"] is None
+    assert data["counts"] == {"killed": 1, "running": 1}
+
+
+def test_a_done_run_shows_no_stale_error(tmp_path):
+    write_run(tmp_path / "a", [epoch(1, 0.5, 0.5)], error="from an earlier attempt")
+    assert write_report(tmp_path, quiet=True)["rows"][0]["error"] is None
+
+
+def test_only_varying_override_keys_become_columns():
+    rows = [report.Row("a", {"lr": "1", "seed": "0", "+extra": "x"}, "done"), report.Row("b", {"lr": "2", "seed": "0"}, "done")]
+    assert varying_keys(rows) == ["lr", "+extra"]  # seed is the same everywhere; a key missing somewhere varies
+    assert varying_keys(rows[:1]) == ["lr", "seed", "+extra"]  # a single run shows what it was given
+    assert varying_keys([]) == []
+
+
+def test_overrides_come_from_status_or_hydras_file(tmp_path):
+    run = write_run(tmp_path / "a", [epoch(1, 0.5, 0.5)], overrides=["+model.extra=1", "~loss.weight", "lr=0.1"])
+    assert report.read_row(run, tmp_path).overrides == {"model.extra": "1", "loss.weight": "", "lr": "0.1"}
+    old = write_run(tmp_path / "b", [epoch(1, 0.5, 0.5)], status=False)
+    (old / ".hydra").mkdir()
+    (old / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.5\n- seed=3\n")
+    row = report.read_row(old, tmp_path)
+    assert row.overrides == {"optimizer.lr": "0.5", "seed": "3"} and row.job == "b"
+    bare = write_run(tmp_path / "c", [epoch(1, 0.5, 0.5)], status=False)
+    assert report.read_row(bare, tmp_path).overrides == {}
+    assert report.read_row(bare, bare).job == "c"  # the root itself: its own name
+
+
+def test_history_follows_the_monitored_key(tmp_path):
+    run = write_run(tmp_path / "a", [epoch(1, 0.2, 0.9), epoch(2, 0.6, 0.5), {"epoch": 3, "train/loss": 1.0}],
+                    monitor="min val/loss")
+    assert report.read_row(run, tmp_path).history == [(1, 0.9), (2, 0.5)]  # epoch 3 was not validated
+
+
+def test_find_runs_walks_folders_but_not_into_runs(tmp_path):
+    write_run(tmp_path / "a" / "10", [epoch(1, 0.5, 0.5)])
+    write_run(tmp_path / "a" / "9", [epoch(1, 0.5, 0.5)])
+    write_run(tmp_path / "b", [], state="failed", error="x")
+    write_run(tmp_path / "b" / "eval" / "inner", [epoch(1, 0.5, 0.5)])  # inside a run: not a run of its own
+    write_run(tmp_path / "c" / "checkpoints" / "x", [epoch(1, 0.5, 0.5)])
+    write_run(tmp_path / "c" / "tensorboard" / "x", [epoch(1, 0.5, 0.5)])
+    (tmp_path / "d").mkdir()
+    runs = find_runs(tmp_path)
+    assert [str(p.relative_to(tmp_path)) for p in runs] == ["a/9", "a/10", "b"]
+    assert find_runs(tmp_path / "b") == [tmp_path / "b"]  # a run folder given directly
+    assert find_runs(tmp_path / "d") == []
+    assert report.find_runs(tmp_path / "c") == []
+
+
+@pytest.mark.parametrize("seconds, shown", [(None, ""), (0.0, "0.0 s"), (59.94, "59.9 s"), (60.0, "1:00"),
+                                            (61.4, "1:01"), (3599.0, "59:59"), (3600.0, "1:00:00"),
+                                            (3725.0, "1:02:05"), (90061.0, "25:01:01")])
+def test_wall_times_read_as_seconds_minutes_or_hours(seconds, shown):
+    assert report._fmt_wall(seconds) == shown
+
+
+def test_numbers_in_the_table():
+    assert [report._fmt(v) for v in (None, 0.123456, 3, float("inf"), "x")] == ["", "0.1235", "3", "inf", "x"]
+    assert report._fmt(0.5, 6) == "0.500000"
+
+
+def test_no_folder_or_no_runs_is_a_one_line_user_error(tmp_path, capsys):
+    with pytest.raises(ReportError, match=f"^{tmp_path / 'nope'}: no such folder"):
+        write_report(tmp_path / "nope")
+    (tmp_path / "empty" / "x").mkdir(parents=True)
+    with pytest.raises(ReportError, match="no run folders below it"):
+        write_report(tmp_path / "empty")
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(tmp_path / "nope")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such folder (expected a sweep folder, " \
+                                      "a run folder or outputs/)\n"
+
+
+def test_cli_prints_the_table_and_writes_the_files(sweep, capsys):
+    report.main([str(sweep)])
+    out = capsys.readouterr().out
+    assert out == (sweep / "report.md").read_text()
+    for name in ("report.md", "report.csv", "report.json"):
+        assert (sweep / name).is_file()
+
+
+def test_plot_draws_every_run_or_says_once_it_cannot(sweep, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    write_report(sweep, quiet=True)
+    assert (sweep / "report.png").stat().st_size > 1000
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(report, "_PLOT_NOTE_SHOWN", False)
+    (sweep / "report.png").unlink()
+    rows, monitor = report.rank_rows([report.read_row(d, sweep) for d in find_runs(sweep)])
+    assert report.plot(rows, [], monitor, sweep / "report.png") is False
+    assert report.plot(rows, [], monitor, sweep / "report.png") is False
+    assert capsys.readouterr().err.count("report.png skipped: matplotlib is not installed") == 1
+    assert not (sweep / "report.png").exists()
+
+
+def _sweep_config(folder: Path):
+    return OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}}})
+
+
+def test_sweep_end_reports_and_exits_1_when_a_job_failed(sweep, capsys):
+    with pytest.raises(SystemExit) as exc:
+        SweepCallback().on_multirun_end(_sweep_config(sweep))
+    assert exc.value.code == 1
+    out, err = capsys.readouterr()
+    assert out == f"sweep {sweep}: 3 job(s): 2 done, 1 failed; best: 0; table in {sweep / 'report.md'}\n"
+    assert err == "1 job(s) failed:\n  2: NonFiniteLossError: loss became non-finite | step 3\n"
+    assert (sweep / "report.json").is_file()
+
+
+def test_sweep_end_without_failures_returns(sweep, capsys):
+    import shutil
+
+    shutil.rmtree(sweep / "2")
+    SweepCallback().on_multirun_end(_sweep_config(sweep))
+    out, err = capsys.readouterr()
+    assert out == f"sweep {sweep}: 2 job(s): 2 done; best: 0; table in {sweep / 'report.md'}\n" and err == ""
+
+
+def test_sweep_end_without_runs_says_why(tmp_path, capsys):
+    SweepCallback().on_multirun_end(_sweep_config(tmp_path))
+    assert capsys.readouterr().err == f"segrun: no report: {tmp_path}: no run folders below it (none has " \
+                                      "status.json or metrics.json)\n"

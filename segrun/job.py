@@ -78,17 +78,23 @@ def share_resources(cfg: DictConfig, hc: Any) -> None:
         log.info("job %s of %d parallel jobs: %d CPU thread(s)", hc.job.num, n_jobs, threads)
 
 
-def resolve_resume(cfg: DictConfig, run_dir: Path) -> tuple[bool, str | None]:
-    """Turn ``trainer.resume=auto`` (and a requeued SLURM job) into a path or nothing. Returns whether reusing
-    a folder that holds a finished run is deliberate, and what to log once the folder is claimed."""
+def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool = False, notes: list[str] | None = None) -> bool:
+    """Turn ``trainer.resume=auto`` (and a requeued SLURM job) into a path or nothing; returns whether reusing a
+    folder that holds a finished run is deliberate. What to log goes to ``notes``: it is logged once the folder
+    is claimed, so a launch refused its folder writes nothing there."""
     resume = cfg.trainer.resume
     if resume is None and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
         resume = "auto"  # requeued after preemption or timeout: continue the job's own last.pt
     if str(resume) == "auto":
         last = run_dir / "checkpoints" / "last.pt"
         cfg.trainer.resume = str(last) if last.is_file() else None
-        return True, f"trainer.resume=auto: {f'continuing {last}' if last.is_file() else 'no last.pt, starting fresh'}"
-    return cfg.trainer.resume not in (None, ""), None
+        note = f"trainer.resume=auto: {f'continuing {last}' if last.is_file() else 'no last.pt, starting fresh'}"
+        if notes is None:
+            log.info("%s", note)
+        else:
+            notes.append(note)
+        return True
+    return cfg.trainer.resume not in (None, "")
 
 
 def resumes(cfg: DictConfig) -> bool:
@@ -166,15 +172,14 @@ def run_job(cfg: DictConfig) -> float | None:
     reporter = None
     preempt.install()  # from the start: a signal while building or while failing must not kill us mid-way
     try:
-        reuse, note = False, None
+        reuse, notes = False, []
         if multirun and bool(cfg.sweep.resume):
             skipped = sweep_resume(cfg, run_dir, overrides)
             if skipped is not False:
                 record_job(sweep_dir, job_num, run_dir, "skipped")
                 return skipped
             reuse = True
-        reused, note = resolve_resume(cfg, run_dir)
-        reuse = reuse or reused
+        reuse = resolve_resume(cfg, run_dir, multirun, notes) or reuse
         if is_main:
             try:
                 claim = _claim(run_dir, overrides, job_num, reuse, f"{hc.job.name}.log")
@@ -191,7 +196,7 @@ def run_job(cfg: DictConfig) -> float | None:
                 record_job(sweep_dir, job_num, run_dir, "started")
             if claim.notice:
                 log.warning("%s", claim.notice)
-        if note:
+        for note in notes:
             log.info("%s", note)
         if multirun:
             share_resources(cfg, hc)

@@ -305,7 +305,8 @@ def write_report(root: str | Path, quiet: bool = False) -> dict[str, Any]:
     data = {"root": str(root), "monitor": monitor, "varying": keys,
             "best_job": next((r.job for r in rows if r.best), None),
             "counts": {s: sum(r.state == s for r in rows) for s in sorted({r.state for r in rows})},
-            "failed": [{"job": r.job, "state": r.state, "error": r.error} for r in not_done],
+            "failed": [{"job": r.job, "error": r.error} for r in rows if r.state in ("failed", "killed")],
+            "not_done": [{"job": r.job, "state": r.state, "error": r.error} for r in not_done],
             "rows": [{k: v for k, v in asdict(r).items() if k != "history"} for r in rows]}
     _write(root / "report.json", json.dumps(data, indent=2) + "\n")
     with writing(root / "report.png", "report"):

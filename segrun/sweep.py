@@ -104,15 +104,17 @@ class SweepCallback(Callback):
 
     def _end(self, config: DictConfig) -> None:
         from segrun.errors import SegrunError
-        from segrun.report import write_report
+        from segrun.report import ReportError, write_report
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             data = write_report(sweep_dir, quiet=True)
-        except SegrunError as exc:  # no job folder at all, or the report could not be written
+        except SegrunError as exc:  # no job ran (e.g. a finished Optuna study relaunched), or a failed write
             print(f"segrun: no report: {exc}", file=sys.stderr)
             if self.claim is not None:
                 self.claim.end({})
+            if isinstance(exc, ReportError):
+                return
             raise SystemExit(1) from None
         rows = data["rows"]
         if self.claim is not None:
@@ -120,7 +122,7 @@ class SweepCallback(Callback):
         counts = ", ".join(f"{n} {state}" for state, n in data["counts"].items())
         print(f"sweep {sweep_dir}: {len(rows)} job(s): {counts}; best: {data['best_job']}; "
               f"table in {sweep_dir / 'report.md'}", flush=True)
-        bad = data["failed"]
+        bad = data["not_done"]
         if bad:
             states = {f["state"] for f in bad}
             head = "failed" if states == {"failed"} else "did not finish (" + ", ".join(sorted(states)) + ")"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from segrun.engine.logging import write_json
-from segrun.errors import RunFolderError, cannot_write, few
+from segrun.errors import RunFolderError, SegrunError, cannot_write, few
 
 log = logging.getLogger("segrun")
 
@@ -205,8 +205,8 @@ def _write(data: dict[str, Any], path: Path) -> None:
     """``write_json``; a folder that cannot take the file is one ``RunFolderError`` line naming it."""
     try:
         write_json(data, path)
-    except OSError as exc:
-        raise RunFolderError(cannot_write(path, exc)) from None
+    except OSError as exc:  # write_json's WriteError already names the file and the cause
+        raise RunFolderError(str(exc) if isinstance(exc, SegrunError) else cannot_write(path, exc)) from None
 
 
 class RunClaim:
@@ -219,6 +219,8 @@ class RunClaim:
         self.held = False
         self.start = time.time()
         self.status: dict[str, Any] = {}
+        #: what the claim found and said (an invalid status.json kept as .bad), for the run's log
+        self.notice: str | None = None
 
     def acquire(self, reuse_finished: bool = False, ignore: Sequence[str] = ()) -> None:
         """Claim the folder atomically; a stale claim (dead pid on this host) is taken over with a warning, an
@@ -246,8 +248,6 @@ class RunClaim:
                 self.status["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
             _write(self.status, self.run_dir / STATUS_FILE)
             self.held = True
-
-    notice: str | None = None
 
     def _end(self, **fields: Any) -> None:
         if not self.held:

@@ -253,7 +253,7 @@ def plot(rows: Sequence[Row], keys: Sequence[str], monitor: str | None, path: Pa
         import matplotlib.pyplot as plt
     except ImportError:
         if not _PLOT_NOTE_SHOWN:
-            print("report.png skipped: matplotlib is not installed (pip install 'segrun[plots]')", file=sys.stderr)
+            print("report.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
             _PLOT_NOTE_SHOWN = True
         return False
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)

@@ -1,4 +1,4 @@
-"""Adapter for ``segmentation_models_pytorch`` (optional extra ``segrun[smp]``).
+"""Adapter for ``segmentation_models_pytorch`` (optional extra ``smp``: ``pip install -e ".[smp]"``).
 
 smp models are built with ``smp.create_model``; the adapter pads inputs to the encoder's stride,
 crops the logits back, and exposes the smp encoder as ``backbone`` for parameter groups and
@@ -58,7 +58,7 @@ class SMPModel(SegModel):
             import segmentation_models_pytorch as smp
         except ImportError as exc:
             raise ImportError(
-                "model SMPModel needs segmentation_models_pytorch: pip install 'segrun[smp]'"
+                "model SMPModel needs segmentation_models_pytorch: pip install segmentation-models-pytorch"
             ) from exc
         if encoder_weights is not None:
             raise ConfigError(

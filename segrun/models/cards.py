@@ -72,8 +72,8 @@ CARDS: dict[str, Card] = {
     "segformer": Card("SegFormer (MiT-B0..B5 by model.variant)", "Xie, Wang, Yu, Anandkumar, Alvarez, Luo 2021, "
                       "SegFormer: Simple and Efficient Design for Semantic Segmentation with Transformers, "
                       "arXiv:2105.15203",
-                      ("paper (ADE20K, 512x512): B0 3.8 M parameters, 8.4 GFLOPs, 37.4 mIoU; B5 84.7 M, 183.3 GFLOPs, "
-                       "51.0 mIoU",
+                      ("paper (ADE20K): B0 3.8 M parameters, 8.4 GFLOPs at 512x512, 37.4 mIoU; B5 84.7 M, 183.3 GFLOPs "
+                       "at 640x640, 51.0 mIoU",
                        "mmsegmentation model zoo: Cityscapes val 76.5 mIoU (MiT-B0), 82.3 (MiT-B5), 1024x1024"),
                       extra="models"),
     "dpt": Card("DPT (dense prediction transformer)", "Ranftl, Bochkovskiy, Koltun 2021, Vision Transformers for "

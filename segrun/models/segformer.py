@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import types
 
 from torch import nn
 
@@ -74,7 +75,7 @@ class DPT(SMPModel):
         freeze_bn: bool = False,
         freeze_backbone: bool = False,
     ) -> None:
-        from segrun.models.timm_backbone import _timm, check_timm_name
+        from segrun.models.timm_backbone import _pos_embed_plain_bicubic, _timm, check_timm_name
 
         timm = _timm(backbone)
         arch, _ = check_timm_name(timm, backbone)
@@ -92,4 +93,6 @@ class DPT(SMPModel):
         vit = self.net.encoder.model
         vit.reset_classifier(0)  # a classifier head and the final norm are never used by DPT
         vit.norm = nn.Identity()
+        if isinstance(vit, timm.models.VisionTransformer) and vit.pos_embed is not None:  # ONNX-exportable resize
+            vit._pos_embed = types.MethodType(_pos_embed_plain_bicubic, vit)
         self.stride = 2 * patch  # the deepest reassembly halves the token grid, which must stay even

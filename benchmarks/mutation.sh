@@ -24,7 +24,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 JOBS=${JOBS:-1}
 MODULES=("$@")
 if [ ${#MODULES[@]} -eq 0 ]; then
-    MODULES=(segrun.metrics segrun.schedulers segrun.optim segrun.engine.monitor segrun.engine.checkpoint
+    MODULES=(segrun.metrics segrun.schedulers segrun.optim segrun.engine.monitor segrun.engine.checkpoint segrun.engine.checkpointer
              segrun.engine.predict segrun.data.loader segrun.data.cityscapes segrun.data.coco_stuff
              segrun.data.ade20k segrun.data.transforms segrun.losses)
 fi

@@ -277,10 +277,10 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
     settings = check_config(cfg, choices)
     parts = build_parts(cfg, settings)
     config = OmegaConf.to_container(cfg, resolve=True)
-    trainer = Trainer(parts, settings, run_dir, config=config, overrides=list(overrides))
+    trainer = Trainer(parts, settings, run_dir, config=config, overrides=list(overrides),
+                      loggers=lambda step: build_logger(cfg, run_dir, settings, step, config))
     if settings.resume:
         trainer.resume(settings.resume)
-    trainer.logger = build_logger(cfg, run_dir, settings, trainer.global_step, config)
     return trainer
 
 

@@ -29,11 +29,12 @@ from torch import nn
 from segrun import __version__
 from segrun.config import conf_dir
 from segrun.data.transforms import size_pair
-from segrun.engine.checkpoint import CheckpointError, load_checkpoint
-from segrun.engine.predict import Normalize, class_map, predict
+from segrun.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from segrun.engine.evaluate import Predictor, evaluate
+from segrun.engine.predict import Normalize, class_map
+from segrun.engine.settings import ExportSettings, PredictSettings, read_settings, reraise_as, trust_targets
 from segrun.engine.trust import check_checkpoint
 from segrun.errors import SegrunError, report_user_errors
-from segrun.infer import _plain, build_model
 from segrun.models.base import main_output
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -79,12 +80,9 @@ def sample_input(size: tuple[int, int], seed: int = 0) -> torch.Tensor:
     return (image * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def _check_size(cfg: DictConfig, ckpt: dict[str, Any]) -> tuple[int, int]:
-    if cfg.check_size is not None:
-        h, w = size_pair(_plain(cfg.check_size))
-        if h < 1 or w < 1:
-            raise ExportError(f"check_size={cfg.check_size}: expected positive [height, width]")
-        return h, w
+def _check_size(given: tuple[int, int] | None, ckpt: dict[str, Any]) -> tuple[int, int]:
+    if given is not None:
+        return given
     crop = ((ckpt.get("config") or {}).get("dataset") or {}).get("crop_size") or 64
     ch, cw = size_pair(crop)
     return ch + ch // 2 + 3, cw * 2 + 5  # neither the training crop nor a multiple of common strides
@@ -128,12 +126,18 @@ def run_exported(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
         return loaded(x)
 
 
-def compare(reference: torch.Tensor, exported: torch.Tensor, labels: bool) -> dict[str, Any]:
-    """Share of pixels with the same class, and the largest score difference (scores output only)."""
-    ref_classes = class_map(reference)
+def compare(predictor: Predictor, x: torch.Tensor, exported: torch.Tensor, labels: bool,
+            num_classes: int) -> dict[str, Any]:
+    """Share of pixels where the exported file's class is ``predict()``'s, measured by the evaluation
+    loop with the exported classes as the labels (pixel accuracy is that share), and the largest score
+    difference (scores output only)."""
     classes = exported if labels else class_map(exported)
-    agree = float((classes.to(ref_classes.dtype) == ref_classes).double().mean())
-    diff = None if labels else float((exported.float() - reference.float()).abs().max())
+    reference: list[torch.Tensor] = []
+    batch = {"image": x, "label": classes.long()}
+    evaluation = evaluate(predictor, [batch], num_classes, ignore_index=-1, desc="check",
+                          on_batch=lambda b, images, lab, pred, scores: reference.append(scores))
+    agree = evaluation.confusion.compute()["pixel_acc"]
+    diff = None if labels else float((exported.float() - reference[0]).abs().max())
     return {"agreement": agree, "max_score_diff": diff}
 
 
@@ -141,25 +145,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Export, then check the file against ``predict()``; returns what the summary prints."""
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise ExportError("ckpt is required: python -m segrun.export ckpt=path/to/best.pt format=onnx")
-    fmt, output = str(cfg.format), str(cfg.output)
-    if fmt not in FORMATS:
-        raise ExportError(f"format={fmt}: expected onnx or torchscript")
-    if output not in ("scores", "labels"):
-        raise ExportError(f"output={output}: expected scores or labels")
-    min_agreement = float(cfg.min_agreement)
-    if not 0.0 <= min_agreement <= 1.0:
-        raise ExportError(f"min_agreement={min_agreement}: expected a share in 0..1")
-    ckpt_path = Path(os.path.expanduser(str(cfg.ckpt)))
+    with reraise_as(ExportError):
+        s = read_settings(ExportSettings, cfg, error=ExportError, trust_targets=trust_targets(cfg))
+    ckpt_path = Path(os.path.expanduser(s.ckpt))
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     missing = [k for k in ("config", "mean", "std") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt_path} lacks {', '.join(missing)}; was it written by segrun training?")
-    check_checkpoint(ckpt, ckpt_path, ("model",), extra_prefixes=_plain(cfg.trust.targets),
-                     trust_all=bool(cfg.trust_checkpoint))
-    out = Path(os.path.expanduser(str(cfg.out))) if cfg.out is not None else ckpt_path.with_suffix(FORMATS[fmt])
-    size = _check_size(cfg, ckpt)
+    check_checkpoint(ckpt, ckpt_path, ("model",), extra_prefixes=list(s.trust_targets), trust_all=s.trust_checkpoint)
+    fmt, output = s.format, s.output
+    out = Path(os.path.expanduser(s.out)) if s.out is not None else ckpt_path.with_suffix(FORMATS[fmt])
+    size = _check_size(s.check_size, ckpt)
 
-    model = build_model(ckpt, ckpt_path)
+    model = model_from_checkpoint(ckpt, ckpt_path)
     module = Deployable(model, list(ckpt["mean"]), list(ckpt["std"]), labels=output == "labels").eval()
     meta = metadata(ckpt, output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,22 +169,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
         if fmt == "onnx":
-            export_onnx(module, trace_input, out, int(cfg.opset), meta)
+            export_onnx(module, trace_input, out, s.opset, meta)
         else:
             export_torchscript(module, trace_input, out, meta)
 
     # the check: the exported file on a batch of two at a new size vs the Python prediction path
     x = torch.cat([sample_input(size, seed=2), sample_input(size, seed=3)])
-    reference = predict(model, x, Normalize(ckpt["mean"], ckpt["std"]))
+    predictor = Predictor(model, Normalize(ckpt["mean"], ckpt["std"]), PredictSettings(), torch.device("cpu"))
     got = run_exported(fmt, out, x)
-    expected_shape = (x.shape[0], *x.shape[-2:]) if output == "labels" else tuple(reference.shape)
+    num_classes = int(ckpt.get("num_classes") or len(ckpt.get("palette") or []))
+    expected_shape = (x.shape[0], *x.shape[-2:]) if output == "labels" else (x.shape[0], num_classes, *x.shape[-2:])
     if tuple(got.shape) != expected_shape:
         raise ExportError(f"{out}: the exported model returned shape {tuple(got.shape)} for input {tuple(x.shape)}, "
                           f"expected {expected_shape}; the file is kept for inspection")
-    check = compare(reference, got, labels=output == "labels")
-    if check["agreement"] < min_agreement:
+    check = compare(predictor, x, got, labels=output == "labels", num_classes=num_classes)
+    if check["agreement"] < s.min_agreement:
         raise ExportError(f"{out}: the exported model agrees with predict() on {100 * check['agreement']:.3f}% of "
-                          f"pixels at {size[0]}x{size[1]}, below min_agreement={min_agreement}; the file is kept "
+                          f"pixels at {size[0]}x{size[1]}, below min_agreement={s.min_agreement}; the file is kept "
                           "for inspection")
     return {"out": out, "format": fmt, "output": output, "size": size, "bytes": out.stat().st_size,
             "model": type(model).__name__, **check}

@@ -25,6 +25,7 @@ from segrun.engine import distributed as dist
 from segrun.engine import preempt
 from segrun.engine.status import RunClaim, read_status
 from segrun.errors import RunFolderError, SegrunError, is_user_error, log_to_files, one_line
+from segrun.pruning import TrialPruned
 
 log = logging.getLogger("segrun")
 
@@ -122,6 +123,7 @@ def run_job(cfg: DictConfig) -> float | None:
     is_main = dist.launch_rank() == 0
     claim = RunClaim(run_dir, overrides, job_num=int(hc.job.num) if multirun else None) if is_main else None
     start = time.time()
+    reporter = None
     preempt.install()  # from the start: a signal while building or while failing must not kill us mid-way
     try:
         reuse = False
@@ -136,12 +138,25 @@ def run_job(cfg: DictConfig) -> float | None:
         if claim is not None:
             claim.acquire(reuse_finished=reuse)
         trainer = build_trainer(cfg, run_dir, overrides, choices=hc.runtime.choices)
+        if multirun:
+            from segrun.pruning import trial_reporter
+
+            reporter = trial_reporter(cfg, hc, main=is_main)
+            trainer.trial = reporter
         best = trainer.fit()
     except preempt.Preempted as exc:  # last.pt holds the stop point; a sweep stops too (its scheduler is stopping it)
         if claim is not None:
             claim.failed(str(exc), type(exc).__name__)
         log.warning("%s", exc)
         raise SystemExit(preempt.PREEMPTED_EXIT) from None
+    except TrialPruned as exc:  # not a failure: the study's pruner stopped a lagging trial
+        if claim is not None:
+            claim.pruned(str(exc), trainer.monitor.best)
+        if reporter is not None:
+            reporter.pruned()
+        log.info("%s", exc)
+        print(f"[segrun] job {hc.job.num} ({run_dir}): {exc}", flush=True)
+        return None
     except KeyboardInterrupt as exc:  # a second signal (preempt.ForcedStop): stop at once
         if claim is not None:
             claim.failed(str(exc) or "interrupted", type(exc).__name__)

@@ -111,7 +111,7 @@ def read_row(run_dir: Path, root: Path) -> Row:
                best_epoch=metrics.get("best_epoch"), best_metric=metrics.get("best_metric"),
                mIoU=metrics.get("mIoU"), pixel_acc=metrics.get("pixel_acc"), mean_acc=metrics.get("mean_acc"),
                epochs=metrics.get("epochs_completed"), wall_s=None if wall is None else round(float(wall), 1),
-               error=(status or {}).get("error") if state in ("failed", "killed") else None, history=history)
+               error=(status or {}).get("error" if state in ("failed", "killed") else "note"), history=history)
 
 
 def varying_keys(rows: Sequence[Row]) -> list[str]:
@@ -119,6 +119,7 @@ def varying_keys(rows: Sequence[Row]) -> list[str]:
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row.overrides if k not in keys]
+    keys = [k for k in keys if k != "sweep.trial"]  # an Optuna trial's number: its job folder has that name
     return [k for k in keys if len({row.overrides.get(k) for row in rows}) > 1 or len(rows) == 1]
 
 
@@ -133,11 +134,11 @@ def rank_rows(rows: list[Row]) -> tuple[list[Row], str | None]:
     sign = 1.0 if monitor and monitor.split()[0] == "min" else -1.0
 
     def key(r: Row) -> tuple[int, float, list[Any]]:
-        ok = _finite(r.best_metric) and r.monitor == monitor
+        ok = _finite(r.best_metric) and r.monitor == monitor and r.state != "pruned"
         return (0 if ok else 1, sign * r.best_metric if ok else 0.0, _natural_key(Path(r.job)))
 
     rows = sorted(rows, key=key)
-    if rows and _finite(rows[0].best_metric) and rows[0].monitor == monitor:
+    if rows and _finite(rows[0].best_metric) and rows[0].monitor == monitor and rows[0].state != "pruned":
         rows[0].best = True
     return rows, monitor
 

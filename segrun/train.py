@@ -116,8 +116,23 @@ def worker_argv(argv: list[str]) -> list[str]:
     return argv + extra
 
 
+def expose_plugins() -> None:
+    """Let Hydra's plugin scan see ``hydra_plugins/segrun_optuna`` in an editable install.
+
+    A wheel puts it in ``site-packages/hydra_plugins``; an editable install maps it by module name only,
+    which Hydra's scan (it walks the folders of ``hydra_plugins.__path__``) does not see.
+    """
+    import hydra_plugins
+
+    here = Path(__file__).resolve().parent.parent / "hydra_plugins"
+    known = {Path(p).resolve() for p in hydra_plugins.__path__}
+    if (here / "segrun_optuna").is_dir() and here not in known:
+        hydra_plugins.__path__.append(str(here))
+
+
 def main() -> None:
     """Console entry point (``segrun`` / ``python -m segrun``)."""
+    expose_plugins()
     argv = report_user_errors(lambda: worker_argv(resume_argv(sys.argv[1:])))
     report_user_errors(lambda: check_run_dir(argv))
     sys.argv = [sys.argv[0], *argv]

@@ -203,8 +203,8 @@ def test_checkpoint_every_takes_iterations_or_a_duration(tmp_path):
 
     run = make_trainer(tmp_path, [*TINY, "trainer.epochs=1", "trainer.tensorboard=false",
                                   "trainer.checkpoint_every=0.001s"])
-    saved, save_position = [], run.save_position
-    run.save_position = lambda epoch, i, *rest: (saved.append(i), save_position(epoch, i, *rest))
+    saved, save_position = [], run.checkpointer.save_position
+    run.checkpointer.save_position = lambda epoch, i, *rest: (saved.append(i), save_position(epoch, i, *rest))
     run.fit()
     assert saved == [1, 2, 3, 4, 5]  # due after every step; the epoch's end writes last.pt anyway
 
@@ -271,7 +271,7 @@ def test_non_finite_state_is_never_checkpointed_and_last_pt_resumes(tmp_path):
     with torch.no_grad():
         next(run.model.parameters())[0] = float("nan")
     with pytest.raises(NonFiniteStateError, match=rf"by step {ITERS} .* keeps the last good state \(step {ITERS}\)"):
-        run.save("last.pt")
+        run.checkpointer.save("last.pt")
     assert torch.equal(load_checkpoint(last)["model"][next(iter(good["model"]))], next(iter(good["model"].values())))
 
     run = make_trainer(tmp_path, ["optimizer.lr=0.01", "trainer.epochs=2", f"trainer.resume={last}"])

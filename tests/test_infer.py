@@ -116,7 +116,7 @@ def test_slide_flip_scales_and_batching(setup, tmp_path):
 def test_config_and_checkpoint_mistakes_raise_named_errors(setup, tmp_path):
     with pytest.raises(InferError, match="ckpt is required"):
         run(compose_cfg([f"images={setup['images']}"], config_name="infer"))
-    with pytest.raises(InferError, match="mode=tiles"):
+    with pytest.raises(InferError, match="mode='tiles': expected whole or slide"):
         run(_infer_cfg(setup, tmp_path, "mode=tiles"))
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)

@@ -130,8 +130,11 @@ def test_joblib_runs_two_jobs_in_parallel(tmp_path):
 
 @pytest.mark.slow
 def test_hparams_search_runs_three_optuna_trials(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    r = run_cli(["-m", "hparams_search=lr_wd", "hydra.sweeper.n_trials=3", *JOB, f"hydra.sweep.dir={tmp_path}"])
+    optuna = pytest.importorskip("optuna")
+    if int(optuna.__version__.split(".")[0]) < 4:
+        pytest.skip(f"optuna {optuna.__version__}: segrun's sweeper needs optuna >= 4")
+    r = run_cli(["-m", "hparams_search=lr_wd", "hydra.sweeper.n_trials=3", *JOB, f"hydra.sweep.dir={tmp_path}",
+                 f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}"])
     assert r.returncode == 0, r.stderr[-2000:]
     report = _report(tmp_path)
     assert len(report["rows"]) == 3 and report["varying"] == ["optimizer.lr", "optimizer.weight_decay"]

@@ -223,3 +223,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove a DDP ``module.`` prefix so weights load into a bare model."""
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> torch.nn.Module:
+    """The checkpoint's model, built from its stored config, with its weights loaded strictly (eval mode).
+
+    ``pretrained`` paths in the stored config are dropped: the checkpoint's weights replace them
+    anyway, and the file they name need not exist where the checkpoint is used. The stored config
+    must have passed ``engine.trust.check_checkpoint`` first.
+    """
+    from hydra.utils import instantiate
+
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "_target_" not in config["model"]:
+        raise CheckpointError(f"checkpoint {path} has no model config (config.model._target_); "
+                              "was it written by segrun training?")
+    model_cfg = dict(config["model"])
+    for key in ("pretrained", "encoder_weights"):
+        if key in model_cfg:
+            model_cfg[key] = None
+    model = instantiate(model_cfg)
+    try:
+        model.load_state_dict(strip_module_prefix(ckpt["model"]), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path}: weights do not fit its model {model_cfg['_target_']} "
+                              f"({first}...)") from None
+    return model.eval()

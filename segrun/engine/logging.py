@@ -9,8 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 def colorize(label: torch.Tensor, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> torch.Tensor:
@@ -72,3 +74,27 @@ def write_text(text: str, path: str | Path) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def palette_bytes(palette: Sequence[Sequence[int]]) -> list[int]:
+    """A 256-entry flat RGB palette: the class colours, then black for unused indices."""
+    flat = [int(v) for colour in list(palette)[:256] for v in list(colour)[:3]]
+    return flat + [0] * (768 - len(flat))
+
+
+def save_mask(pred: np.ndarray, palette: Sequence[Sequence[int]], path: Path, num_classes: int) -> None:
+    """Write class indices as a palette PNG; above 256 classes a palette cannot index them, so 16-bit gray."""
+    if num_classes <= 256:
+        im = Image.fromarray(pred.astype(np.uint8))
+        im.putpalette(palette_bytes(palette))  # 'L' -> 'P': pixel values stay the class indices
+    else:
+        im = Image.fromarray(pred.astype(np.uint16))
+    im.save(path)
+
+
+def blend(image: np.ndarray, pred: np.ndarray, palette: Sequence[Sequence[int]], alpha: float,
+          ignore_index: int = 255) -> np.ndarray:
+    """HxWx3 uint8: ``(1 - alpha) * image + alpha * colour(pred)``."""
+    colour = colorize(torch.from_numpy(pred), palette, ignore_index).permute(1, 2, 0).numpy()
+    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * colour.astype(np.float32)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)

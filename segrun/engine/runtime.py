@@ -12,8 +12,9 @@ from segrun.engine import distributed as dist
 from segrun.errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA (this process's local rank), then MPS, then CPU."""
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """``auto`` picks CUDA (this process's local rank), then MPS, then CPU; errors name ``key``
+    (``device`` for the tools)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank())
@@ -23,9 +24,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"trainer.device={name!r} is not a device; expected auto, cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"{key}={name!r} is not a device; expected auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available here; use trainer.device=auto or cpu")
+        raise ConfigError(f"{key}={name} but CUDA is not available here; use {key}=auto or cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank())
     return device

@@ -2,9 +2,9 @@
 
 A run claims its folder at start (``state: running`` with pid, host and start time). The claim is
 taken under an exclusive lock on ``.status.lock``, so two runs started at once into the same
-folder cannot both win. It ends as ``done`` (with the best monitored value) or ``failed`` (with
-the one-line error); both carry the wall time. Sweeps (``segrun.report``, ``sweep.resume``) read
-these files to know which jobs finished.
+folder cannot both win. It ends as ``done`` (with the best monitored value), ``pruned`` (an Optuna
+trial its study's pruner stopped) or ``failed`` (with the one-line error); all carry the wall time.
+Sweeps (``segrun.report``, ``sweep.resume``) read these files to know which jobs finished.
 """
 
 from __future__ import annotations
@@ -141,6 +141,10 @@ class RunClaim:
 
     def done(self, best_metric: float | None) -> None:
         self._end(state="done", best_metric=best_metric)
+
+    def pruned(self, note: str, best_metric: float | None) -> None:
+        """Stopped early by an Optuna pruner: neither done nor failed."""
+        self._end(state="pruned", note=note, best_metric=best_metric)
 
     def failed(self, error: str, error_type: str) -> None:
         self._end(state="failed", error=error, error_type=error_type)

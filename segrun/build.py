@@ -19,13 +19,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from segrun.added_keys import check_added_keys
 from segrun.class_weights import resolve_auto_weights
 from segrun.config import conf_dir
 from segrun.data.bad_samples import bad_sample_limit, check_policy
 from segrun.data.loader import build_loader
 from segrun.engine import distributed as dist
 from segrun.engine.predict import Normalize
-from segrun.engine.runtime import configure_backends, resolve_device, resolve_workers, seed_everything
+from segrun.engine.runtime import configure_backends, configure_threads, resolve_device, resolve_workers, seed_everything
 from segrun.engine.settings import TrainSettings, check_int, check_number, check_size
 from segrun.errors import ConfigError
 from segrun.models.base import count_parameters
@@ -250,6 +251,7 @@ def build_parts(cfg: DictConfig, settings: TrainSettings) -> Parts:
     dist.init(device, str(cfg.trainer.dist_backend), timeout_s=settings.dist_timeout_s)
     seed_everything(settings.seed + dist.rank())
     configure_backends(device, settings.deterministic)
+    configure_threads(settings.threads, workers=resolve_workers(cfg.loader.num_workers, device))
 
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False)
@@ -274,6 +276,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
     """Check ``cfg``, build its parts and a ``Trainer`` in ``run_dir`` (resumed when ``trainer.resume`` is set)."""
     from segrun.engine.trainer import Trainer
 
+    check_added_keys(cfg, overrides, choices)
     settings = check_config(cfg, choices)
     parts = build_parts(cfg, settings)
     config = OmegaConf.to_container(cfg, resolve=True)

@@ -194,7 +194,7 @@ def test_new_template_model_trains_through_the_cli(tmp_path):
     assert (tmp_path / "run" / "metrics.json").is_file()
 
 
-# -- modern architectures (optional extra segrun[models]) ------------------------------------------------
+# -- modern architectures (optional extra models) ---------------------------------------------------------
 
 
 def _needs(*modules: str) -> None:
@@ -524,11 +524,11 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "segmentation_models_pytorch", None)  # import fails as if not installed
     with pytest.raises(MissingExtraError, match=r"^model SegFormer needs the optional package "
-                                                r"segmentation_models_pytorch: pip install 'segrun\[models\]'$"):
+                                                r"segmentation_models_pytorch: pip install -e '.\[models\]'"):
         SegFormer(NUM_CLASSES)
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(ConfigError, match=r"model.backbone='convnext_tiny' is not one of segrun's backbones .*"
-                                          r"pip install 'segrun\[models\]'"):
+                                          r"pip install -e '.\[models\]'"):
         UPerNet(NUM_CLASSES, backbone="convnext_tiny")
 
 

@@ -98,7 +98,7 @@ def info(name: str, opts: dict[str, Any]) -> str:
         numbers = list(card.published) + torchvision_numbers(card)
         out += [f"published: {n}" for n in numbers]
         if card.extra:
-            out.append(f"needs: pip install 'segrun[{card.extra}]'")
+            out.append(f"needs: pip install -e '.[{card.extra}]' in the segrun checkout")
         out += [f"note: {n}" for n in card.notes if not n.startswith("torchvision:")]
     out.append(f"config keys (conf/model/{name}.yaml; override with model.<key>=...):")
     out += ["  " + line for line in raw.splitlines() if line.strip() and not line.startswith("#")]

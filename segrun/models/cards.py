@@ -53,7 +53,7 @@ CARDS: dict[str, Card] = {
                     ("Swin paper (arXiv:2103.14030): UPerNet Swin-T 60 M parameters, 945 GFLOPs at 512x2048, "
                      "ADE20K val 44.5 mIoU",),
                     notes=("any timm backbone: model.backbone=convnext_tiny | swin_tiny_patch4_window7_224 | "
-                           "vit_small_patch14_dinov2 (needs segrun[models])",)),
+                           "vit_small_patch14_dinov2 (needs the extra models)",)),
     "upernet_convnext": Card("UPerNet on ConvNeXt-T", "Liu, Mao, Wu, Feichtenhofer, Darrell, Xie 2022, A ConvNet "
                              "for the 2020s, arXiv:2201.03545",
                              ("ConvNeXt paper: UPerNet ConvNeXt-T 60 M parameters, 939 GFLOPs at 512x2048, ADE20K val "

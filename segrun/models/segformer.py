@@ -1,5 +1,5 @@
 """SegFormer (Xie et al. 2021) and DPT (Ranftl et al. 2021), built on segmentation_models_pytorch 0.6
-(optional extra ``segrun[models]``) and wrapped by :class:`SMPModel`: padding to the encoder's stride,
+(optional extra ``models``) and wrapped by :class:`SMPModel`: padding to the encoder's stride,
 the encoder as ``backbone`` (parameter groups, freezing), weights only from local files.
 """
 

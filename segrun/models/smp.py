@@ -1,4 +1,4 @@
-"""Adapter for ``segmentation_models_pytorch`` (optional extra ``segrun[smp]``).
+"""Adapter for ``segmentation_models_pytorch`` (optional extra ``smp``: ``pip install -e ".[smp]"``).
 
 smp models are built with ``smp.create_model``; the adapter pads inputs to the encoder's stride,
 crops the logits back, and exposes the smp encoder as ``backbone`` for parameter groups and

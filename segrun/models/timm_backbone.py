@@ -1,4 +1,4 @@
-"""Any timm model as a segrun backbone (optional extra ``segrun[models]``): ConvNeXt, Swin, ViT/DINOv2, ...
+"""Any timm model as a segrun backbone (optional extra ``models``): ConvNeXt, Swin, ViT/DINOv2, ...
 
 Hierarchical networks (ConvNeXt, Swin, ResNets, EfficientNets) come from timm's ``features_only``
 wrapper; their last four or five levels are named ``c2``..``c5`` (``c1``) by position, as for the
@@ -42,7 +42,8 @@ def _timm(name: str):
         from segrun.models.backbones import BACKBONES
 
         raise ConfigError(f"model.backbone='{name}' is not one of segrun's backbones {BACKBONES}; other names are "
-                          "timm models, which need the optional package timm: pip install 'segrun[models]'") from None
+                          "timm models, which need the optional package timm: "
+                          "pip install timm (in a segrun checkout: pip install -e '.[models]')") from None
 
 
 def check_timm_name(timm, name: str) -> tuple[str, str]:

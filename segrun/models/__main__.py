@@ -139,8 +139,12 @@ def parse(argv: list[str]) -> tuple[str, dict[str, Any]]:
 
 
 def run(argv: list[str]) -> str:
+    with torch.no_grad():
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> str:
     command, opts = parse(argv)
-    torch.set_grad_enabled(False)
     if command == "info":
         if not opts["model"]:
             raise ConfigError("info needs model=<name>; one of " + ", ".join(model_names()))

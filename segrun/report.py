@@ -215,7 +215,7 @@ def plot(rows: Sequence[Row], keys: Sequence[str], monitor: str | None, path: Pa
     ax.set_xlabel("epoch")
     ax.set_ylabel(monitor.split()[-1] if monitor else "monitored metric")
     ax.grid(alpha=0.3)
-    if len(rows) <= 12:
+    if len(rows) <= 12 and ax.get_lines():  # no run got to validate: no legend to draw
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)

@@ -28,7 +28,7 @@ from segrun.engine import evaluate as loop
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from segrun.engine.logging import save_mask, write_json
 from segrun.engine.predict import Normalize
-from segrun.engine.runtime import resolve_device, resolve_workers
+from segrun.engine.runtime import configure_threads, resolve_device, resolve_workers
 from segrun.engine.settings import EvalSettings, PredictSettings, read_settings, reraise_as, trust_targets
 from segrun.engine.trust import check_checkpoint
 from segrun.errors import SegrunError, report_user_errors, writing
@@ -122,6 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     batch_size = s.batch_size if s.batch_size is not None else int(loader_cfg.get("val_batch_size", 1))
     with reraise_as(EvalError):
         workers = resolve_workers(s.num_workers, device)
+        configure_threads(s.threads, workers=workers, key="threads")
     out = eval_dir(s.out, ckpt_path, split, settings)
 
     # build: weights, then the split (a dataset problem is reported before any prediction)

@@ -38,7 +38,7 @@ from segrun.engine.checkpoint import CheckpointError, load_checkpoint, model_fro
 from segrun.engine.evaluate import Predictor
 from segrun.engine.logging import blend, save_mask
 from segrun.engine.predict import Normalize, class_map, window_positions
-from segrun.engine.runtime import resolve_device
+from segrun.engine.runtime import configure_threads, resolve_device
 from segrun.engine.settings import InferSettings, PredictSettings, read_settings, reraise_as, trust_targets
 from segrun.engine.trust import check_checkpoint
 from segrun.errors import SegrunError, WriteError, cannot_write, one_line, report_user_errors
@@ -226,6 +226,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         bar.update(1)
 
     workers = _workers(s.num_workers)
+    configure_threads(s.threads, workers=workers, key="threads")
     loader = torch.utils.data.DataLoader(ImageFiles(images), batch_size=None, shuffle=False, num_workers=workers,
                                          collate_fn=_as_is, prefetch_factor=4 if workers else None)
     pending: list[Future] = []

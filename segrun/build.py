@@ -107,6 +107,10 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> T
     for key in ("weight_decay", "momentum", "backbone_lr_mult"):
         if oc.get(key) is not None:
             check_number(f"optimizer.{key}", oc[key], 0.0)
+    if oc.get("layer_decay") is not None:
+        check_number("optimizer.layer_decay", oc.layer_decay, 0.0, exclusive=True)
+        if float(oc.layer_decay) > 1.0:
+            raise ConfigError(f"optimizer.layer_decay={oc.layer_decay}: expected a factor in (0, 1]")
     return TrainSettings.from_config(cfg)
 
 

@@ -122,6 +122,16 @@ def test_claim_rules_for_existing_folders(tmp_path):
         RunClaim(failed).acquire()
     RunClaim(failed).acquire(reuse_finished=True)
 
+    # a run that died (its pid is gone) and left checkpoints: the same
+    dead = tmp_path / "dead"
+    (dead / "checkpoints").mkdir(parents=True)
+    (dead / "checkpoints" / "last.pt").write_bytes(b"x")
+    (dead / "status.json").write_text(json.dumps({"state": "running", "pid": 999999, "host": os.uname().nodename}))
+    with pytest.raises(RunFolderError, match=r"holds a previous run's checkpoints \(checkpoints/last.pt; that "
+                                             r"run's process is gone\); continue it with trainer.resume=auto"):
+        RunClaim(dead).acquire()
+    RunClaim(dead).acquire(reuse_finished=True)
+
     # a failed run without checkpoints may be started again in its folder
     retry = tmp_path / "retry"
     claim = RunClaim(retry)

@@ -161,7 +161,8 @@ def check_free(run_dir: str | Path, reuse_finished: bool = False, ignore: Sequen
                              "trainer.resume=auto (and a larger trainer.epochs) or choose another hydra.run.dir")
     checkpoints = _checkpoints(run_dir)
     if checkpoints and not reuse_finished:
-        what = f"its status.json {prev['problem']}" if state == "invalid" else f"that run {state}"
+        what = {"invalid": f"its status.json {prev.get('problem')}", "killed": "that run's process is gone",
+                "pruned": "that run was pruned"}.get(state, f"that run {state}")
         raise RunFolderError(f"run folder {run_dir} holds a previous run's checkpoints ({few(checkpoints)}; {what}); "
                              "continue it with trainer.resume=auto or choose another hydra.run.dir")
     return prev

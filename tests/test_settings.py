@@ -199,3 +199,115 @@ def test_deprecated_amp_means_fp16(caplog):
 def test_compile_false_and_null_are_off():
     for value in ("false", "null"):
         assert _settings(f"trainer.compile={value}").compile is None
+
+
+# ---- the option checks the tools' settings are declared with (called directly: the tools' classes
+# ---- build their checks once, at import) ----
+def test_integer_options():
+    from segrun.engine.settings import integer
+
+    assert integer()("k", -5) == -5 and integer(1)("k", 1) == 1 and integer(1, 3)("k", 3) == 3
+    assert integer(1, 3)("k", 2.0) == 2
+    assert _error(integer(1, 3), "k", 4) == "k=4: expected an integer in [1, 3]"
+    assert _error(integer(1, 3), "k", 0) == "k=0: expected an integer >= 1"
+    assert _error(integer(None, 3), "k", 9) == "k=9: expected an integer in [None, 3]"
+    assert _error(integer(0), "k", "x") == "k='x': expected an integer >= 0"
+
+
+def test_number_options():
+    from segrun.engine.settings import number, probability
+
+    assert number()("k", -2) == -2.0 and number(0.0)("k", 0) == 0.0 and type(number(0.0, 1.0)("k", 1)) is float
+    assert _error(number(0.0, exclusive=True), "k", 0) == "k=0: expected a number > 0"
+    assert number(0.0, 1.0)("k", 0.0) == 0.0 and number(0.0, 1.0)("k", 1.0) == 1.0
+    assert _error(number(0.0, 1.0), "k", 1.5) == "k=1.5: expected a number in [0, 1]"
+    assert _error(number(0.0, 1.0), "k", -0.5) == "k=-0.5: expected a number in [0, 1]"
+    assert _error(number(0.0, 2.5, exclusive=True), "k", 0.0) == "k=0.0: expected a number in (0, 2.5]"
+    assert number(0.0, 2.5, exclusive=True)("k", 2.5) == 2.5
+    for bad in (True, "0.5", None, math.nan, math.inf):
+        assert _error(number(0.0, 1.0), "k", bad) == f"k={bad!r}: expected a number in [0, 1]"
+    assert probability("p", 0.25) == 0.25
+    assert _error(probability, "p", 1.01) == "p=1.01: expected a number in [0, 1]"
+
+
+def test_text_and_choice_options():
+    from segrun.engine.settings import boolean, choice, text, text_list
+
+    assert text("k", "abc") == "abc" and text("k", 5) == "5" and text("k", False) == "False"
+    for bad in (None, [1], {"a": 1}, ("a",)):
+        assert _error(text, "k", bad) == f"k={bad!r}: expected a text value"
+    assert boolean("k", True) is True
+    assert _error(boolean, "k", "yes") == "k='yes': expected true or false"
+    two, three = choice("a", "b"), choice("a", "b", "c")
+    assert two("k", "b") == "b" and three("k", "c") == "c"
+    assert _error(two, "k", "z") == "k='z': expected a or b"
+    assert _error(three, "k", "z") == "k='z': expected one of a, b, c"
+    assert _error(two, "k", None) == "k=None: expected a or b"
+    assert text_list("k", ["a.", "b"]) == ("a.", "b") and text_list("k", ()) == ()
+    for bad in ("a", ["a", 1], None):
+        assert _error(text_list, "k", bad) == f"k={bad!r}: expected a list of names, e.g. [mypkg.models.]"
+
+
+def test_optional_and_auto_options():
+    from segrun.engine.settings import auto_or, integer, optional
+
+    opt = optional(integer(1))
+    assert opt("k", None) is None and opt("k", 3) == 3
+    assert _error(opt, "k", 0) == "k=0: expected an integer >= 1"
+    auto = auto_or(integer(0))
+    assert auto("k", "auto") == "auto" and auto("k", 2) == 2
+    assert _error(auto, "k", -1) == "k=-1: expected auto or an integer >= 0"
+    assert _error(auto, "k", "many") == "k='many': expected auto or an integer >= 0"
+
+
+def test_read_settings_checks_every_declared_field():
+    from dataclasses import dataclass, field
+
+    from segrun.engine.settings import integer, option, optional, read_settings, text
+
+    @dataclass(frozen=True)
+    class Tool:
+        name: str = option("x", text)
+        count: int = option(2, integer(1))
+        limit: int | None = option(None, optional(integer(0)))
+        given: tuple = ()
+        plain: int = field(default=7)
+
+    class ToolError(ConfigError):
+        pass
+
+    assert read_settings(Tool, OmegaConf.create({})) == Tool("x", 2, None, (), 7)
+    assert read_settings(Tool, None) == Tool()
+    got = read_settings(Tool, OmegaConf.create({"name": "n", "count": 4, "limit": 0, "plain": 99}), given=("a",))
+    assert got == Tool("n", 4, 0, ("a",), 7)  # a field without a check is not read from the config
+    with pytest.raises(ToolError) as exc:
+        read_settings(Tool, OmegaConf.create({"count": 0}), prefix="tool.", error=ToolError)
+    assert str(exc.value) == "tool.count=0: expected an integer >= 1"
+    assert read_settings(Tool, OmegaConf.create({"count": 5}), count=9).count == 9  # given wins, unchecked
+    assert read_settings(Tool, OmegaConf.create({"name": ["a", "b"]}), name="given").name == "given"
+    with pytest.raises(ConfigError, match=r"^name=\['a', 'b'\]: expected a text value$"):
+        read_settings(Tool, OmegaConf.create({"name": ["a", "b"]}))
+
+
+def test_the_tools_declared_defaults_and_bounds():
+    from segrun.engine.settings import EvalSettings, ExportSettings, InferSettings, read_settings
+
+    e = read_settings(EvalSettings, OmegaConf.create({}))
+    assert (e.split, e.out, e.device, e.precision, e.batch_size, e.num_workers, e.plot_max_classes) == \
+        ("val", None, "auto", None, None, "auto", 30)
+    assert (e.save_predictions, e.progress, e.trust_checkpoint) == (False, True, False)
+    x = read_settings(ExportSettings, OmegaConf.create({}))
+    assert (x.format, x.output, x.opset, x.check_size, x.min_agreement) == ("onnx", "scores", 17, None, 0.999)
+    i = read_settings(InferSettings, OmegaConf.create({}))
+    assert (i.out, i.overlay, i.overlay_alpha, i.batch_size, i.writers, i.recursive) == \
+        ("predictions", True, 0.5, 1, 2, False)
+    for cls, key, value, message in [
+        (EvalSettings, "precision", "fp8", "precision='fp8': expected one of fp32, bf16, fp16"),
+        (EvalSettings, "plot_max_classes", 0, "plot_max_classes=0: expected an integer >= 1"),
+        (EvalSettings, "num_workers", -1, "num_workers=-1: expected auto or an integer >= 0"),
+        (ExportSettings, "opset", 6, "opset=6: expected an integer >= 7"),
+        (ExportSettings, "check_size", [0, 5], "check_size=0: expected an integer >= 1"),
+        (InferSettings, "overlay_alpha", 2, "overlay_alpha=2: expected a number in [0, 1]"),
+        (InferSettings, "writers", 0, "writers=0: expected an integer >= 1"),
+    ]:
+        assert _error(read_settings, cls, OmegaConf.create({key: value})).startswith(message), key

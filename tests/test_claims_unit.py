@@ -319,9 +319,50 @@ def test_the_sweep_callback_claims_the_sweep_folder(tmp_path, capsys, hydra_rese
     assert capsys.readouterr().out == ""
     (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"state": "running", "pid": dead_pid(),
                                                                 "host": socket.gethostname()}))
+    gone = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["pid"]
     taken = sweep.SweepCallback()
     taken.on_multirun_start(cfg)
-    out = capsys.readouterr().out
-    assert out.startswith(f"[segrun] sweep folder {tmp_path / 'sweep'}: the sweep that owned it (") and \
-        out.endswith(") is gone; taking it over\n")
+    assert capsys.readouterr().out == (f"[segrun] sweep folder {tmp_path / 'sweep'}: the sweep that owned it ({gone}) "
+                                       "is gone; taking it over\n")
     assert Path(taken.claim.sweep_dir) == tmp_path / "sweep"
+
+
+def test_a_finished_run_folder_is_taken_when_resumed(tmp_path, hydra_reset):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "done", "best_metric": 0.5}))
+    with pytest.raises(SystemExit):
+        sweep.RunFolderCallback().on_run_start(_hydra_cfg(tmp_path))
+    cb = sweep.RunFolderCallback()
+    cb.on_run_start(_hydra_cfg(tmp_path, ["trainer.resume=auto"]))
+    assert read_status(run)["state"] == "running" and take_claim(run) is not None
+
+
+def test_the_sweep_end_records_the_counts_and_stops_on_a_failed_write(tmp_path, capsys, monkeypatch, hydra_reset):
+    from segrun import report
+
+    cfg = _hydra_cfg(tmp_path, task=["seed=0,1"])
+    cb = sweep.SweepCallback()
+    cb.on_multirun_start(cfg)
+    job = tmp_path / "sweep" / "0"
+    job.mkdir()
+    (job / "status.json").write_text(json.dumps({"state": "running", "pid": dead_pid(), "host": socket.gethostname()}))
+    with pytest.raises(SystemExit) as exc:
+        cb.on_multirun_end(cfg)
+    assert exc.value.code == 1
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["counts"] == {"killed": 1}
+    err = capsys.readouterr().err
+    assert err == "1 job(s) did not finish (killed):\n  0: killed: no error recorded\n"
+    cb = sweep.SweepCallback()
+    cb.on_multirun_start(_hydra_cfg(tmp_path, ["sweep.resume=true"], task=["seed=0,1"]))
+
+    def cannot_write(*args, **kwargs):
+        raise report.SegrunError(f"cannot write {tmp_path / 'sweep' / 'report.md'}: no space left on device")
+
+    monkeypatch.setattr(report, "write_report", cannot_write)
+    with pytest.raises(SystemExit) as exc:
+        cb.on_multirun_end(cfg)
+    assert exc.value.code == 1
+    assert capsys.readouterr().err == f"segrun: no report: cannot write {tmp_path / 'sweep' / 'report.md'}: no space " \
+                                      "left on device\n"
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["counts"] == {}

@@ -351,6 +351,7 @@ def test_cli_defaults_to_multirun_and_explains_itself(tmp_path, monkeypatch, cap
     assert help_text.startswith("usage: python -m segrun.report [-h] [dir] The results table of a sweep: "
                                 "``python -m segrun.report DIR``.")
     assert "dir a sweep folder, a run folder, or outputs/" in help_text
+    assert "DIR is a sweep folder" not in help_text  # the docstring's first paragraph only
 
 
 def test_the_picture_draws_each_run_and_the_best_on_top(sweep, monkeypatch):

@@ -130,3 +130,19 @@ def test_a_changed_dataset_is_measured_again(data):
     # f_0 = 320/512, f_1 = 96/512, class 2 absent: the median of the classes present is 208/512
     assert cfg.loss.weight[:2] == pytest.approx([208 / 320, 208 / 96], abs=1e-6)
     assert cfg.loss.weight[2] != pytest.approx(MEDIAN_FREQ[2], abs=1e-6)
+
+
+def test_auto_method_names_and_pinned_overrides_by_hand():
+    from segrun.class_weights import AutoWeightError, parse_method, pin_auto_weights
+
+    assert parse_method("auto", "median_freq", "loss.weight") == "median_frequency"
+    assert parse_method("auto:inv_log", "median_freq", "loss.weight") == "inverse_log"
+    with pytest.raises(AutoWeightError) as exc:
+        parse_method("auto:inv_log:x", "median_freq", "loss.weight")
+    assert str(exc.value) == ("loss.weight=auto:inv_log:x: unknown weighting 'inv_log:x'; expected one of "
+                              "['auto', 'auto:median_freq', 'auto:inv_log']")
+    config = {"loss": {"weight": [1, 2.5], "alpha": "auto"}, "x": {"y": [0.5]}}
+    assert pin_auto_weights(["loss.weight=auto", "+loss.weight=auto:inv_log", "~x.y=auto", "seed=1",
+                             "loss.alpha=auto", "loss.weight=[1,2]", "x.y=a=auto"], config) == \
+        ["loss.weight=[1.0,2.5]", "+loss.weight=[1.0,2.5]", "~x.y=[0.5]", "seed=1", "loss.alpha=auto",
+         "loss.weight=[1,2]", "x.y=a=auto"]

@@ -317,3 +317,42 @@ def test_a_failed_collective_names_the_peer_or_says_a_rank_died(monkeypatch):
     if hasattr(torch.distributed, "DistError"):
         assert job._collective_failure(torch.distributed.DistError("anything"))
     assert not job._collective_failure(RuntimeError("no keyword"))
+
+
+def test_a_launch_resumes_when_told_or_requeued(hydra_job, monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    cfg, _, _ = hydra_job()
+    for resume, count, expected in ((None, None, False), ("", None, False), ("/x/last.pt", None, True),
+                                    ("auto", None, True), (None, "0", False), (None, "", False), (None, "2", True),
+                                    ("", "1", True)):
+        if count is None:
+            monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+        else:
+            monkeypatch.setenv("SLURM_RESTART_COUNT", count)
+        cfg.trainer.resume = resume
+        assert job.resumes(cfg) is expected, (resume, count)
+
+
+def test_sweep_resume_runs_a_job_whose_status_is_unreadable(hydra_job, tmp_path, capsys):
+    run_dir = tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text(json.dumps({"state": "done", "best_metric": "abc", "overrides": ["seed=9"]}))
+    cfg, _, _ = hydra_job(["seed=0", "sweep.resume=true"], multirun=True, run_dir=run_dir)
+    cfg.trainer.resume = "/given.pt"
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    assert job.sweep_resume(cfg, run_dir, ["seed=0"]) is False  # another job's overrides: not even compared
+    assert capsys.readouterr().out == (f"[segrun] {run_dir / 'status.json'}: best_metric='abc' is not int or float or "
+                                       "null; sweep.resume treats the job as not done and runs it (the old file is kept "
+                                       "as status.json.bad)\n")
+    assert cfg.trainer.resume == "/given.pt"  # a resume given on the command line wins over last.pt
+
+
+def test_a_rank_failure_message_is_bounded(monkeypatch):
+    from segrun.engine import distributed as dist
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "peer_error", lambda: None)
+    exc = job._rank_failure(RuntimeError("NCCL " + "x" * 400))
+    assert str(exc).endswith("(NCCL " + "x" * 295 + ")")

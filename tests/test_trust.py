@@ -298,3 +298,39 @@ def test_every_shipped_config_passes_the_check():
         cfg = OmegaConf.to_container(compose_cfg([f"model={path.stem}"]), resolve=True)
         check_targets({k: cfg[k] for k in ("model", "dataset", "augment", "loss", "optimizer", "scheduler")},
                       source=path.name)
+
+
+def test_every_replayed_override_rule_with_its_words():
+    from segrun.engine.trust import _value_has_target, chooses_where_segrun_writes, override_key_parts
+
+    tail = "; nothing was built. If you trust this checkpoint, pass trust_checkpoint=true"
+    cases = {
+        "model._partial_=true": "it sets a _target_, _partial_ or _args_ (which callable gets built, and how)",
+        "model._args_=[1]": "it sets a _target_, _partial_ or _args_ (which callable gets built, and how)",
+        "model.x={a: {_partial_: true}}": "it sets a _target_, _partial_ or _args_ (which callable gets built, and how)",
+        "model.x=[{_args_: [1]}]": "it sets a _target_, _partial_ or _args_ (which callable gets built, and how)",
+        "model.x='uses _target_ inside'": "it sets a _target_, _partial_ or _args_ (which callable gets built, and how)",
+        "hydra/launcher=basic": "it changes Hydra's own settings",
+        "+hydra.job.chdir=true": "it changes Hydra's own settings",
+        "trust.targets=[os.]": "a checkpoint cannot extend its own trust",
+        "trust/default=x": "a checkpoint cannot extend its own trust",
+        "seed=${oc.env:SEED}": "its value is an interpolation",
+        "class_weights.cache_dir=/tmp/x": "it chooses where segrun writes; give it on the command line yourself if you mean it",
+        "logger.mlflow.experiment_name=x": "it chooses where segrun writes; give it on the command line yourself if you mean it",
+        "~logger.csv.filename": "it chooses where segrun writes; give it on the command line yourself if you mean it",
+        "not an override": "it is not a key=value override",
+    }
+    for override, why in cases.items():
+        with pytest.raises(UntrustedCheckpointError) as exc:
+            check_overrides(["seed=1", override], source="checkpoint c.pt")
+        assert str(exc.value) == f"checkpoint c.pt: stored override {override!r} refused: {why}{tail}", override
+    check_overrides(["logger=csv", "model.name=a/b", "dataset.root=/data/x", "loss@loss2=ce", "model.tag=hydra"],
+                    source="c")
+    assert override_key_parts("+model/encoder@enc.x=a=b") == ["model", "encoder"]
+    assert override_key_parts("~a.b.c") == ["a", "b", "c"] and override_key_parts("=x") == []
+    assert override_key_parts("++x//y=1") == ["x", "y"]
+    assert chooses_where_segrun_writes("paths.out=x") and chooses_where_segrun_writes("logger.csv=x")
+    assert not chooses_where_segrun_writes("logger=csv") and not chooses_where_segrun_writes("model.width=3")
+    assert not chooses_where_segrun_writes("=x")
+    assert _value_has_target({"a": [{"b": "_args_"}]}) and not _value_has_target({"a": [1, {"b": "c"}]})
+    assert _value_has_target(("x", "_partial_")) and not _value_has_target(5)

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf, open_dict
 
 from segrun import sweep
 from segrun.config import conf_dir
+from segrun.engine import status
 from segrun.engine.status import (
     RunClaim,
     SweepClaim,
@@ -366,3 +367,29 @@ def test_the_sweep_end_records_the_counts_and_stops_on_a_failed_write(tmp_path, 
     assert capsys.readouterr().err == f"segrun: no report: cannot write {tmp_path / 'sweep' / 'report.md'}: no space " \
                                       "left on device\n"
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["counts"] == {}
+
+
+def test_asking_whether_a_process_lives_leaves_it_alive(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert status.pid_alive(sleeper.pid) and status.pid_alive(str(sleeper.pid))
+        assert sleeper.poll() is None  # probed with signal 0, never signalled
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not status.pid_alive(dead_pid())
+
+
+def test_a_sweep_claim_records_when_and_who(tmp_path):
+    claim = SweepClaim(tmp_path / "s", ["x=1"])
+    claim.acquire(resume=False)
+    s = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert set(s) == {"state", "pid", "host", "started", "start_time", "overrides"} and "T" in s["started"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".sweep.lock", "sweep.json"]
+    claim.end({"done": 1})
+    assert "T" in json.loads((tmp_path / "s" / "sweep.json").read_text())["ended"]
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(SweepFolderError) as exc:
+        SweepClaim(afile).acquire(resume=False)
+    assert str(exc.value) == f"sweep folder {afile} is a file, not a folder; choose another hydra.sweep.dir"

@@ -283,8 +283,6 @@ def build_logger(cfg: DictConfig, run_dir: str | Path, settings: TrainSettings, 
 
     loggers = []
     for name, spec in (cfg.get("logger") or {}).items():
-        if name == "tensorboard" and not settings.tensorboard:
-            continue  # trainer.tensorboard=false keeps its old meaning
         options = OmegaConf.to_container(spec, resolve=True)
         cls = get_class(options.pop("_target_"))  # not instantiate(): `config` holds _target_ keys of its own
         loggers.append(cls(run_dir=Path(run_dir), resume_step=resume_step, config=config, **options))

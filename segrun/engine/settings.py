@@ -43,6 +43,9 @@ log = logging.getLogger("segrun")
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: torch.autocast's dtype per ``precision`` (fp32: no autocast)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: keys that are gone, and what replaces them (their YAML entries stay null so a user setting one reads this)
+REMOVED_KEYS = {"amp": "trainer.precision=fp16 (bf16 on recent GPUs and CPUs)",
+                "tensorboard": "logger=[...] to choose the loggers: logger=[] for none, logger=[csv] without TensorBoard"}
 #: ``trainer.dist_backend``: torch.distributed's backends (auto: nccl on CUDA, gloo on CPU)
 DIST_BACKENDS_CHECK = choice("auto", "nccl", "gloo", "mpi", "ucc")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -162,7 +165,6 @@ class TrainSettings:
     resume: str | None = None
     log_every: int = 10
     vis_samples: int = 4
-    tensorboard: bool = True
     progress: bool = True
     precision: str = "fp32"
     grad_clip: float | None = None
@@ -192,9 +194,9 @@ class TrainSettings:
         precision = str(t.get("precision", "fp32"))
         if precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if t.get("amp"):
-            log.warning("trainer.amp=true is deprecated: use trainer.precision=fp16 (bf16 on recent GPUs and CPUs)")
-            precision = "fp16" if precision == "fp32" else precision
+        for key, instead in REMOVED_KEYS.items():
+            if t.get(key) is not None:
+                raise ConfigError(f"trainer.{key}={t.get(key)!r}: removed; use {instead}")
         parse_monitor(t.monitor)
         every = parse_every("trainer.checkpoint_every", t.get("checkpoint_every"))
         return cls(
@@ -206,7 +208,6 @@ class TrainSettings:
             resume=None if t.resume in (None, "") else str(t.resume),
             log_every=check_int("trainer.log_every", t.log_every, 1),
             vis_samples=check_int("trainer.vis_samples", t.vis_samples, 0),
-            tensorboard=check_bool("trainer.tensorboard", t.tensorboard),
             progress=check_bool("trainer.progress", t.progress),
             precision=precision,
             grad_clip=None if t.grad_clip is None else check_number("trainer.grad_clip", t.grad_clip, 0.0, exclusive=True),

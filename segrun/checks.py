@@ -48,12 +48,9 @@ def check_bool(key: str, value: Any) -> bool:
 def check_size(key: str, value: Any) -> tuple[int, int]:
     """A positive int or an ``[h, w]`` pair of positive ints."""
     if isinstance(value, Sequence) and not isinstance(value, str):
-        try:
-            if len(value) != 2:
-                raise ConfigError("")
-            return check_int(key, value[0], 1), check_int(key, value[1], 1)
-        except ConfigError:
-            raise ConfigError(f"{key}={list(value)!r}: expected a size, an integer > 0 or [height, width]") from None
+        if len(value) != 2:
+            raise ConfigError(f"{key}={list(value)!r}: expected a size, an integer > 0 or [height, width]")
+        return check_int(key, value[0], 1), check_int(key, value[1], 1)
     try:
         n = check_int(key, value, 1)
     except ConfigError:

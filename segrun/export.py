@@ -9,7 +9,8 @@ Only whole-image prediction is exported: slide windows and test-time augmentatio
 Python side (``segrun.infer``/``segrun.eval``). After writing, the exported file is run
 (onnxruntime / ``torch.jit.load``) on an input of a size the model was not trained at and compared
 with ``predict()``; below ``min_agreement`` of pixels with the same class the export fails (exit 2),
-keeping the file for inspection. ONNX needs the ``export`` extra: ``pip install segrun[export]``.
+keeping the file for inspection. ONNX needs the ``export`` extra: ``pip install -e ".[export]"``
+from a checkout, or ``pip install onnx onnxruntime onnxscript``.
 """
 
 from __future__ import annotations
@@ -58,18 +59,23 @@ class Deployable(nn.Module):
         return class_map(scores) if self.labels else scores
 
 
-def metadata(ckpt: dict[str, Any], output: str) -> dict[str, str]:
-    """What a deployment needs to read the outputs, as strings (ONNX metadata values are strings)."""
+def metadata(ckpt: dict[str, Any], output: str) -> dict[str, Any]:
+    """What a deployment needs to read the outputs, as plain JSON values (TorchScript's ``segrun.json``)."""
     return {
-        "class_names": json.dumps(list(ckpt.get("class_names") or [])),
-        "palette": json.dumps([list(c) for c in ckpt.get("palette") or []]),
-        "mean": json.dumps(list(ckpt["mean"])),
-        "std": json.dumps(list(ckpt["std"])),
+        "class_names": [str(n) for n in ckpt.get("class_names") or []],
+        "palette": [[int(v) for v in c] for c in ckpt.get("palette") or []],
+        "mean": [float(v) for v in ckpt["mean"]],
+        "std": [float(v) for v in ckpt["std"]],
         "input": "uint8 RGB, shape (N, 3, H, W); normalisation is inside the graph",
         "output": "class indices (N, H, W)" if output == "labels" else "class scores (N, K, H, W)",
-        "num_classes": str(ckpt.get("num_classes", len(ckpt.get("palette") or []))),
+        "num_classes": int(ckpt.get("num_classes", len(ckpt.get("palette") or []))),
         "segrun_version": __version__,
     }
+
+
+def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """ONNX ``metadata_props`` values must be strings: text stays as it is, anything else is JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
 def sample_input(size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -88,24 +94,25 @@ def _check_size(given: tuple[int, int] | None, ckpt: dict[str, Any]) -> tuple[in
     return ch + ch // 2 + 3, cw * 2 + 5  # neither the training crop nor a multiple of common strides
 
 
-def export_onnx(module: Deployable, sample: torch.Tensor, path: Path, opset: int, meta: dict[str, str]) -> None:
+def export_onnx(module: Deployable, sample: torch.Tensor, path: Path, opset: int, meta: dict[str, Any]) -> None:
     try:
         import onnx
     except ImportError:
-        raise ExportError("format=onnx needs the onnx package: pip install 'segrun[export]'") from None
+        raise ExportError("format=onnx needs the onnx package: "
+                          "pip install onnx onnxruntime onnxscript (from a checkout: pip install -e '.[export]')") from None
     out_name = "labels" if module.labels else "scores"
     dynamic = {"images": {0: "batch", 2: "height", 3: "width"},
                out_name: {0: "batch", 1 if module.labels else 2: "height", 2 if module.labels else 3: "width"}}
     torch.onnx.export(module, (sample,), str(path), input_names=["images"], output_names=[out_name],
                       dynamic_axes=dynamic, opset_version=opset, dynamo=False)
     model = onnx.load(str(path))
-    for k, v in meta.items():
+    for k, v in onnx_metadata(meta).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.save(model, str(path))
 
 
-def export_torchscript(module: Deployable, sample: torch.Tensor, path: Path, meta: dict[str, str]) -> None:
+def export_torchscript(module: Deployable, sample: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
     traced = torch.jit.trace(module, (sample,), check_trace=False)
     torch.jit.save(traced, str(path), _extra_files={"segrun.json": json.dumps(meta)})
 
@@ -116,7 +123,8 @@ def run_exported(fmt: str, path: Path, x: torch.Tensor) -> torch.Tensor:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ExportError("checking an ONNX export needs onnxruntime: pip install 'segrun[export]'") from None
+            raise ExportError("checking an ONNX export needs onnxruntime: "
+                              "pip install onnx onnxruntime onnxscript (from a checkout: pip install -e '.[export]')") from None
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     with warnings.catch_warnings():

@@ -112,7 +112,9 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             return i, read_image(self.paths[i]), None
         except DatasetError as exc:  # a damaged or foreign file: skip it, keep going
-            return i, None, one_line(exc)
+            message = one_line(exc)
+            prefix = f"{self.paths[i]}: "  # the decoder names the file; the warning names it once, itself
+            return i, None, message[len(prefix):] if message.startswith(prefix) else message
 
 
 def _as_is(item: Any) -> Any:

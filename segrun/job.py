@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from segrun.config import RESUME_KEY, override_key
 from segrun.engine import distributed as dist
 from segrun.engine import preempt
+from segrun.engine.runtime import share_cpus, usable_cpus
 from segrun.engine.status import RunClaim, read_status
 from segrun.errors import RunFolderError, SegrunError, is_user_error, log_to_files, one_line
 from segrun.pruning import TrialPruned
@@ -60,22 +61,22 @@ def _rank_failure(exc: BaseException) -> BaseException:
 def share_resources(cfg: DictConfig, hc: Any) -> None:
     """Parallel local jobs (joblib's ``n_jobs`` > 1) share the machine.
 
-    With GPUs, job ``num`` takes GPU ``num % visible GPUs`` (when ``trainer.device=auto``); on the
-    CPU, each job gets ``cores // n_jobs`` intra-op threads so the jobs do not oversubscribe.
+    With GPUs, job ``num`` takes GPU ``num % visible GPUs`` (when ``trainer.device=auto``); the CPUs
+    are shared too: ``trainer.threads=auto`` gives each job its part (``engine.runtime.decide_threads``).
     """
     n_jobs = hc.launcher.get("n_jobs") if "launcher" in hc else None
     if not isinstance(n_jobs, int) or n_jobs == 1:
         return
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()[1]
     n_jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
+    share_cpus(n_jobs)
+    where = f"job {hc.job.num} ({n_jobs} jobs run in parallel)"
     if torch.cuda.is_available() and str(cfg.trainer.device) == "auto":
         gpu = int(hc.job.num) % torch.cuda.device_count()
         cfg.trainer.device = f"cuda:{gpu}"
-        log.info("job %s of %d parallel jobs: GPU %d", hc.job.num, n_jobs, gpu)
-    elif not torch.cuda.is_available():
-        threads = max(1, cores // n_jobs)
-        torch.set_num_threads(threads)
-        log.info("job %s of %d parallel jobs: %d CPU thread(s)", hc.job.num, n_jobs, threads)
+        log.info("%s: GPU %d", where, gpu)
+    else:
+        log.info("%s: sharing %d CPU(s)", where, cores)
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool) -> bool:

@@ -196,7 +196,7 @@ def plot(rows: Sequence[Row], keys: Sequence[str], monitor: str | None, path: Pa
         import matplotlib.pyplot as plt
     except ImportError:
         if not _PLOT_NOTE_SHOWN:
-            print("report.png skipped: matplotlib is not installed (pip install 'segrun[plots]')", file=sys.stderr)
+            print("report.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
             _PLOT_NOTE_SHOWN = True
         return False
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
@@ -215,7 +215,7 @@ def plot(rows: Sequence[Row], keys: Sequence[str], monitor: str | None, path: Pa
     ax.set_xlabel("epoch")
     ax.set_ylabel(monitor.split()[-1] if monitor else "monitored metric")
     ax.grid(alpha=0.3)
-    if len(rows) <= 12:
+    if len(rows) <= 12 and ax.get_lines():  # no run got to validate: no legend to draw
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)

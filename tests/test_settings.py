@@ -1,131 +1,199 @@
-"""Every entry point checks its options with their bounds: a bad value is one line naming the key, the
-value and what was expected, raised before anything is read or built.
-
-The values below were accepted silently or ended in a traceback without the key before the checks
-(issue 18); the expected lines are written out in full.
-"""
+"""``segrun.engine.settings``: every value check names the key, the value and what was expected, and
+``TrainSettings`` reads each ``trainer.*`` key into its typed field. In-process, no training."""
 
 from __future__ import annotations
 
-import pytest
-from hydra import compose, initialize_config_dir
+import math
 
-from segrun.build import check_config
-from segrun.checks import SchedulerKeys, check_present, mapping, numbers, pair, probability
-from segrun.config import conf_dir
-from segrun.data.__main__ import read_tool_settings
+import pytest
+from omegaconf import OmegaConf
+
+from segrun.engine.settings import (
+    PredictSettings,
+    TrainSettings,
+    check_bool,
+    check_int,
+    check_number,
+    check_size,
+    parse_duration,
+    parse_every,
+)
 from segrun.errors import ConfigError
 
-from helpers.cli import compose_cfg, run_cli
+from helpers.cli import compose_cfg
 
 
-def _train(overrides):
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    return check_config(cfg, cfg.hydra.runtime.choices)
+def _error(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as exc:
+        fn(*args, **kwargs)
+    return str(exc.value)
 
 
-@pytest.mark.parametrize("overrides, line", [
-    (["scheduler.min_lr=-1"], "scheduler.min_lr=-1: expected a number >= 0"),
-    (["scheduler=cosine", "scheduler.min_lr=-0.5"], "scheduler.min_lr=-0.5: expected a number >= 0"),
-    (["scheduler.warmup_ratio=5"], "scheduler.warmup_ratio=5: expected a number in [0, 1]"),
-    (["augment.train.hflip=1.5"], "augment.train.hflip=1.5: expected a number in [0, 1]"),
-    (["augment.train.blur=-0.1"], "augment.train.blur=-0.1: expected a number in [0, 1]"),
-    (["loader.pin_memory=maybe"], "loader.pin_memory='maybe': expected auto or true or false"),
-    (["loader.num_workers=-1"], "loader.num_workers=-1: expected auto or an integer >= 0"),
-    (["dataset.mean=[1,2]"], "dataset.mean=[1, 2]: expected a list of numbers in [0, 1], one per image channel"),
-    (["dataset.mean=[0.5,0.5]"], "dataset.mean=[0.5, 0.5]: expected 3 numbers, one per input channel of the model "
-                                 "(model.in_channels=3)"),
-    (["dataset.std=[0.2,0.0,0.2]"], "dataset.std=[0.2, 0.0, 0.2]: expected a list of numbers in (0, 1], one per "
-                                    "image channel"),
-    (["model.in_channels=0"], "model.in_channels=0: expected an integer >= 1"),
-    (["loss.label_smoothing=2"], "loss.label_smoothing=2: expected a number in [0, 1]"),
-    (["loss=ce_dice", "+loss.losses.ce.label_smoothing=3"], "loss.losses.ce.label_smoothing=3: expected a number in [0, 1]"),
-    (["dataset.sizes=test:4"], "dataset.sizes='test:4': expected a mapping such as {train: 600, val: 100, test: 100}"),
-    (["dataset.sizes={train: -3, val: 2}"], "dataset.sizes.train=-3: expected an integer >= 0"),
-    (["trainer.dist_backend=tcp"], "trainer.dist_backend='tcp': expected one of auto, nccl, gloo, mpi, ucc"),
-    (["trainer.sync_bn=maybe"], "trainer.sync_bn='maybe': expected true or false"),
-    (["trainer.find_unused_parameters=2"], "trainer.find_unused_parameters=2: expected true or false"),
+def test_integers():
+    assert check_int("k", 3) == 3 and check_int("k", 3.0) == 3 and type(check_int("k", 3.0)) is int
+    assert check_int("k", -4) == -4 and check_int("k", 0, 0) == 0 and check_int("k", 1, 1) == 1
+    assert _error(check_int, "k", 0, 1) == "k=0: expected an integer >= 1"
+    assert _error(check_int, "k", -1, 0) == "k=-1: expected an integer >= 0"
+    assert _error(check_int, "k", 2.5) == "k=2.5: expected an integer"
+    assert _error(check_int, "k", 2.5, 1) == "k=2.5: expected an integer >= 1"
+    assert _error(check_int, "k", "3") == "k='3': expected an integer"
+    assert _error(check_int, "k", True) == "k=True: expected an integer"
+    assert _error(check_int, "k", math.inf) == "k=inf: expected an integer"
+    assert _error(check_int, "k", None, 2) == "k=None: expected an integer >= 2"
+
+
+def test_numbers():
+    assert check_number("k", 2) == 2.0 and type(check_number("k", 2)) is float
+    assert check_number("k", 0.0, 0.0) == 0.0 and check_number("k", -5.5) == -5.5
+    assert check_number("k", 1e-9, 0.0, exclusive=True) == 1e-9
+    assert _error(check_number, "k", 0, 0.0, exclusive=True) == "k=0: expected a number > 0"
+    assert _error(check_number, "k", -0.5, 0.0) == "k=-0.5: expected a number >= 0"
+    assert _error(check_number, "k", 0.25, 0.5) == "k=0.25: expected a number >= 0.5"
+    for bad in ("1", True, None, math.nan, math.inf, -math.inf, [1]):
+        assert _error(check_number, "k", bad) == f"k={bad!r}: expected a number"
+    assert _error(check_number, "k", math.nan, 1.0) == "k=nan: expected a number >= 1"
+
+
+def test_booleans():
+    assert check_bool("k", True) is True and check_bool("k", False) is False
+    for bad in (1, 0, "true", None):
+        assert _error(check_bool, "k", bad) == f"k={bad!r}: expected true or false"
+
+
+@pytest.mark.parametrize("value, seconds", [(90, 90.0), (0.5, 0.5), ("90s", 90.0), ("90 s", 90.0), ("2sec", 2.0),
+                                            ("10min", 600.0), ("10m", 600.0), ("1.5h", 5400.0), ("2hr", 7200.0),
+                                            (" 3H ", 10800.0), ("5MIN", 300.0)])
+def test_durations(value, seconds):
+    assert parse_duration("k", value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "abc", "10", "10d", "min", "-5min", "0s", "0min", "infh", "nanmin", True, None,
+                                   0, -3])
+def test_bad_durations_are_one_line(value):
+    message = _error(parse_duration, "trainer.dist_timeout", value)
+    assert message.startswith(f"trainer.dist_timeout={value!r}: expected ")
+
+
+def test_checkpoint_every_is_iterations_or_a_duration():
+    assert parse_every("k", None) == parse_every("k", 0) == parse_every("k", "0") == parse_every("k", "") == (0, 0.0)
+    assert parse_every("k", 25) == (25, 0.0) and parse_every("k", " 7 ") == (7, 0.0)
+    assert parse_every("k", "10min") == (0, 600.0)
+    assert _error(parse_every, "k", -2) == "k=-2: expected an integer >= 1"
+    assert parse_every("k", False) == (0, 0.0)  # false: off, like null
+    for bad in (2.5, True):
+        assert _error(parse_every, "k", bad) == f"k={bad!r}: expected a number of iterations or a duration such as 10min"
+    assert _error(parse_every, "k", "often") == "k='often': expected a duration such as 90s, 10min or 2h"
+
+
+def test_sizes():
+    assert check_size("k", 32) == (32, 32) and check_size("k", [24, 40]) == (24, 40) and check_size("k", (1, 2)) == (1, 2)
+    assert check_size("k", 32.0) == (32, 32)
+    for bad in (0, -1, "32", 2.5, None):
+        assert _error(check_size, "k", bad) == f"k={bad!r}: expected a size, an integer > 0 or [height, width]"
+    assert _error(check_size, "k", [1, 2, 3]) == "k=[1, 2, 3]: expected a size, an integer > 0 or [height, width]"
+    assert _error(check_size, "k", [32]) == "k=[32]: expected a size, an integer > 0 or [height, width]"
+    assert _error(check_size, "k", [0, 4]) == "k=0: expected an integer >= 1"
+
+
+def _predict(**values):
+    base = {"mode": "whole", "crop_size": None, "stride": None, "scales": [1.0], "flip": False}
+    return OmegaConf.create({**base, **values})
+
+
+def test_prediction_settings():
+    assert PredictSettings.from_config(_predict()) == PredictSettings()
+    s = PredictSettings.from_config(_predict(mode="slide", crop_size=24, stride=[8, 16], scales=[0.5, 1], flip=True))
+    assert (s.mode, s.crop_size, s.stride, s.scales, s.flip) == ("slide", 24, (8, 16), (0.5, 1.0), True)  # as given
+    assert s.kwargs() == {"mode": "slide", "crop_size": 24, "stride": (8, 16), "scales": [0.5, 1.0], "flip": True,
+                          "window_batch": None}
+    assert s.as_dict()["stride"] == [8, 16]
+    assert PredictSettings.from_config(_predict(scales=None)).scales == (1.0,)
+    assert PredictSettings.from_config(_predict(crop_size=[16, 20])).crop_size == (16, 20)  # kept for a later slide
+    assert _error(PredictSettings.from_config, _predict(mode="tiles")) == "predict.mode='tiles': expected whole or slide"
+    assert _error(PredictSettings.from_config, _predict(mode="slide")) == \
+        "predict.mode=slide needs predict.crop_size (the window size)"
+    assert _error(PredictSettings.from_config, _predict(scales=[1.0, 0]), prefix="p") == "p.scales=0: expected a number > 0"
+    assert _error(PredictSettings.from_config, _predict(flip="yes")) == "predict.flip='yes': expected true or false"
+    assert _error(PredictSettings.from_config, _predict(stride=0)).startswith("predict.stride=0: expected a size")
+    assert _error(PredictSettings.from_config, _predict(crop_size=-3)).startswith("predict.crop_size=-3: expected a size")
+
+
+def _settings(*overrides):
+    return TrainSettings.from_config(compose_cfg(list(overrides)))
+
+
+def test_train_settings_read_every_key():
+    s = _settings("trainer.epochs=3", "trainer.val_every=2", "trainer.monitor=min val/loss", "trainer.early_stop=4",
+                  "trainer.save_period=5", "trainer.resume=/x/last.pt", "trainer.log_every=7", "trainer.vis_samples=0",
+                  "trainer.progress=false", "trainer.precision=bf16", "trainer.grad_clip=2",
+                  "trainer.deterministic=true", "trainer.channels_last=true", "trainer.compile=true",
+                  "trainer.accumulate=3", "trainer.ema.decay=0.99", "trainer.prefetch=false", "trainer.device=cpu",
+                  "seed=11", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
+                  "trainer.checkpoint_every=15min", "trainer.keep_last=2", "trainer.dist_timeout=90s",
+                  "predict.mode=slide", "predict.crop_size=24", "predict.flip=true")
+    assert (s.epochs, s.val_every, s.monitor, s.early_stop, s.save_period, s.resume) == \
+        (3, 2, "min val/loss", 4, 5, "/x/last.pt")
+    assert (s.log_every, s.vis_samples, s.progress, s.precision, s.grad_clip) == (7, 0, False, "bf16", 2.0)
+    assert (s.deterministic, s.channels_last, s.compile, s.accumulate, s.ema_decay, s.prefetch, s.device, s.seed) == \
+        (True, True, "default", 3, 0.99, "false", "cpu", 11)
+    assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s) == (6, 2, 0, 900.0)
+    assert (s.keep_last, s.dist_timeout_s) == (2, 90.0)
+    assert s.predict == PredictSettings("slide", 24, None, (1.0,), True)
+    s = _settings("trainer.checkpoint_every=50", "trainer.compile=max-autotune", "trainer.prefetch=true",
+                  "trainer.resume=null")
+    assert (s.checkpoint_every_iters, s.checkpoint_every_s, s.compile, s.prefetch, s.resume) == (50, 0.0, "max-autotune",
+                                                                                                 "true", None)
+
+
+def test_train_settings_defaults_are_the_documented_ones():
+    s = _settings()
+    assert (s.epochs, s.val_every, s.monitor, s.early_stop, s.save_period, s.resume) == (8, 1, "max val/mIoU", 0, 0, None)
+    assert (s.precision, s.grad_clip, s.compile, s.accumulate, s.ema_decay, s.prefetch) == ("fp32", None, None, 1, 0.0,
+                                                                                            "auto")
+    assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s, s.keep_last) == \
+        (None, None, 0, 0.0, 0)
+    assert s.dist_timeout_s == 300.0 and s.predict == PredictSettings(crop_size=64)  # the dataset's crop
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.precision=fp8", "trainer.precision='fp8': expected one of fp32, bf16, fp16"),
+    ("trainer.compile=fastest", "trainer.compile='fastest': expected false, true or a mode (default, reduce-overhead, "
+                                "max-autotune, max-autotune-no-cudagraphs)"),
+    ("trainer.ema.decay=1.0", "trainer.ema.decay=1.0: expected a number in [0, 1) (0 turns EMA off)"),
+    ("trainer.ema.decay=-0.1", "trainer.ema.decay=-0.1: expected a number >= 0"),
+    ("trainer.prefetch=sometimes", "trainer.prefetch='sometimes': expected auto, true or false"),
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0: expected an integer >= 1"),
+    ("trainer.limit_val_batches=0", "trainer.limit_val_batches=0: expected an integer >= 1"),
+    ("trainer.grad_clip=0", "trainer.grad_clip=0: expected a number > 0"),
+    ("trainer.keep_last=-1", "trainer.keep_last=-1: expected an integer >= 0"),
+    ("trainer.early_stop=-1", "trainer.early_stop=-1: expected an integer >= 0"),
+    ("trainer.save_period=-1", "trainer.save_period=-1: expected an integer >= 0"),
+    ("trainer.log_every=0", "trainer.log_every=0: expected an integer >= 1"),
+    ("trainer.vis_samples=-1", "trainer.vis_samples=-1: expected an integer >= 0"),
+    ("trainer.accumulate=0", "trainer.accumulate=0: expected an integer >= 1"),
+    ("trainer.deterministic=1", "trainer.deterministic=1: expected true or false"),
+    ("trainer.channels_last=1", "trainer.channels_last=1: expected true or false"),
+    ("trainer.progress=1", "trainer.progress=1: expected true or false"),
+    ("seed=1.5", "seed=1.5: expected an integer"),
+    ("trainer.dist_timeout=soon", "trainer.dist_timeout='soon': expected a duration"),
+    ("trainer.checkpoint_every=1.5", "trainer.checkpoint_every=1.5: expected a number of iterations or a duration"),
 ])
-def test_training_values_out_of_bounds_stop_with_one_line(overrides, line):
-    with pytest.raises(ConfigError) as info:
-        _train(overrides)
-    assert str(info.value).startswith(line) and "\n" not in str(info.value)
+def test_bad_trainer_values_name_their_key(override, message):
+    assert _error(TrainSettings.from_config, compose_cfg([override])).startswith(message)
 
 
-def test_in_bound_values_pass_and_the_stray_trainer_keys_reach_the_settings():
-    s = _train(["scheduler.min_lr=0", "scheduler.warmup_ratio=1", "augment.train.hflip=1", "augment.train.blur=0",
-                "loader.pin_memory=true", "trainer.sync_bn=false", "trainer.find_unused_parameters=true",
-                "trainer.dist_backend=gloo", "dataset.mean=[0,0.5,1]"])
-    assert (s.sync_bn, s.find_unused_parameters, s.dist_backend) == (False, True, "gloo")
+def test_removed_amp_and_tensorboard_name_their_replacements():
+    """trainer.amp (an alias of precision=fp16) and trainer.tensorboard (logger=...) were removed (issue 18):
+    setting either is one line naming what replaces it, whatever the value."""
+    for value in ("true", "false"):
+        assert _error(TrainSettings.from_config, compose_cfg([f"trainer.amp={value}"])) == \
+            f"trainer.amp={value.title()}: removed; use trainer.precision=fp16 (bf16 on recent GPUs and CPUs)"
+        assert _error(TrainSettings.from_config, compose_cfg([f"trainer.tensorboard={value}"])) == \
+            (f"trainer.tensorboard={value.title()}: removed; use logger=[...] to choose the loggers: logger=[] for none, "
+             "logger=[csv] without TensorBoard")
+    assert _settings("trainer.precision=fp16").precision == "fp16"
 
 
-def test_the_bound_helpers_at_their_edges():
-    assert probability("p", 0) == 0.0 and probability("p", 1) == 1.0
-    for bad in (-1e-9, 1.000001, float("nan"), "0.5", True):
-        with pytest.raises(ConfigError, match=r"^p=.*: expected a number in \[0, 1\]$"):
-            probability("p", bad)
-    assert pair(0.0, exclusive=True)("s", [0.5, 2.0]) == (0.5, 2.0)
-    with pytest.raises(ConfigError, match=r"s=\[2.0, 0.5\]: expected a range \[low, high\] of numbers > 0, low <= high"):
-        pair(0.0, exclusive=True)("s", [2.0, 0.5])
-    assert numbers(0.0, 1.0)("m", [0, 1]) == (0.0, 1.0)
-    assert mapping(lambda k, v: v, "{a: 1}")("d", {"a": 1}) == {"a": 1}
-    assert check_present(SchedulerKeys, {"min_lr": 0.0, "other": -5}, "scheduler.") == {"min_lr": 0.0}
-
-
-def _data(overrides):
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return read_tool_settings(compose(config_name="data", overrides=overrides))
-
-
-@pytest.mark.parametrize("overrides, line", [
-    (["show=abc"], "show='abc': expected an integer >= 0"),
-    (["show=-1"], "show=-1: expected an integer >= 0"),
-    (["show=1.5"], "show=1.5: expected an integer >= 0"),
-    (["draws=0"], "draws=0: expected an integer >= 1"),
-    (["max_images=0"], "max_images=0: expected an integer >= 1"),
-    (["dataset.sizes=test:4"], "dataset.sizes='test:4': expected a mapping such as {train: 600, val: 100, test: 100}"),
-    (["augment.train.hflip=1.5"], "augment.train.hflip=1.5: expected a number in [0, 1]"),
-])
-def test_data_tool_values(overrides, line):
-    with pytest.raises(ConfigError) as info:
-        _data(overrides)
-    assert str(info.value) == line
-    assert _data(["show=2"]).show == 2
-
-
-@pytest.mark.parametrize("tool, overrides, line", [
-    ("infer", ["overlay_alpha=abc"], "overlay_alpha='abc': expected a number in [0, 1]"),
-    ("infer", ["overlay_alpha=1.5"], "overlay_alpha=1.5: expected a number in [0, 1]"),
-    ("infer", ["writers=0"], "writers=0: expected an integer >= 1"),
-    ("infer", ["batch_size=abc"], "batch_size='abc': expected an integer >= 1"),
-    ("infer", ["window_batch=0"], "window_batch=0: expected an integer >= 1"),
-    ("infer", ["num_workers=-2"], "num_workers=-2: expected auto or an integer >= 0"),
-    ("infer", ["scales=[1.0,-0.5]"], "scales=-0.5: expected a number > 0"),
-    ("eval", ["batch_size=0"], "batch_size=0: expected an integer >= 1"),
-    ("eval", ["window_batch=abc"], "window_batch='abc': expected an integer >= 1"),
-    ("eval", ["precision=fp8"], "precision='fp8': expected one of fp32, bf16, fp16"),
-    ("eval", ["plot_max_classes=0"], "plot_max_classes=0: expected an integer >= 1"),
-    ("export", ["opset=abc"], "opset='abc': expected an integer >= 7"),
-    ("export", ["opset=3"], "opset=3: expected an integer >= 7"),
-    ("export", ["min_agreement=2"], "min_agreement=2: expected a number in [0, 1]"),
-    ("export", ["format=tflite"], "format='tflite': expected onnx or torchscript"),
-    ("export", ["check_size=[0,8]"], "check_size=[0, 8]: expected a size, an integer > 0 or [height, width]"),
-])
-def test_tool_options_are_checked_before_any_file_is_read(tool, overrides, line, tmp_path):
-    import importlib
-
-    module = importlib.import_module(f"segrun.{tool}")
-    error = {"infer": module.InferError if tool == "infer" else None, "eval": getattr(module, "EvalError", None),
-             "export": getattr(module, "ExportError", None)}[tool]
-    extra = [f"images={tmp_path}"] if tool == "infer" else []
-    cfg = compose_cfg([f"ckpt={tmp_path / 'missing.pt'}", *extra, *overrides], config_name=tool)
-    with pytest.raises(error) as info:  # the tool's own error class, before the missing checkpoint is noticed
-        module.run(cfg)
-    assert str(info.value) == line
-
-
-@pytest.mark.slow
-def test_the_data_tool_says_it_in_one_line_and_exits_2(tmp_path):
-    r = run_cli(["show=abc"], module="segrun.data", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.strip() == "error: show='abc': expected an integer >= 0"
+def test_compile_false_and_null_are_off():
+    for value in ("false", "null"):
+        assert _settings(f"trainer.compile={value}").compile is None

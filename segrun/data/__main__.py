@@ -129,7 +129,7 @@ def summarize(cfg: DictConfig) -> str:
         if split == s.split:
             measured = ds
     assert measured is not None
-    stats = measure(measured, s.max_images, s.seed, s.num_workers, s.progress)
+    stats = measure(measured, s.max_images, s.seed, s.num_workers, s.progress, list_all_bad=True)
     return report(name, measured, split_sizes, stats)
 
 

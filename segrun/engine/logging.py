@@ -31,20 +31,24 @@ def prediction_grid(
     palette: Sequence[Sequence[int]],
     ignore_index: int = 255,
     height: int = 160,
+    gap: int = 4,
 ) -> torch.Tensor:
-    """Rows of ``input | ground truth | prediction``, each row scaled to ``height``; (3, H, W) uint8."""
+    """Rows of ``input | ground truth | prediction``, each panel scaled to ``height`` and followed by
+    ``gap`` white pixels (so where one panel ends and the next begins stays visible); (3, H, W) uint8."""
     rows = []
     for img, lbl, pred in zip(images, labels, preds):
         img = img[:3].cpu()
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
-        row = torch.cat([img.to(torch.uint8), colorize(lbl, palette, ignore_index), colorize(pred, palette, ignore_index)], dim=2)
-        h, w = row.shape[-2:]
-        new_w = max(1, round(w * height / h))
-        row = F.interpolate(row[None].float(), size=(height, new_w), mode="nearest")[0].to(torch.uint8)
-        rows.append(row)
+        panels = []
+        for panel in (img.to(torch.uint8), colorize(lbl, palette, ignore_index), colorize(pred, palette, ignore_index)):
+            h, w = panel.shape[-2:]
+            new_w = max(1, round(w * height / h))
+            panel = F.interpolate(panel[None].float(), size=(height, new_w), mode="nearest")[0].to(torch.uint8)
+            panels.append(F.pad(panel, (0, gap), value=255))
+        rows.append(torch.cat(panels, dim=2)[..., : -gap or None])
     width = max(r.shape[-1] for r in rows)
-    rows = [F.pad(r, (0, width - r.shape[-1], 0, 2), value=255) for r in rows]
+    rows = [F.pad(r, (0, width - r.shape[-1], 0, gap), value=255) for r in rows]
     return torch.cat(rows, dim=1)
 
 

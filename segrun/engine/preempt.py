@@ -6,7 +6,10 @@ grace period. The first signal only sets a flag: the trainer finishes the step i
 with ``trainer.resume`` continues at the next batch. A second signal stops at once (``ForcedStop``).
 
 Only the process that installed the handlers reacts: forked data-loader workers inherit them and
-ignore the signal, so they keep serving batches until the trainer is done.
+ignore the signal, so they keep serving batches until the trainer is done. The handlers are
+installed by a run (``segrun.job.run_job``, what ``python -m segrun`` runs), not by
+``Trainer.fit``: a program that trains in-process (a notebook, a test suite) keeps its own signal
+handling unless it asks for this one with ``with preempt.handled(): trainer.fit()``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import logging
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from types import FrameType
+from typing import Iterator
 
 log = logging.getLogger("segrun")
 
@@ -73,6 +78,17 @@ def uninstall() -> None:
     for s, handler in _state.previous.items():
         signal.signal(s, handler)
     _state.pid, _state.previous = None, {}
+
+
+@contextmanager
+def handled() -> Iterator[bool]:
+    """Stop signals become requests inside the block (if this call installed them, it removes them)."""
+    installed = install()
+    try:
+        yield installed
+    finally:
+        if installed:
+            uninstall()
 
 
 def requested() -> int | None:

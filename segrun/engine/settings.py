@@ -158,6 +158,7 @@ class TrainSettings:
     """``trainer.*`` (plus ``seed`` and ``predict.*``), checked; see ``conf/trainer/default.yaml``."""
 
     epochs: int = 8
+    threads: int | str | None = "auto"  # auto | torch | N (segrun.engine.runtime.decide_threads)
     val_every: int = 1
     monitor: str = "max val/mIoU"
     early_stop: int = 0
@@ -201,6 +202,7 @@ class TrainSettings:
         every = parse_every("trainer.checkpoint_every", t.get("checkpoint_every"))
         return cls(
             epochs=check_int("trainer.epochs", t.epochs, 1),
+            threads=_threads(t.get("threads", "auto")),
             val_every=check_int("trainer.val_every", t.val_every, 1),
             monitor=str(t.monitor),
             early_stop=check_int("trainer.early_stop", t.early_stop or 0, 0),
@@ -230,6 +232,12 @@ class TrainSettings:
             dist_backend=DIST_BACKENDS_CHECK("trainer.dist_backend", t.get("dist_backend", "auto")),
             predict=PredictSettings.from_config(cfg.predict),
         )
+
+
+def _threads(value: Any) -> int | str:
+    if value in ("auto", "torch"):
+        return value
+    return check_int("trainer.threads", value, 1)
 
 
 def _compile_mode(value: Any) -> str | None:

@@ -117,8 +117,7 @@ class Trainer:
         s = self.settings
         log.info("device %s, %d process(es), %d iterations/epoch, %d epochs", self.device,
                  dist.world_size(), self.iters_per_epoch, s.epochs)
-        self.open_logger()
-        installed = preempt.install()
+        self.open_logger()  # stop signals become requests only in a run (segrun.job), see engine/preempt
         try:
             while self.epoch < s.epochs:
                 epoch = self.epoch + 1
@@ -146,8 +145,6 @@ class Trainer:
             self.write_metrics()
         finally:
             self.logger.close()
-            if installed:
-                preempt.uninstall()
         for split, bad in self.bad_samples.items():
             if len(bad):
                 log.warning("%d bad %s sample(s) skipped: %s", len(bad), split, " | ".join(bad.as_list()))

@@ -78,6 +78,23 @@ def share_resources(cfg: DictConfig, hc: Any) -> None:
         log.info("job %s of %d parallel jobs: %d CPU thread(s)", hc.job.num, n_jobs, threads)
 
 
+def slurm_share(cfg: DictConfig) -> None:
+    """Inside a SLURM job, use the CPUs SLURM gave this task (not the node's): torch threads and loader
+    workers, said once in the log."""
+    from segrun.engine.runtime import resolve_device, resolve_workers, slurm_cpus
+
+    cpus = slurm_cpus()
+    if cpus is None:
+        return
+    torch.set_num_threads(cpus)
+    try:
+        workers = resolve_workers(cfg.loader.num_workers, resolve_device(str(cfg.trainer.device)))
+    except SegrunError:  # reported where the run builds them
+        return
+    log.info("SLURM job %s: %d CPU(s) per task (SLURM_CPUS_PER_TASK): %d torch thread(s), %d loader worker(s)",
+             os.environ.get("SLURM_JOB_ID"), cpus, cpus, workers)
+
+
 def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool) -> bool:
     """Turn ``trainer.resume=auto`` (and a requeued SLURM job) into a path or nothing; returns whether
     reusing a folder that holds a finished run is deliberate."""
@@ -127,6 +144,7 @@ def run_job(cfg: DictConfig) -> float | None:
     preempt.install()  # from the start: a signal while building or while failing must not kill us mid-way
     try:
         reuse = False
+        slurm_share(cfg)
         if multirun:
             share_resources(cfg, hc)
             if bool(cfg.sweep.resume):
@@ -148,6 +166,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if claim is not None:
             claim.failed(str(exc), type(exc).__name__)
         log.warning("%s", exc)
+        preempt.hand_over()  # under submitit: SIGUSR2 before the time limit -> requeue this job
         raise SystemExit(preempt.PREEMPTED_EXIT) from None
     except TrialPruned as exc:  # not a failure: the study's pruner stopped a lagging trial
         if claim is not None:

@@ -18,7 +18,17 @@ log = logging.getLogger("segrun")
 
 
 class SweepCallback(Callback):
-    """Writes ``report.*`` in the sweep folder, lists the failures and exits 1 when any job failed."""
+    """Checks the launcher's engine first; at the end writes ``report.*`` in the sweep folder, lists the
+    failures and exits 1 when any job failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from segrun.launchers import LauncherError, check_launcher
+
+        try:
+            check_launcher(config.hydra.get("launcher"))
+        except LauncherError as exc:  # Hydra turns a callback's exception into a warning and goes on: stop here
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from segrun.report import ReportError, write_report

@@ -101,6 +101,8 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool) -> bool:
     resume = cfg.trainer.resume
     if resume is None and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
         resume = "auto"  # requeued after preemption or timeout: continue the job's own last.pt
+    if resume is None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not multirun:
+        resume = "auto"  # torchrun --max-restarts restarted the group after a rank died: continue last.pt
     if str(resume) == "auto":
         last = run_dir / "checkpoints" / "last.pt"
         cfg.trainer.resume = str(last) if last.is_file() else None

@@ -85,7 +85,7 @@ def hand_over() -> None:
     function (submitit's: requeue the SLURM job, then exit). Call before ``uninstall``."""
     signum = requested()
     previous = _state.previous.get(signum) if signum is not None else None
-    if callable(previous):
+    if callable(previous) and previous is not signal.default_int_handler:  # Python's own Ctrl-C: we already stopped
         log.info("handing %s over to the handler it had before segrun's (%s)", signal.Signals(signum).name,
                  getattr(previous, "__qualname__", previous))
         previous(signum, None)

@@ -1,4 +1,4 @@
-"""A real single-node SLURM cluster on loopback, for the tests (and by hand: ``python tests/helpers/slurm.py``).
+"""A real single-node SLURM cluster on loopback, for the tests (and by hand: ``cd tests && python -m helpers.slurm``).
 
 Debian's own ``slurm-wlm`` and ``munge``: ``munged``, ``slurmctld`` and ``slurmd`` run in the foreground as
 this process's children, inside their own network namespace (``unshare --net`` with only ``lo`` up, plus
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "unshare", "nsenter", "ip")
+from helpers.netns import NetNamespace
+from helpers.netns import unavailable as no_namespace
+
+TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 #: the node is this machine under its own name: job steps find their first node (the rendezvous host) by it
 NODE = socket.gethostname().split(".")[0]
 PARTITION = "debug"
@@ -32,11 +34,9 @@ def unavailable() -> str | None:
         return "SLURM test cluster needs root (munged, slurmd and network namespaces)"
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        return f"SLURM test cluster: {', '.join(missing)} not found (apt-get install slurm-wlm munge iproute2)"
-    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"SLURM test cluster: no network namespace here (unshare --net: {probe.stderr.strip()[:120]})"
-    return None
+        return f"SLURM test cluster: {', '.join(missing)} not found (apt-get install slurm-wlm munge)"
+    why = no_namespace()
+    return f"SLURM test cluster: {why}" if why else None
 
 
 def slurm_conf(root: Path, cpus: int, memory_mb: int) -> str:
@@ -91,14 +91,14 @@ class SlurmCluster:
         self.root = Path(root).resolve()
         self.cpus, self.memory_mb = cpus, memory_mb
         self.procs: list[subprocess.Popen] = []
-        self.holder: subprocess.Popen | None = None
         self.env = {**os.environ, "SLURM_CONF": str(self.root / "slurm.conf")}
+        self.netns = NetNamespace(extra_loopback="127.0.0.2/8")
+        self.started = False
 
     # -- running things inside the namespace ---------------------------------------------------
     @property
     def ns(self) -> list[str]:
-        assert self.holder is not None, "cluster not started"
-        return ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--"]
+        return self.netns.prefix
 
     def cmd(self, argv: Sequence[str], timeout: float = 60, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
         env = {**self.env, **kwargs.pop("env", {})}
@@ -127,11 +127,8 @@ class SlurmCluster:
         key.chmod(0o400)
         (self.root / "plugstack.conf").write_text("")
         (self.root / "slurm.conf").write_text(slurm_conf(self.root, self.cpus, self.memory_mb))
-        self.holder = subprocess.Popen(
-            ["unshare", "--net", "--", "sh", "-c", "ip link set lo up && ip addr add 127.0.0.2/8 dev lo && exec sleep 100000"],
-            start_new_session=True)
-        self._wait(lambda: self.cmd(["ip", "-o", "addr", "show", "lo"]).stdout.count("inet ") >= 2, 10,
-                   "loopback in the namespace")
+        self.netns.start()
+        self.started = True
         self._daemon("munged", ["munged", "-F", "--force", f"--key-file={key}", f"--socket={self.root}/munge.socket",
                                 f"--pid-file={self.root}/munged.pid", f"--log-file={self.root}/munged.log",
                                 f"--seed-file={self.root}/munge.seed"])
@@ -164,25 +161,11 @@ class SlurmCluster:
 
     def namespace_pids(self) -> list[int]:
         """Every process in the cluster's network namespace (the daemons, job steps, clients)."""
-        if self.holder is None:
-            return []
-        try:
-            mine = os.readlink(f"/proc/{self.holder.pid}/ns/net")
-        except OSError:
-            return []
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != self.holder.pid:
-                try:
-                    if os.readlink(f"/proc/{entry}/ns/net") == mine:
-                        pids.append(int(entry))
-                except OSError:
-                    pass
-        return pids
+        return self.netns.pids()
 
     def stop(self) -> None:
         """Cancel the jobs, end the daemons, then anything still in the namespace; idempotent."""
-        if self.holder is None:
+        if not self.started:
             return
         try:
             self.cmd(["scancel", "--full", f"--partition={PARTITION}"], timeout=15)
@@ -199,14 +182,8 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        for pid in self.namespace_pids():  # job steps or clients left behind: ours by construction
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.holder.kill()
-        self.holder.wait()
-        self.holder = None
+        self.netns.stop()  # and job steps or clients left behind: ours by construction
+        self.started = False
         self.procs = []
 
     def __enter__(self) -> "SlurmCluster":

@@ -95,6 +95,23 @@ def slurm_share(cfg: DictConfig) -> None:
              os.environ.get("SLURM_JOB_ID"), cpus, cpus, workers)
 
 
+def ray_share() -> None:
+    """Inside a Ray task (``hydra/launcher=ray``), use the CPUs Ray assigned to it as torch threads; Ray has
+    already set CUDA_VISIBLE_DEVICES to its GPU(s). Said once in the log."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        assigned = ray.get_runtime_context().get_assigned_resources()
+    except Exception:  # the driver, not a task
+        return
+    cpus = int(assigned.get("CPU", 0))
+    if cpus >= 1:
+        torch.set_num_threads(cpus)
+    log.info("Ray task: %s CPU(s) -> %d torch thread(s), %s GPU(s) (CUDA_VISIBLE_DEVICES=%s)", assigned.get("CPU", 0),
+             torch.get_num_threads(), assigned.get("GPU", 0), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+
 def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool) -> bool:
     """Turn ``trainer.resume=auto`` (and a requeued SLURM job) into a path or nothing; returns whether
     reusing a folder that holds a finished run is deliberate."""
@@ -147,6 +164,7 @@ def run_job(cfg: DictConfig) -> float | None:
     try:
         reuse = False
         slurm_share(cfg)
+        ray_share()
         if multirun:
             share_resources(cfg, hc)
             if bool(cfg.sweep.resume):

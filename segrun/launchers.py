@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -70,7 +71,7 @@ def check_ray(launcher: Any) -> None:
     if where == "auto" and os.environ.get("RAY_ADDRESS"):
         where = f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
     try:
-        r = subprocess.run([os.environ.get("PYTHON", "python"), "-c", code, str(address)], capture_output=True,
+        r = subprocess.run([sys.executable, "-c", code, str(address)], capture_output=True,
                            text=True, timeout=timeout_s())
     except subprocess.TimeoutExpired:
         raise LauncherError(f"hydra/launcher=ray: no Ray cluster answered at {where} within {timeout_s():.0f} s; "

@@ -1,12 +1,14 @@
-"""Training-step throughput and size of every ``conf/model/*.yaml`` at its default (full) width.
+"""Size, multiply-adds and CPU/GPU throughput of every ``conf/model/*.yaml`` at its default (full) width.
 
-Each row is one forward + cross-entropy + backward on random data, in images/s from the model's
-fastest of ``--iters`` steps (models run round-robin after warmup, so drifting machine load hits
-all alike), next to the parameter count. torchvision's
+Each row gives the parameters, GMACs of one image at ``--size`` (``torch.utils.flop_counter``, see
+``segrun.models.profile``), the eval-mode forward throughput and the training-step throughput (one
+forward + cross-entropy + backward on random data), in images/s from the model's fastest of
+``--iters`` steps (models run round-robin after warmup, so drifting machine load hits all alike). torchvision's
 ``deeplabv3_resnet50`` (built directly, not through segrun) is the reference row; ``ratio`` is
 throughput relative to it, so the table compares across machines. Example::
 
     python benchmarks/bench_models.py --size 128 --batch 2 --iters 5 --device cpu
+    python benchmarks/bench_models.py --models enet segformer upernet_convnext --size 64 --iters 2
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import nn
 
 from segrun.losses import CrossEntropyLoss
 from segrun.models import count_parameters
+from segrun.models.profile import count_macs
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 REFERENCE = "torchvision deeplabv3_resnet50 (reference)"
@@ -64,8 +67,10 @@ class TrainStep:
         self.y = torch.randint(0, args.num_classes, (args.batch, args.size, args.size), device=device)
         self.device = device
         self.times: list[float] = []
+        self.forward_times: list[float] = []
 
     def __call__(self, timed: bool = True) -> None:
+        self.model.train()
         _sync(self.device)
         start = time.perf_counter()
         self.model.zero_grad(set_to_none=True)
@@ -73,6 +78,14 @@ class TrainStep:
         _sync(self.device)
         if timed:
             self.times.append(time.perf_counter() - start)
+        self.model.eval()
+        with torch.no_grad():
+            _sync(self.device)
+            start = time.perf_counter()
+            self.model(self.x)
+            _sync(self.device)
+        if timed:
+            self.forward_times.append(time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,16 +134,21 @@ def main(argv: list[str] | None = None) -> None:
             step()
         print(f"iteration {i + 1}/{args.iters} done", file=sys.stderr, flush=True)
     speed = {name: args.batch / min(step.times) for name, step in steps.items()}
+    forward = {name: args.batch / min(step.forward_times) for name, step in steps.items()}
     ref_speed = speed[REFERENCE]
-    rows = [(name, count_parameters(step.model)[0], speed[name], "") for name, step in steps.items()]
-    rows += [(name, None, None, note) for name, note in notes.items()]
-    print("| model | params (M) | img/s | ratio vs reference | note |")
-    print("|---|---:|---:|---:|---|")
-    for name, params, ips, note in rows:
-        size = f"{params / 1e6:.2f}" if params is not None else "-"
-        rate = f"{ips:.2f}" if ips is not None else "-"
-        ratio = f"{ips / ref_speed:.2f}" if ips is not None else "-"
-        print(f"| {name} | {size} | {rate} | {ratio} | {note} |")
+    rows = []
+    for name, step in steps.items():
+        macs = count_macs(step.model, args.size, device=str(device)) / 1e9
+        rows.append((name, count_parameters(step.model)[0], macs, forward[name], speed[name], ""))
+    rows += [(name, None, None, None, None, note) for name, note in notes.items()]
+    print(f"| model | params (M) | GMACs at {args.size}x{args.size} | forward img/s | train step img/s | "
+          "train ratio vs reference | note |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, params, macs, fwd, ips, note in rows:
+        cells = [f"{params / 1e6:.2f}" if params is not None else "-", f"{macs:.2f}" if macs is not None else "-",
+                 f"{fwd:.2f}" if fwd is not None else "-", f"{ips:.2f}" if ips is not None else "-",
+                 f"{ips / ref_speed:.2f}" if ips is not None else "-"]
+        print(f"| {name} | {' | '.join(cells)} | {note} |")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ def measure(model: str, variant: str, rounds: int, extra: list[str]) -> dict:
         cfg = compose(config_name="train", overrides=overrides)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(cfg, run_dir)
+        trainer.open_logger()  # fit() opens it; the epochs here run without fit()
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.device)
         full_loop(trainer, 0)  # warm-up: compilation, allocator, caches

@@ -24,9 +24,12 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 JOBS=${JOBS:-1}
 MODULES=("$@")
 if [ ${#MODULES[@]} -eq 0 ]; then
-    MODULES=(segrun.metrics segrun.schedulers segrun.optim segrun.engine.monitor segrun.engine.checkpoint
+    MODULES=(segrun.metrics segrun.schedulers segrun.optim segrun.engine.monitor segrun.engine.checkpoint segrun.engine.checkpointer
              segrun.engine.predict segrun.data.loader segrun.data.cityscapes segrun.data.coco_stuff
-             segrun.data.ade20k segrun.data.transforms segrun.losses)
+             segrun.data.ade20k segrun.data.transforms segrun.losses
+             segrun.engine.trainer segrun.engine.settings segrun.build segrun.job segrun.engine.status segrun.sweep
+             segrun.report segrun.engine.trust segrun.eval segrun.export segrun.engine.preempt segrun.class_weights
+             segrun.data.bad_samples)
 fi
 mkdir -p mutants
 if [ "${REPORT_ONLY:-0}" != 1 ]; then

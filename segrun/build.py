@@ -19,13 +19,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from segrun.added_keys import check_added_keys
 from segrun.class_weights import resolve_auto_weights
 from segrun.config import conf_dir
 from segrun.data.bad_samples import bad_sample_limit, check_policy
 from segrun.data.loader import build_loader
 from segrun.engine import distributed as dist
 from segrun.engine.predict import Normalize
-from segrun.engine.runtime import configure_backends, resolve_device, resolve_workers, seed_everything
+from segrun.engine.runtime import configure_backends, configure_threads, resolve_device, resolve_workers, seed_everything
 from segrun.engine.settings import TrainSettings, check_int, check_number, check_size
 from segrun.errors import ConfigError
 from segrun.models.base import count_parameters
@@ -106,6 +107,10 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> T
     for key in ("weight_decay", "momentum", "backbone_lr_mult"):
         if oc.get(key) is not None:
             check_number(f"optimizer.{key}", oc[key], 0.0)
+    if oc.get("layer_decay") is not None:
+        check_number("optimizer.layer_decay", oc.layer_decay, 0.0, exclusive=True)
+        if float(oc.layer_decay) > 1.0:
+            raise ConfigError(f"optimizer.layer_decay={oc.layer_decay}: expected a factor in (0, 1]")
     return TrainSettings.from_config(cfg)
 
 
@@ -246,6 +251,7 @@ def build_parts(cfg: DictConfig, settings: TrainSettings) -> Parts:
     dist.init(device, str(cfg.trainer.dist_backend), timeout_s=settings.dist_timeout_s)
     seed_everything(settings.seed + dist.rank())
     configure_backends(device, settings.deterministic)
+    configure_threads(settings.threads, workers=resolve_workers(cfg.loader.num_workers, device))
 
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False)
@@ -270,13 +276,14 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
     """Check ``cfg``, build its parts and a ``Trainer`` in ``run_dir`` (resumed when ``trainer.resume`` is set)."""
     from segrun.engine.trainer import Trainer
 
+    check_added_keys(cfg, overrides, choices)
     settings = check_config(cfg, choices)
     parts = build_parts(cfg, settings)
     config = OmegaConf.to_container(cfg, resolve=True)
-    trainer = Trainer(parts, settings, run_dir, config=config, overrides=list(overrides))
+    trainer = Trainer(parts, settings, run_dir, config=config, overrides=list(overrides),
+                      loggers=lambda step: build_logger(cfg, run_dir, settings, step, config))
     if settings.resume:
         trainer.resume(settings.resume)
-    trainer.logger = build_logger(cfg, run_dir, settings, trainer.global_step, config)
     return trainer
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 #: the override that resumes a run; it says how to start, not what the run is
 RESUME_KEY = "trainer.resume"
@@ -11,6 +12,15 @@ RESUME_KEY = "trainer.resume"
 def override_key(arg: str) -> str:
     """The config key a command-line override sets: ``+a.b=1`` / ``~a.b`` / ``a.b=1`` -> ``a.b``."""
     return arg.split("=", 1)[0].lstrip("+~")
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers -> Python lists/dicts (``predict``, ``instantiate`` and JSON want plain values)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def conf_dir() -> str:

@@ -13,30 +13,26 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from segrun import __version__
 from segrun.build import build_data_loader, build_dataset
-from segrun.config import conf_dir
+from segrun.config import conf_dir, plain
 from segrun.confusion import class_table, render_confusion_png, write_confusion_csv
-from segrun.engine.checkpoint import CheckpointError, load_checkpoint
-from segrun.engine.logging import write_json
-from segrun.engine.predict import Normalize, class_map, predict
-from segrun.engine.runtime import resolve_workers
-from segrun.engine.trainer import AUTOCAST_DTYPES
+from segrun.engine import evaluate as loop
+from segrun.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from segrun.engine.logging import save_mask, write_json
+from segrun.engine.predict import Normalize
+from segrun.engine.runtime import configure_threads, resolve_device, resolve_workers
+from segrun.engine.settings import EvalSettings, PredictSettings, read_settings, reraise_as, trust_targets
 from segrun.engine.trust import check_checkpoint
-from segrun.errors import SegrunError, report_user_errors
-from segrun.infer import _device, _plain, _size, build_model, save_mask
-from segrun.metrics import ConfusionMatrix, class_metrics
-
-_SYNC = {"cuda": lambda: torch.cuda.synchronize(), "mps": lambda: torch.mps.synchronize()}
+from segrun.errors import SegrunError, report_user_errors, writing
+from segrun.metrics import class_metrics
 
 
 class EvalError(SegrunError):
@@ -46,7 +42,7 @@ class EvalError(SegrunError):
 def dataset_config(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The dataset config to read: the checkpoint's with the user's ``dataset.*`` values merged in, or a
     whole dataset the user picked (``dataset=voc``). Returns it and whether it came from the checkpoint."""
-    given = OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") is not None else {}
+    given = plain(cfg.dataset) if cfg.get("dataset") is not None else {}
     if "_target_" in given:
         return given, False
     base = stored.get("dataset")
@@ -60,57 +56,33 @@ def dataset_config(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict[str, A
     return merged, True
 
 
-def _setting(cfg: DictConfig, key: str, stored: dict[str, Any]) -> Any:
-    value = _plain(cfg.get(key))
-    return _plain(stored.get(key)) if value is None else value
+def predict_settings(cfg: DictConfig, stored_predict: dict[str, Any], crop_fallback: Any) -> PredictSettings:
+    """The user's prediction settings; a null one takes the checkpoint's validation setting."""
+    return PredictSettings.from_config(cfg, prefix="", fallback=stored_predict, crop_fallback=crop_fallback,
+                                       error=EvalError)
 
 
-def predict_settings(cfg: DictConfig, stored_predict: dict[str, Any], crop_fallback: Any) -> dict[str, Any]:
-    """``predict`` arguments: the user's, else the checkpoint's validation settings."""
-    mode = str(_setting(cfg, "mode", stored_predict) or "whole")
-    if mode not in ("whole", "slide"):
-        raise EvalError(f"mode={mode}: expected whole or slide")
-    crop = _setting(cfg, "crop_size", stored_predict) or crop_fallback
-    crop_size = _size(crop, "crop_size")
-    if mode == "slide" and crop_size is None:
-        raise EvalError("mode=slide needs crop_size=N (the checkpoint does not record one)")
-    scales = _setting(cfg, "scales", stored_predict)
-    scales = [scales] if isinstance(scales, (int, float)) else list(scales or [1.0])
-    if not scales or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales):
-        raise EvalError(f"scales={scales}: expected a list of positive numbers, e.g. [0.75, 1.0, 1.25]")
-    flip = _setting(cfg, "flip", stored_predict)
-    window_batch = cfg.window_batch
-    if window_batch is not None and int(window_batch) < 1:
-        raise EvalError(f"window_batch={window_batch}: expected null or 1 or more")
-    return {"mode": mode, "crop_size": crop_size, "stride": _size(_setting(cfg, "stride", stored_predict), "stride"),
-            "scales": [float(s) for s in scales], "flip": bool(flip),
-            "window_batch": None if window_batch is None else int(window_batch)}
-
-
-def _precision(cfg: DictConfig, stored_trainer: dict[str, Any], device: torch.device) -> str:
+def _precision(given: str | None, stored_trainer: dict[str, Any], device: torch.device) -> str:
     """``precision=``, else the checkpoint's training precision (``trainer.amp=true`` meant fp16); fp16 only on CUDA."""
-    precision = cfg.precision
+    precision = given
     if precision is None:
         precision = str(stored_trainer.get("precision") or ("fp16" if stored_trainer.get("amp") else "fp32"))
         if precision == "fp16" and device.type != "cuda":
             precision = "fp32"  # trained with fp16 on a GPU, evaluated here on a CPU
-    precision = str(precision)
-    if precision not in AUTOCAST_DTYPES:
-        raise EvalError(f"precision={precision}: expected one of {', '.join(AUTOCAST_DTYPES)} (or null)")
     if precision == "fp16" and device.type != "cuda":
         raise EvalError(f"precision=fp16 needs a CUDA device (this evaluation runs on {device}); use bf16 or fp32")
     return precision
 
 
-def eval_dir(cfg: DictConfig, ckpt_path: Path, split: str, settings: dict[str, Any]) -> Path:
+def eval_dir(out: str | None, ckpt_path: Path, split: str, settings: PredictSettings) -> Path:
     """``out=``, else ``<run>/eval/<stem>-<split>[-slide][-tta]`` (the run folder holds ``checkpoints/``)."""
-    if cfg.out is not None:
-        return Path(os.path.expanduser(str(cfg.out)))
+    if out is not None:
+        return Path(os.path.expanduser(out))
     run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     name = f"{ckpt_path.stem}-{split}"
-    if settings["mode"] != "whole":
-        name += f"-{settings['mode']}"
-    if settings["scales"] != [1.0] or settings["flip"]:
+    if settings.mode != "whole":
+        name += f"-{settings.mode}"
+    if list(settings.scales) != [1.0] or settings.flip:
         name += "-tta"
     return run / "eval" / name
 
@@ -123,13 +95,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Score the checkpoint; writes the eval folder and returns ``metrics.json``'s content."""
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise EvalError("ckpt is required: python -m segrun.eval ckpt=path/to/best.pt")
-    ckpt_path = Path(os.path.expanduser(str(cfg.ckpt)))
+    with reraise_as(EvalError):
+        s = read_settings(EvalSettings, cfg, error=EvalError, trust_targets=trust_targets(cfg))
+    ckpt_path = Path(os.path.expanduser(s.ckpt))
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     stored = ckpt.get("config")
     if not isinstance(stored, dict):
         raise CheckpointError(f"checkpoint {ckpt_path} has no config; was it written by segrun training?")
     dataset_cfg, from_ckpt = dataset_config(cfg, stored)
-    extra, trust_all = _plain(cfg.trust.targets), bool(cfg.trust_checkpoint)
+    extra, trust_all = list(s.trust_targets), s.trust_checkpoint
     check_checkpoint(ckpt, ckpt_path, ("model", "augment.val") + (("dataset",) if from_ckpt else ()),
                      extra_prefixes=extra, trust_all=trust_all)
     if from_ckpt and not trust_all:  # the user's dataset.* values are merged into the checked config
@@ -140,27 +114,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         f"checkpoint's model {num_classes}; evaluate on a dataset with the same classes")
     ignore_index = int(dataset_cfg.get("ignore_index", ckpt.get("ignore_index", 255)))
     settings = predict_settings(cfg, stored.get("predict") or {}, dataset_cfg.get("crop_size"))
-    split = str(cfg.split)
-    device = _device(cfg.device)
-    precision = _precision(cfg, stored.get("trainer") or {}, device)
+    split = s.split
+    with reraise_as(EvalError):
+        device = resolve_device(s.device, key="device")
+    precision = _precision(s.precision, stored.get("trainer") or {}, device)
     loader_cfg = stored.get("loader") or {}
-    batch_size = int(cfg.batch_size if cfg.batch_size is not None else loader_cfg.get("val_batch_size", 1))
-    if batch_size < 1:
-        raise EvalError(f"batch_size={batch_size}: expected 1 or more")
-    try:
-        workers = resolve_workers(_plain(cfg.num_workers), device)
-    except ValueError:
-        raise EvalError(f"num_workers={cfg.num_workers}: expected auto or an integer >= 0") from None
-    out = eval_dir(cfg, ckpt_path, split, settings)
+    batch_size = s.batch_size if s.batch_size is not None else int(loader_cfg.get("val_batch_size", 1))
+    with reraise_as(EvalError):
+        workers = resolve_workers(s.num_workers, device)
+        configure_threads(s.threads, workers=workers, key="threads")
+    out = eval_dir(s.out, ckpt_path, split, settings)
 
     # build: weights, then the split (a dataset problem is reported before any prediction)
-    model = build_model(ckpt, ckpt_path).to(device)
+    model = model_from_checkpoint(ckpt, ckpt_path).to(device)
     normalize = Normalize(ckpt["mean"], ckpt["std"]).to(device)
     transform_cfg = dict((stored.get("augment") or {}).get("val") or {})
     if not from_ckpt:  # another dataset: its own crop and ignore value
         shared = [k for k in ("crop_size", "ignore_index") if k in transform_cfg and k in dataset_cfg]
         transform_cfg.update({k: dataset_cfg[k] for k in shared})
-    if cfg.save_predictions and "return_id" in dataset_cfg:
+    if s.save_predictions and "return_id" in dataset_cfg:
         dataset_cfg = {**dataset_cfg, "return_id": True}  # prediction files named by sample id
     # the builder validation uses, on the checkpoint's config with this evaluation's data and batch
     build_cfg = OmegaConf.create({
@@ -178,70 +150,58 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     palette = ckpt.get("palette") or getattr(dataset, "palette", None)
     loader = build_data_loader(build_cfg, dataset, train=False, device=device)
 
-    cm = ConfusionMatrix(num_classes, ignore_index, device)
-    sync = _SYNC.get(device.type, lambda: None)
     pred_dir = out / "predictions"
-    if cfg.save_predictions:
-        pred_dir.mkdir(parents=True, exist_ok=True)
-    n_images, model_time, timed_images, start, index = 0, 0.0, 0, None, 0
-    bar = tqdm(loader, desc=f"eval {split}", unit="batch", file=sys.stderr, disable=not cfg.progress,
-               dynamic_ncols=True)
-    with torch.no_grad():
-        for batch in bar:
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True).long()
-            sync()
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision] or torch.float32,
-                                enabled=AUTOCAST_DTYPES[precision] is not None):
-                scores = predict(model, images, normalize, **settings)
-            pred = class_map(scores.float())  # as validation: float32 scores whatever the precision
-            sync()
-            t1 = time.perf_counter()
-            cm.update(pred, labels)
-            if n_images:  # the first batch is warm-up (allocations, kernel selection): not timed
-                model_time += t1 - t0
-                timed_images += images.shape[0]
-            else:
-                start = time.perf_counter()
-            if cfg.save_predictions:
-                host = pred.cpu().numpy()
-                for j, (h, w) in enumerate(batch["size"]):
-                    name = _safe_name(batch["id"][j]) if "id" in batch else f"{index + j:06d}"
-                    save_mask(host[j, :h, :w], palette, pred_dir / f"{name}.png", num_classes)
-            index += images.shape[0]
-            n_images += images.shape[0]
-    sync()
-    wall = time.perf_counter() - start if start is not None else 0.0
-    bar.close()
-    mat = cm.mat.detach().cpu()
-    metrics = cm.compute(class_names)
+    if s.save_predictions:
+        with writing(pred_dir, "output folder"):
+            pred_dir.mkdir(parents=True, exist_ok=True)
+    index = 0
+
+    def save_predictions(batch: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor,
+                         scores: torch.Tensor) -> None:
+        nonlocal index
+        host = pred.cpu().numpy()
+        for j, (h, w) in enumerate(batch["size"]):
+            name = _safe_name(batch["id"][j]) if "id" in batch else f"{index + j:06d}"
+            with writing(pred_dir / f"{name}.png"):
+                save_mask(host[j, :h, :w], palette, pred_dir / f"{name}.png", num_classes)
+        index += images.shape[0]
+
+    predictor = loop.Predictor(model, normalize, settings, device, precision)
+    evaluation = loop.evaluate(predictor, loader, num_classes, ignore_index, on_batch=save_predictions if s.save_predictions
+                          else None, desc=f"eval {split}", show=s.progress, timed=True)
+    mat = evaluation.confusion.mat.detach().cpu()
+    if evaluation.labelled_pixels == 0:  # no image read, or every pixel ignored: a mIoU of nan would mean nothing
+        raise EvalError(f"split={split}: no usable image to score ({evaluation.images} image(s) read, none with a "
+                        "labelled pixel); check the split with python -m segrun.data")
+    metrics = evaluation.confusion.compute(class_names)
     metrics.update(class_metrics(mat, class_names))
+    timed, wall, model_time = evaluation.timed_images, evaluation.wall_seconds, evaluation.model_seconds
     result = {
         "checkpoint": str(ckpt_path.resolve()),
         "epoch": ckpt.get("epoch"),
         "dataset": {k: v for k, v in dataset_cfg.items() if k not in ("class_names", "palette")},
         "split": split,
-        "images": n_images,
+        "images": evaluation.images,
         "pixels": int(mat.sum()),
-        "predict": settings,
+        "predict": settings.as_dict(),
         "precision": precision,
         "batch_size": batch_size,
         "device": str(device),
         **metrics,
         "throughput": {
-            "img_per_s": timed_images / wall if timed_images and wall > 0 else None,
-            "model_img_per_s": timed_images / model_time if timed_images and model_time > 0 else None,
-            "timed_images": timed_images,
+            "img_per_s": timed / wall if timed and wall > 0 else None,
+            "model_img_per_s": timed / model_time if timed and model_time > 0 else None,
+            "timed_images": timed,
         },
         "segrun_version": __version__,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, "output folder"):
+        out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "metrics.json")
     write_confusion_csv(mat, class_names, out / "confusion_matrix.csv")
     render_confusion_png(mat, class_names, out / "confusion_matrix.png",
                          title=f"{ckpt_path.name} on {split} (rows: ground truth, normalised)",
-                         max_classes=int(cfg.plot_max_classes))
+                         max_classes=s.plot_max_classes)
     result["out"] = out
     result["table"] = class_table(mat, class_names)
     return result

@@ -25,8 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import hydra
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
@@ -35,12 +34,14 @@ from segrun.data.base import DatasetError
 from segrun.data.decode import read_image
 from segrun.data.files import IMAGE_EXTENSIONS
 from segrun.data.transforms import size_pair
-from segrun.engine.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
-from segrun.engine.logging import colorize
-from segrun.engine.predict import Normalize, class_map, predict, window_positions
-from segrun.engine.runtime import resolve_device
+from segrun.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from segrun.engine.evaluate import Predictor
+from segrun.engine.logging import blend, save_mask
+from segrun.engine.predict import Normalize, class_map, window_positions
+from segrun.engine.runtime import configure_threads, resolve_device
+from segrun.engine.settings import InferSettings, PredictSettings, read_settings, reraise_as, trust_targets
 from segrun.engine.trust import check_checkpoint
-from segrun.errors import SegrunError, one_line, report_user_errors
+from segrun.errors import SegrunError, WriteError, cannot_write, one_line, report_user_errors
 
 
 class InferError(SegrunError):
@@ -60,8 +61,9 @@ def list_images(path: str | os.PathLike, recursive: bool = False) -> list[Path]:
     if not p.is_dir():
         raise InferError(f"images={path}: no such file or folder")
     candidates = p.rglob("*") if recursive else p.iterdir()
-    found = sorted(e for e in candidates if e.suffix.lower() in IMAGE_EXTENSIONS and e.is_file()
-                   and not any(part.startswith(".") for part in e.relative_to(p).parts))
+    # a dangling link or an unreadable file is listed too: it is reported as skipped (exit 3), not ignored
+    found = sorted(e for e in candidates if e.suffix.lower() in IMAGE_EXTENSIONS and (e.is_file() or e.is_symlink())
+                   and not e.is_dir() and not any(part.startswith(".") for part in e.relative_to(p).parts))
     if not found:
         where = "folder and its sub-folders have" if recursive else "folder has"
         raise InferError(f"images={path}: {where} no image files ({' '.join(IMAGE_EXTENSIONS)})")
@@ -111,7 +113,9 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             return i, read_image(self.paths[i]), None
         except DatasetError as exc:  # a damaged or foreign file: skip it, keep going
-            return i, None, one_line(exc)
+            message = one_line(exc)
+            prefix = f"{self.paths[i]}: "  # the decoder names the file; the warning names it once, itself
+            return i, None, message[len(prefix):] if message.startswith(prefix) else message
 
 
 def _as_is(item: Any) -> Any:
@@ -119,75 +123,19 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-def _workers(value: Any) -> int:
-    if str(value) == "auto":
-        return min(4, max(1, (os.cpu_count() or 2) // 2))
-    try:
-        workers = int(value)
-    except (TypeError, ValueError):
-        workers = -1
-    if workers < 0:
-        raise InferError(f"num_workers={value}: expected auto or an int >= 0")
-    return workers
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> Python lists/dicts (``predict`` and ``instantiate`` want plain values)."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
+def _workers(value: int | str) -> int:
+    """``auto``: min(4, half the CPUs) decoding processes."""
+    return min(4, max(1, (os.cpu_count() or 2) // 2)) if value == "auto" else int(value)
 
 
 def build_model(ckpt: dict[str, Any], path: str | os.PathLike) -> torch.nn.Module:
-    """The checkpoint's model, built from its stored config, with its weights loaded strictly.
-
-    ``pretrained`` paths in the stored config are dropped: the checkpoint's weights replace them
-    anyway, and the file they name need not exist where inference runs.
-    """
-    config = ckpt.get("config")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "_target_" not in config["model"]:
-        raise CheckpointError(f"checkpoint {path} has no model config (config.model._target_); "
-                              "was it written by segrun training?")
-    model_cfg = dict(config["model"])
-    for key in ("pretrained", "encoder_weights"):
-        if key in model_cfg:
-            model_cfg[key] = None
-    in_channels = int(model_cfg.get("in_channels", 3))
+    """The checkpoint's model (``engine.checkpoint.model_from_checkpoint``); it must take RGB images."""
+    model_cfg = (ckpt.get("config") or {}).get("model") or {}
+    in_channels = int(model_cfg.get("in_channels", 3)) if isinstance(model_cfg, dict) else 3
     if in_channels != 3:
         raise InferError(f"checkpoint {path}: the model takes {in_channels} input channels; "
                          "segrun.infer feeds RGB images (3 channels)")
-    model = instantiate(model_cfg)
-    try:
-        model.load_state_dict(strip_module_prefix(ckpt["model"]), strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path}: weights do not fit its model {model_cfg['_target_']} "
-                              f"({first}...)") from None
-    return model.eval()
-
-
-def palette_bytes(palette: Sequence[Sequence[int]]) -> list[int]:
-    """A 256-entry flat RGB palette: the class colours, then black for unused indices."""
-    flat = [int(v) for colour in list(palette)[:256] for v in list(colour)[:3]]
-    return flat + [0] * (768 - len(flat))
-
-
-def save_mask(pred: np.ndarray, palette: Sequence[Sequence[int]], path: Path, num_classes: int) -> None:
-    """Write class indices as a palette PNG; above 256 classes a palette cannot index them, so 16-bit gray."""
-    if num_classes <= 256:
-        im = Image.fromarray(pred.astype(np.uint8))
-        im.putpalette(palette_bytes(palette))  # 'L' -> 'P': pixel values stay the class indices
-    else:
-        im = Image.fromarray(pred.astype(np.uint16))
-    im.save(path)
-
-
-def blend(image: np.ndarray, pred: np.ndarray, palette: Sequence[Sequence[int]], alpha: float,
-          ignore_index: int = 255) -> np.ndarray:
-    """HxWx3 uint8: ``(1 - alpha) * image + alpha * colour(pred)``."""
-    colour = colorize(torch.from_numpy(pred), palette, ignore_index).permute(1, 2, 0).numpy()
-    mixed = (1.0 - alpha) * image.astype(np.float32) + alpha * colour.astype(np.float32)
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return model_from_checkpoint(ckpt, path)
 
 
 def batches(items: Iterable[tuple[int, np.ndarray | None, str | None]], batch_size: int,
@@ -210,53 +158,31 @@ def batches(items: Iterable[tuple[int, np.ndarray | None, str | None]], batch_si
         yield batch
 
 
-def _size(value: Any, key: str) -> int | list[int] | None:
-    """A window/stride setting: null, an int, or ``[h, w]``, all positive."""
-    value = _plain(value)
-    if value is None:
-        return None
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if len(values) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        raise InferError(f"{key}={value}: expected a positive int or [height, width]")
-    return values[0] if len(values) == 1 else [int(v) for v in values]
-
-
-def _settings(cfg: DictConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """Validated ``predict`` arguments; a missing slide window falls back to the one validation used."""
-    mode = str(cfg.mode)
-    if mode not in ("whole", "slide"):
-        raise InferError(f"mode={mode}: expected whole or slide")
-    crop_size = _size(cfg.crop_size, "crop_size")
-    if crop_size is None and mode == "slide":
-        stored = ckpt.get("config") or {}
-        crop_size = (stored.get("predict") or {}).get("crop_size") or (stored.get("dataset") or {}).get("crop_size")
-        if crop_size is None:
-            raise InferError("mode=slide needs crop_size=N (the checkpoint does not record one)")
-        crop_size = _size(crop_size, "checkpoint crop_size")
-    scales = _plain(cfg.scales)
-    scales = [scales] if isinstance(scales, (int, float)) else list(scales or [1.0])
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales):
-        raise InferError(f"scales={scales}: expected a list of positive numbers, e.g. [0.75, 1.0, 1.25]")
-    return {"mode": mode, "crop_size": crop_size, "stride": _size(cfg.stride, "stride"),
-            "scales": [float(s) for s in scales], "flip": bool(cfg.flip)}
-
-
-def _device(name: str) -> torch.device:
-    """``resolve_device`` with messages that name this tool's key (``device=``, not ``trainer.device=``)."""
-    try:
-        return resolve_device(str(name))
-    except (ValueError, RuntimeError) as exc:  # not available here, or not a device name
-        message = one_line(exc).replace("trainer.device", "device")
-        raise InferError(message if message.startswith("device=") else f"device={name}: {message}") from None
+def read_infer_settings(cfg: DictConfig, ckpt: dict[str, Any]) -> InferSettings:
+    """Every option checked; a null slide window falls back to the one validation used (the checkpoint's
+    ``predict.crop_size``, by default its ``dataset.crop_size``)."""
+    stored = ckpt.get("config") or {}
+    window = (stored.get("predict") or {}).get("crop_size") or (stored.get("dataset") or {}).get("crop_size")
+    predict = PredictSettings.from_config(cfg, prefix="", crop_fallback=window if cfg.get("mode") == "slide" else None,
+                                          error=InferError)
+    with reraise_as(InferError):
+        targets = trust_targets(cfg)
+    return read_settings(InferSettings, cfg, error=InferError, predict=predict, trust_targets=targets)
 
 
 def _write(pred: np.ndarray, image: np.ndarray, stem: Path, palette, num_classes: int, overlay: bool,
            alpha: float, ignore_index: int) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    save_mask(pred, palette, stem.with_name(stem.name + ".png"), num_classes)
-    if overlay:
-        Image.fromarray(blend(image, pred, palette, alpha, ignore_index)).save(
-            stem.with_name(stem.name + "_overlay.jpg"), quality=90)
+    """Mask and overlay of one image; a failed write (disk full, read-only, a file in the way) is one line."""
+    target = stem.parent
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        target = stem.with_name(stem.name + ".png")
+        save_mask(pred, palette, target, num_classes)
+        if overlay:
+            target = stem.with_name(stem.name + "_overlay.jpg")
+            Image.fromarray(blend(image, pred, palette, alpha, ignore_index)).save(target, quality=90)
+    except OSError as exc:
+        raise WriteError(cannot_write(target, exc)) from None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -264,41 +190,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for key in ("ckpt", "images"):
         if OmegaConf.is_missing(cfg, key):
             raise InferError(f"{key} is required: python -m segrun.infer ckpt=path/to/best.pt images=file_or_folder")
-    batch_size, alpha = int(cfg.batch_size), float(cfg.overlay_alpha)
-    if batch_size < 1:
-        raise InferError(f"batch_size={batch_size}: expected 1 or more")
-    if not 0.0 <= alpha <= 1.0:
-        raise InferError(f"overlay_alpha={alpha}: expected a number in 0..1")
-    window_batch = cfg.window_batch
-    if window_batch is not None and int(window_batch) < 1:
-        raise InferError(f"window_batch={window_batch}: expected null or 1 or more")
-    workers, writers = _workers(cfg.num_workers), int(cfg.writers)
-    if writers < 1:
-        raise InferError(f"writers={writers}: expected 1 or more")
+    read_settings(InferSettings, cfg, error=InferError)  # the tool's own options first, before any file is read
     ckpt_path = Path(os.path.expanduser(str(cfg.ckpt)))
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     missing = [k for k in ("config", "palette", "mean", "std") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt_path} lacks {', '.join(missing)}; was it written by segrun training?")
-    check_checkpoint(ckpt, ckpt_path, ("model",), extra_prefixes=_plain(cfg.trust.targets),
-                     trust_all=bool(cfg.trust_checkpoint))
-    settings = _settings(cfg, ckpt)
-    images = list_images(cfg.images, bool(cfg.recursive))
-    src = Path(os.path.expanduser(str(cfg.images)))
+    s = read_infer_settings(cfg, ckpt)
+    check_checkpoint(ckpt, ckpt_path, ("model",), extra_prefixes=list(s.trust_targets), trust_all=s.trust_checkpoint)
+    images = list_images(s.images, s.recursive)
+    src = Path(os.path.expanduser(s.images))
     root = src if src.is_dir() else None
-    out = Path(os.path.expanduser(str(cfg.out)))
-    check_outputs(images, out, bool(cfg.overlay), root)
-    device = _device(cfg.device)
+    out = Path(os.path.expanduser(s.out))
+    check_outputs(images, out, s.overlay, root)
+    with reraise_as(InferError):
+        device = resolve_device(s.device, key="device")
 
     model = build_model(ckpt, ckpt_path).to(device)
-    normalize = Normalize(ckpt["mean"], ckpt["std"]).to(device)
+    predictor = Predictor(model, Normalize(ckpt["mean"], ckpt["std"]).to(device), s.predict, device)
     palette = ckpt["palette"]
     num_classes = int(ckpt.get("num_classes", len(palette)))
     ignore_index = int(ckpt.get("ignore_index", 255))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(cannot_write(out, exc, "output folder")) from None
 
-    show = bool(cfg.progress)
-    bar = tqdm(total=len(images), desc="predict", unit="img", file=sys.stderr, disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=len(images), desc="predict", unit="img", file=sys.stderr, disable=not s.progress,
+               dynamic_ncols=True)
     skipped: list[tuple[Path, str]] = []
 
     def on_error(i: int, message: str) -> None:
@@ -306,30 +225,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tqdm.write(f"warning: skipped {images[i]}: {message}", file=sys.stderr)  # above the bar, not on it
         bar.update(1)
 
+    workers = _workers(s.num_workers)
+    configure_threads(s.threads, workers=workers, key="threads")
     loader = torch.utils.data.DataLoader(ImageFiles(images), batch_size=None, shuffle=False, num_workers=workers,
                                          collate_fn=_as_is, prefetch_factor=4 if workers else None)
     pending: list[Future] = []
-    with ThreadPoolExecutor(writers, thread_name_prefix="segrun-write") as pool, torch.no_grad():
-        for batch in batches(loader, batch_size, on_error):
+    with ThreadPoolExecutor(s.writers, thread_name_prefix="segrun-write") as pool, torch.no_grad():
+        for batch in batches(loader, s.batch_size, on_error):
             x = torch.from_numpy(np.stack([im for _, im in batch])).permute(0, 3, 1, 2).to(device)
-            window_bar = _window_bar(x, settings, show)
-            scores = predict(model, x, normalize, **settings, window_batch=window_batch,
-                             progress=window_bar.progress if window_bar else None)
+            window_bar = _window_bar(x, s.predict, s.progress)
+            scores = predictor.scores(x, progress=window_bar.progress if window_bar else None)
             if window_bar:
                 window_bar.close()
             preds = class_map(scores).cpu().numpy()
             for (i, image), pred in zip(batch, preds):
                 pending.append(pool.submit(_write, pred, image, output_stem(images[i], root, out), palette,
-                                           num_classes, bool(cfg.overlay), alpha, ignore_index))
-            while len(pending) > 4 * writers:  # bounded: decoded images must not pile up in memory
+                                           num_classes, s.overlay, s.overlay_alpha, ignore_index))
+            while len(pending) > 4 * s.writers:  # bounded: decoded images must not pile up in memory
                 pending.pop(0).result()
             bar.update(len(batch))
         for f in pending:
             f.result()  # re-raises a write error (disk full, permissions) here
     bar.close()
+    p = s.predict
     return {"images": len(images) - len(skipped), "skipped": skipped, "out": out.resolve(), "ckpt": ckpt_path,
-            "device": device, "model": type(model).__name__, "num_classes": num_classes,
-            "overlay": bool(cfg.overlay), **settings}
+            "device": device, "model": type(model).__name__, "num_classes": num_classes, "overlay": s.overlay,
+            **p.as_dict()}
 
 
 class _WindowBar:
@@ -348,12 +269,12 @@ class _WindowBar:
         self.bar.close()
 
 
-def _window_bar(x: torch.Tensor, settings: dict[str, Any], show: bool) -> _WindowBar | None:
+def _window_bar(x: torch.Tensor, settings: PredictSettings, show: bool) -> _WindowBar | None:
     """A window bar when slide mode needs a few dozen windows or more per view of this batch."""
-    if not show or settings["mode"] != "slide":
+    if not show or settings.mode != "slide":
         return None
-    crop = size_pair(settings["crop_size"])
-    stride = size_pair(settings["stride"]) if settings["stride"] else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+    crop = size_pair(settings.crop_size)
+    stride = size_pair(settings.stride) if settings.stride else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
     h, w = x.shape[-2:]
     n = len(window_positions((max(h, crop[0]), max(w, crop[1])), crop, stride))
     return _WindowBar(n) if n >= 32 else None

@@ -6,12 +6,19 @@ own base rate times one shared factor, so differential learning rates keep their
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
 from segrun.errors import ConfigError
+
+log = logging.getLogger("segrun")
+
+#: scheduler state that records progress, not the plan (everything else is re-planned on resume)
+PROGRESS_KEYS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "verbose"}
 
 
 class _WarmupScheduler(LRScheduler):
@@ -56,3 +63,36 @@ class CosineLR(_WarmupScheduler):
 
     def factor(self, it: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * it / self.total_iters))
+
+
+def replan(scheduler: LRScheduler, optimizer: torch.optim.Optimizer, planned: dict[str, Any],
+           planned_groups: list[dict[str, Any]]) -> None:
+    """Follow this config's schedule from the restored iteration on.
+
+    ``planned`` is the scheduler's state and ``planned_groups`` the optimizer's groups (without
+    params) as this config built them, taken before a checkpoint's state replaced them. The
+    checkpoint's state carries its own horizon and base rates; resumed with a longer
+    ``trainer.epochs`` (or another ``optimizer.lr``) they would win and the rate would reach 0 at the
+    old end. Unchanged plans are left alone, so a same-config resume stays bit-exact.
+    """
+    loaded = scheduler.state_dict()
+    changed = {k for k in planned if k not in PROGRESS_KEYS and planned[k] != loaded.get(k)}
+    groups_changed = any(g.get(k) != v for g, pg in zip(optimizer.param_groups, planned_groups)
+                         for k, v in pg.items() if k not in ("lr", "initial_lr"))
+    if not changed and not groups_changed:
+        return
+    if not hasattr(scheduler, "factor"):  # segrun's schedulers: a rate is min_lr + (base - min_lr) * factor(it)
+        log.warning("resumed with a changed schedule, but %s cannot be re-planned: the checkpoint's "
+                    "schedule continues", type(scheduler).__name__)
+        return
+    old_total = loaded.get("total_iters")
+    for key in changed:
+        setattr(scheduler, key, planned[key])
+    for group, plan in zip(optimizer.param_groups, planned_groups):
+        group.update({k: v for k, v in plan.items() if k != "lr"})
+    lrs = scheduler.get_lr()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
+    log.info("schedule re-planned for this config: horizon %s -> %s iterations, at iteration %d lr now %s",
+             old_total, getattr(scheduler, "total_iters", "?"), scheduler.last_epoch, ", ".join(f"{lr:.4g}" for lr in lrs))

@@ -112,13 +112,13 @@ def scripted_run(tmp_path_factory):
     t.criterion = ScriptedValLoss(t.criterion, [1.0, 2.0, 0.5, 3.0, 4.0, 0.1, 0.1, 0.1])
     t.criterion.trainer = t
     saves = []
-    real_save = t.save
+    real_save = t.checkpointer.save
 
     def recording_save(name):
         saves.append((t.epoch, name))
         return real_save(name)
 
-    t.save = recording_save
+    t.checkpointer.save = recording_save
     best = t.fit()
     return t, run, saves, best
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_run_folder_holds_what_the_readme_lists(tmp_path):
-    """README "What a run leaves behind", row by row."""
+    """docs/outputs.md "The run folder" (summarised in the README), row by row."""
     run = tmp_path / "run"
     r = run_cli([*TINY, "trainer.epochs=2", "trainer.save_period=1", "trainer.keep_last=1", "logger=[tensorboard,csv]",
                  "seed=3", f"hydra.run.dir={run}"])

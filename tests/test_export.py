@@ -61,7 +61,9 @@ def test_torchscript_round_trip(ckpt, tmp_path):
     assert result["agreement"] >= 0.999
     extra = {"segrun.json": ""}
     loaded = torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
-    assert json.loads(extra["segrun.json"])["class_names"] == json.dumps(NAMES)
+    meta = json.loads(extra["segrun.json"])  # plain JSON values, not JSON strings inside JSON
+    assert meta["class_names"] == NAMES and meta["mean"] == ckpt["state"]["mean"] and meta["num_classes"] == len(NAMES)
+    assert meta["palette"] == [list(c) for c in ckpt["state"]["palette"]]
     x = sample_input((41, 30), seed=5)
     with torch.no_grad():
         assert (loaded(x).argmax(1) == _reference(ckpt, x).argmax(1)).float().mean() >= 0.999

@@ -21,6 +21,7 @@ from PIL import Image
 
 from segrun.data.base import DatasetError
 from segrun.engine import checkpoint as ck
+from segrun.engine import preempt
 from segrun.engine.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
 from segrun.engine.preempt import Preempted
 from segrun.engine.trainer import NonFiniteLossError, NonFiniteStateError
@@ -102,12 +103,12 @@ def test_sigterm_writes_the_position_and_resumes_exactly(tmp_path, straight):
     def step_then_signal(batch, *args, **kwargs):
         out = original(batch, *args, **kwargs)
         if run.global_step == ITERS + 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # through the real handler, installed by fit()
+            os.kill(os.getpid(), signal.SIGTERM)  # through the real handler, as in a run
         return out
 
     run.run_step = step_then_signal
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Preempted, match=r"SIGTERM at epoch 2, batch 3/6 \(step 9\)"):
+    with pytest.raises(Preempted, match=r"SIGTERM at epoch 2, batch 3/6 \(step 9\)"), preempt.handled():
         run.fit()
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
     at = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
@@ -116,8 +117,6 @@ def test_sigterm_writes_the_position_and_resumes_exactly(tmp_path, straight):
 
 
 def test_first_signal_asks_second_stops_at_once():
-    from segrun.engine import preempt
-
     assert preempt.install()
     try:
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -203,8 +202,8 @@ def test_checkpoint_every_takes_iterations_or_a_duration(tmp_path):
 
     run = make_trainer(tmp_path, [*TINY, "trainer.epochs=1", "trainer.tensorboard=false",
                                   "trainer.checkpoint_every=0.001s"])
-    saved, save_position = [], run.save_position
-    run.save_position = lambda epoch, i, *rest: (saved.append(i), save_position(epoch, i, *rest))
+    saved, save_position = [], run.checkpointer.save_position
+    run.checkpointer.save_position = lambda epoch, i, *rest: (saved.append(i), save_position(epoch, i, *rest))
     run.fit()
     assert saved == [1, 2, 3, 4, 5]  # due after every step; the epoch's end writes last.pt anyway
 
@@ -271,7 +270,7 @@ def test_non_finite_state_is_never_checkpointed_and_last_pt_resumes(tmp_path):
     with torch.no_grad():
         next(run.model.parameters())[0] = float("nan")
     with pytest.raises(NonFiniteStateError, match=rf"by step {ITERS} .* keeps the last good state \(step {ITERS}\)"):
-        run.save("last.pt")
+        run.checkpointer.save("last.pt")
     assert torch.equal(load_checkpoint(last)["model"][next(iter(good["model"]))], next(iter(good["model"].values())))
 
     run = make_trainer(tmp_path, ["optimizer.lr=0.01", "trainer.epochs=2", f"trainer.resume={last}"])

@@ -116,7 +116,7 @@ def test_slide_flip_scales_and_batching(setup, tmp_path):
 def test_config_and_checkpoint_mistakes_raise_named_errors(setup, tmp_path):
     with pytest.raises(InferError, match="ckpt is required"):
         run(compose_cfg([f"images={setup['images']}"], config_name="infer"))
-    with pytest.raises(InferError, match="mode=tiles"):
+    with pytest.raises(InferError, match="mode='tiles': expected whole or slide"):
         run(_infer_cfg(setup, tmp_path, "mode=tiles"))
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
@@ -167,6 +167,9 @@ def test_unreadable_file_is_skipped_and_named_and_subfolders_are_mirrored(setup,
                  "overlay=false"], module="segrun.infer")
     assert r.returncode == 3, r.stderr  # finished, but a file was skipped
     assert f"warning: skipped {folder / 'broken.jpg'}" in r.stderr
+    warning = next(ln for ln in r.stderr.splitlines() if "warning: skipped" in ln)
+    assert warning.count("broken.jpg") == 1, warning  # the path once, not once more inside the decoder's message
+    assert [ln.count("broken.jpg") for ln in r.stdout.splitlines() if "broken.jpg" in ln] == [1]
     assert "predicted 2 image(s)" in r.stdout and f"  {folder / 'broken.jpg'}: " in r.stdout
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == ["a.png", "sub/b.png"]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "sub" / "b.png")),

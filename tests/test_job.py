@@ -256,23 +256,30 @@ def test_resume_auto_continues_last_pt_or_starts_fresh(hydra_job, tmp_path, monk
     assert job.run_job(cfg) == 0.75 and hydra_job.built["resume"] == str(run_dir / "checkpoints" / "last.pt")
 
 
-def test_parallel_local_jobs_share_the_cpu_cores(hydra_job, monkeypatch):
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+def test_parallel_local_jobs_share_the_cpu_cores(hydra_job, monkeypatch, tmp_path):
+    """Each of n parallel jobs gets its part of the usable CPUs when trainer.threads=auto decides."""
+    from segrun.engine import runtime
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    for var in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    quota = tmp_path / "cpu.max"
+    quota.write_text("max 100000\n")
+    monkeypatch.setattr(runtime, "CGROUP_CPU_MAX", quota)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     try:
         for n_jobs, expected in ((2, 4), (3, 2), (16, 1), (-1, 1), (-2, 1), (-5, 2)):
-            torch.set_num_threads(7)
+            runtime.share_cpus(1)
             cfg, _, _ = hydra_job(multirun=True, launcher={"n_jobs": n_jobs})
             job.share_resources(cfg, HydraConfig.get())
-            assert torch.get_num_threads() == expected, n_jobs
+            assert runtime.decide_threads("auto", busy=0.0)[0] == expected, n_jobs
         for launcher in ({"n_jobs": 1}, {"n_jobs": None}, {}):
-            torch.set_num_threads(7)
+            runtime.share_cpus(1)
             cfg, _, _ = hydra_job(multirun=True, launcher=launcher)
             job.share_resources(cfg, HydraConfig.get())
-            assert torch.get_num_threads() == 7, launcher
+            assert runtime.decide_threads("auto", busy=0.0)[0] == 8, launcher
     finally:
-        torch.set_num_threads(threads)
+        runtime.share_cpus(1)
 
 
 def test_parallel_jobs_take_gpus_round_robin(hydra_job, monkeypatch):

@@ -206,7 +206,7 @@ def test_in_channels_other_than_three(name):
 
 # -- freezing --------------------------------------------------------------------------------------
 
-FREEZE_CASES = ["psp", "tv_lraspp", "smp_unet"]  # own heads, torchvision adapter, smp adapter
+FREEZE_CASES = ["psp", "tv_lraspp", "smp_unet", "upernet_convnext", "segformer"]  # own heads, adapters, timm, smp
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["bn", "syncbn"])

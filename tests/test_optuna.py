@@ -20,7 +20,7 @@ from helpers.cli import REPO, TINY, run_cli
 
 optuna = pytest.importorskip("optuna")
 if int(optuna.__version__.split(".")[0]) < 4:
-    pytest.skip(f"optuna {optuna.__version__} installed; segrun's sweeper needs optuna >= 4 (pip install 'segrun[sweeps]')",
+    pytest.skip(f"optuna {optuna.__version__} installed; segrun's sweeper needs optuna >= 4 (pip install -e '.[sweeps]')",
                 allow_module_level=True)
 
 pytestmark = pytest.mark.slow

@@ -90,8 +90,10 @@ def test_the_best_value_is_the_best_epochs_not_the_last(sweep):
     assert lines[1] == ["1", "0", "0.01", "done", "max val/mIoU", "2", "0.600000", "0.600000", "0.850000", "0.750000",
                         "3", "75.0", ""]
     assert lines[3][:4] == ["0", "2", "1e6", "failed"] and lines[3][-1].startswith("NonFiniteLossError")
-    saved = json.loads((sweep / "report.json").read_text())
-    assert saved == json.loads(json.dumps(data))
+    text = (sweep / "report.json").read_text()
+    assert text.startswith('{\n  "root": ') and text.endswith("}\n")  # indented for people, one final newline
+    saved = json.loads(text)
+    assert saved == json.loads(json.dumps(data)) and saved["root"] == str(sweep)
     assert saved["monitor"] == "max val/mIoU" and saved["varying"] == ["optimizer.lr"]
     assert saved["counts"] == {"done": 2, "failed": 1}
     assert saved["failed"] == [{"job": "2", "error": "NonFiniteLossError: loss became non-finite | step 3"}]
@@ -101,11 +103,18 @@ def test_the_best_value_is_the_best_epochs_not_the_last(sweep):
 def test_a_min_monitor_sorts_ascending(tmp_path):
     write_run(tmp_path / "a", [epoch(1, 0.2, 0.9), epoch(2, 0.3, 0.4), epoch(3, 0.1, 0.8)], monitor="min val/loss",
               overrides=["x=a"])
-    write_run(tmp_path / "b", [epoch(1, 0.2, 0.5)], monitor="min val/loss", overrides=["x=b"])
+    write_run(tmp_path / "b", [epoch(1, 0.2, 0.5)], monitor="min val/loss", overrides=["x=b", "extra=1"])
+    write_run(tmp_path / "c", [], state="failed", error="boom", overrides=["x=c"])  # no value: last, whatever the sign
     data = write_report(tmp_path, quiet=True)
-    assert [(r["job"], r["best_epoch"], r["best_metric"]) for r in data["rows"]] == [("a", 2, 0.4), ("b", 1, 0.5)]
-    assert data["best_job"] == "a"
-    assert "| best val/loss (min) |" in (tmp_path / "report.md").read_text()
+    assert [(r["job"], r["best_epoch"], r["best_metric"]) for r in data["rows"]] == \
+        [("a", 2, 0.4), ("b", 1, 0.5), ("c", None, None)]
+    assert data["best_job"] == "a" and data["varying"] == ["x", "extra"]
+    table = (tmp_path / "report.md").read_text().splitlines()
+    assert table[0].startswith("|  | job | x | extra | state | best epoch | best val/loss (min) |")
+    assert table[2].startswith("| **best** | a | a |  | done | 2 | 0.4000 |")  # a key a run did not set: empty
+    with open(tmp_path / "report.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[1][:5] == ["1", "a", "a", "", "done"] and rows[3][:6] == ["0", "c", "c", "", "failed", ""]
 
 
 def test_runs_without_a_finite_value_sort_last_in_folder_order(tmp_path):
@@ -261,6 +270,14 @@ def test_sweep_end_reports_and_exits_1_when_a_job_failed(sweep, capsys):
     assert (sweep / "report.json").is_file()
 
 
+def test_sweep_end_lists_every_failure(sweep, capsys):
+    write_run(sweep / "3", [], state="failed", error="another", overrides=["optimizer.lr=9", "seed=0"])
+    with pytest.raises(SystemExit):
+        SweepCallback().on_multirun_end(_sweep_config(sweep))
+    assert capsys.readouterr().err == ("2 job(s) failed:\n  2: NonFiniteLossError: loss became non-finite | step 3\n"
+                                       "  3: another\n")
+
+
 def test_sweep_end_without_failures_returns(sweep, capsys):
     import shutil
 
@@ -274,3 +291,105 @@ def test_sweep_end_without_runs_says_why(tmp_path, capsys):
     SweepCallback().on_multirun_end(_sweep_config(tmp_path))
     assert capsys.readouterr().err == f"segrun: no report: {tmp_path}: no run folders below it (none has " \
                                       "status.json or metrics.json)\n"
+
+
+def test_the_monitor_comes_from_a_run_with_a_finite_value(tmp_path):
+    write_run(tmp_path / "0", [epoch(1, 0.9, float("nan"))], monitor="min val/loss", overrides=["k=0"])
+    write_run(tmp_path / "1", [epoch(1, 0.5, 0.5)], overrides=["k=1"])
+    write_run(tmp_path / "2", [epoch(1, 0.7, 0.5)], overrides=["k=2"])
+    data = write_report(tmp_path, quiet=True)
+    assert data["monitor"] == "max val/mIoU" and [r["job"] for r in data["rows"]] == ["2", "1", "0"]
+    assert data["best_job"] == "2"
+
+
+def test_a_sweep_whose_jobs_all_failed_early(tmp_path):
+    """No metrics.json anywhere: no monitor, no best, every error listed."""
+    write_run(tmp_path / "0", [], state="failed", error="first", overrides=["k=0"])
+    write_run(tmp_path / "1", [], state="failed", error="second", overrides=["k=1"])
+    data = write_report(tmp_path, quiet=True)
+    assert data["monitor"] is None and data["best_job"] is None
+    assert data["failed"] == [{"job": "0", "error": "first"}, {"job": "1", "error": "second"}]
+    table = (tmp_path / "report.md").read_text().splitlines()
+    assert table[0] == "|  | job | k | state | best epoch | best | val mIoU | pixel acc | mean acc | epochs | wall | error |"
+    with open(tmp_path / "report.csv", newline="") as f:
+        assert [row[:5] for row in csv.reader(f)][1:] == [["0", "0", "0", "failed", ""], ["0", "1", "1", "failed", ""]]
+
+
+def test_unreadable_files_leave_an_empty_row(tmp_path):
+    for name, text in (("list", "[1, 2]"), ("broken", "{not json")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(text)
+    rows = {r["job"]: r for r in write_report(tmp_path, quiet=True)["rows"]}
+    assert rows["broken"]["state"] == "missing" and rows["broken"]["best_metric"] is None
+    assert rows["list"]["state"] == "missing" and rows["list"]["monitor"] is None
+
+
+def test_wall_time_of_a_live_run_and_rounding(tmp_path):
+    import time
+
+    live = write_run(tmp_path / "live", [epoch(1, 0.4, 0.5)], state="running", wall=None, pid=os.getpid())
+    status = json.loads((live / "status.json").read_text())
+    status["start_time"] = time.time() - 100.0
+    (live / "status.json").write_text(json.dumps(status))
+    assert 99.0 <= report.read_row(live, tmp_path).wall_s <= 160.0
+    done = write_run(tmp_path / "done", [epoch(1, 0.4, 0.5)], wall=12.34)
+    assert report.read_row(done, tmp_path).wall_s == 12.3
+    nested = write_run(tmp_path / "a" / "b", [epoch(1, 0.4, 0.5)], overrides=["X.y=1"])
+    row = report.read_row(nested, tmp_path)
+    assert row.job == "a/b" and row.overrides == {"X.y": "1"}
+
+
+def test_cli_defaults_to_multirun_and_explains_itself(tmp_path, monkeypatch, capsys):
+    write_run(tmp_path / "multirun" / "d" / "t" / "0", [epoch(1, 0.4, 0.5)], overrides=["k=1"])
+    monkeypatch.chdir(tmp_path)
+    report.main([])
+    assert (tmp_path / "multirun" / "report.md").is_file() and "| **best** | d/t/0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--help"])
+    assert exc.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert help_text.startswith("usage: python -m segrun.report [-h] [dir] The results table of a sweep: "
+                                "``python -m segrun.report DIR``.")
+    assert "dir a sweep folder, a run folder, or outputs/" in help_text
+
+
+def test_the_picture_draws_each_run_and_the_best_on_top(sweep, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    from PIL import Image
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    write_report(sweep, quiet=True)
+    (fig,) = figures
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["optimizer.lr=0.02", "optimizer.lr=0.01 (best)"]  # job 2: no history
+    other, best = lines
+    assert list(best.get_xdata()) == [1, 2, 3] and list(best.get_ydata()) == [0.2, 0.6, 0.4]
+    assert list(other.get_xdata()) == [1, 2] and list(other.get_ydata()) == [0.5, 0.55]
+    assert best.get_linewidth() > other.get_linewidth() and best.get_color() == "tab:red"
+    assert best.get_zorder() > other.get_zorder() and best.get_marker() == "o"
+    assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "val/mIoU"
+    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator) and ax.xaxis.get_major_locator()._integer
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["optimizer.lr=0.02", "optimizer.lr=0.01 (best)"]
+    with Image.open(sweep / "report.png") as im:
+        assert im.size == (640, 360)
+
+
+def test_the_picture_without_keys_or_monitor_and_with_many_runs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    for i in range(13):
+        write_run(tmp_path / str(i), [epoch(1, 0.1 + i / 100, 0.5)], overrides=["same=1"])
+    rows, monitor = report.rank_rows([report.read_row(d, tmp_path) for d in find_runs(tmp_path)])
+    assert report.plot(rows, [], None, tmp_path / "p.png") is True
+    ax = figures[-1].axes[0]
+    assert ax.get_ylabel() == "monitored metric" and ax.get_legend() is None  # more than 12 runs: no legend
+    assert ax.get_lines()[-1].get_label() == "12 (best)" and len(ax.get_lines()) == 13  # named by job without keys

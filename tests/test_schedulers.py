@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from segrun.schedulers import CosineLR, PolyLR
+from segrun.schedulers import CosineLR, PolyLR, replan
 
 
 def _opt(lrs=(0.1, 0.01)):
@@ -80,3 +80,49 @@ def test_total_and_warmup_bounds():
         PolyLR(_opt(), total_iters=1, warmup_iters=1)
     with pytest.raises(ValueError, match="warmup_iters"):
         CosineLR(_opt(), total_iters=5, warmup_iters=-1)
+
+
+def _resumed(old_total: int, new_total: int, at: int, lr: float = 0.1, new_lr: float | None = None):
+    """A PolyLR run to ``at`` of ``old_total`` iterations, its state loaded into a schedule planned for
+    ``new_total`` (and ``new_lr``), as a resumed trainer does; returns what ``replan`` works on."""
+    old_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    old = PolyLR(old_opt, total_iters=old_total)
+    for _ in range(at):
+        old_opt.step()
+        old.step()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=new_lr or lr)
+    sched = PolyLR(opt, total_iters=new_total)
+    planned = sched.state_dict()
+    planned_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(old_opt.state_dict())
+    sched.load_state_dict(old.state_dict())
+    return sched, opt, planned, planned_groups
+
+
+def test_replan_follows_the_new_horizon_and_rate_from_the_restored_iteration():
+    sched, opt, planned, groups = _resumed(old_total=10, new_total=30, at=10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # the old plan ended here
+    replan(sched, opt, planned, groups)
+    assert sched.total_iters == 30 and sched.last_epoch == 10
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - 10 / 30) ** 0.9, rel=1e-12)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - 11 / 30) ** 0.9, rel=1e-12)
+
+    sched, opt, planned, groups = _resumed(old_total=20, new_total=20, at=5, new_lr=0.4)  # another optimizer.lr
+    replan(sched, opt, planned, groups)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * (1 - 5 / 20) ** 0.9, rel=1e-12)
+
+
+def test_replan_leaves_an_unchanged_plan_bit_for_bit_and_warns_for_foreign_schedulers(caplog):
+    sched, opt, planned, groups = _resumed(old_total=20, new_total=20, at=7)
+    before = (sched.state_dict(), [dict(g) for g in opt.param_groups])
+    replan(sched, opt, planned, groups)
+    assert (sched.state_dict(), [dict(g) for g in opt.param_groups]) == before
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    step = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+    planned = {**step.state_dict(), "step_size": 5}
+    with caplog.at_level("WARNING", logger="segrun"):
+        replan(step, opt, planned, [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    assert "StepLR cannot be re-planned" in caplog.text and step.step_size == 3

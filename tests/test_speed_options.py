@@ -102,6 +102,7 @@ def test_channels_last_gives_the_same_losses(tmp_path):
         torch.testing.assert_close(a, b.contiguous(), rtol=1e-3, atol=1e-3, msg=name)
 
 
+@pytest.mark.slow  # torch.compile runs inductor and the C++ compiler: a real engine, ~10-30 s
 def test_compile_trains_and_checkpoints_plain_keys(tmp_path):
     try:
         built = make_trainer(tmp_path / "cfg", ["trainer.compile=true"])

@@ -103,7 +103,7 @@ def summarize(cfg: DictConfig) -> str:
         if split == cfg.split:
             measured = ds
     assert measured is not None
-    stats = measure(measured, cfg.max_images, cfg.seed, cfg.num_workers, cfg.progress)
+    stats = measure(measured, cfg.max_images, cfg.seed, cfg.num_workers, cfg.progress, list_all_bad=True)
     return report(name, measured, split_sizes, stats)
 
 

@@ -54,8 +54,12 @@ def _unbatch(batch: list) -> Any:
 
 
 def measure(dataset: SegDataset, max_images: int | None = None, seed: int = 0, num_workers: int = 0,
-            progress: bool = True) -> dict[str, Any]:
-    """Read (a sample of) ``dataset`` and return its pixel statistics and suggested class weights."""
+            progress: bool = True, list_all_bad: bool = False) -> dict[str, Any]:
+    """Read (a sample of) ``dataset`` and return its pixel statistics and suggested class weights.
+
+    With ``dataset.on_bad_sample=skip`` unreadable files are listed in ``bad``; more than
+    ``dataset.max_bad_samples`` stop it, unless ``list_all_bad`` (``segrun.data``: a checker lists them all).
+    """
     from tqdm import tqdm
 
     total = len(dataset)
@@ -74,7 +78,8 @@ def measure(dataset: SegDataset, max_images: int | None = None, seed: int = 0, n
     pixels = 0
     sizes = []
     # dataset.on_bad_sample=skip: unreadable files are listed, not fatal, up to dataset.max_bad_samples
-    bad = BadSamples(dataset.split, bad_sample_limit(getattr(dataset, "max_bad_samples", 0.01), len(job)))
+    limit = len(job) if list_all_bad else bad_sample_limit(getattr(dataset, "max_bad_samples", 0.01), len(job))
+    bad = BadSamples(dataset.split, limit)
     for r in tqdm(results, total=len(job), desc=f"reading {dataset.split}", unit="img", file=sys.stderr,
                   disable=not progress, leave=False):
         if "error" in r:

@@ -112,7 +112,7 @@ def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800) -
 
 
 def all_gather_object(obj: object) -> list:
-    """Every rank's ``obj``, in rank order (``[obj]`` outside DDP)."""
+    """Every rank's ``obj``, in rank order (``[obj]`` on one process)."""
     if world_size() == 1:
         return [obj]
     out: list = [None] * world_size()
@@ -138,6 +138,55 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= world_size()
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (in place; a no-op on one process)."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (in place; a no-op on one process)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def agree(flag: bool, device: torch.device | str = "cpu", every: bool = False) -> bool:
+    """One decision for all ranks: true when any rank says true (``every``: when all ranks do).
+
+    Used where the processes must act together (stop, save, give up on non-finite state): a rank
+    deciding alone would leave the others waiting in a collective. One process decides alone.
+    """
+    if world_size() == 1:
+        return bool(flag)
+    value = torch.tensor(float(bool(flag)), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN if every else dist.ReduceOp.MAX)
+    return bool(value)
+
+
+def main_decides(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Rank 0's ``flag`` on every rank (a decision only rank 0 can take, e.g. asking a study); one
+    process keeps its own."""
+    if world_size() == 1:
+        return bool(flag)
+    value = torch.tensor(float(bool(flag)), device=device)
+    dist.broadcast(value, src=0)
+    return bool(value)
+
+
+def agreement_is_free() -> bool:
+    """True on one process: a decision needs no collective, so it can be taken at every step; several
+    processes agree at log points only (one small all-reduce there instead of one per step)."""
+    return world_size() == 1
+
+
+def own_rng_stream() -> bool:
+    """True when this process's RNG stream is the run's only one, so a checkpoint's RNG state (rank 0's)
+    is this process's own; several ranks each re-seed from the restored point instead."""
+    return world_size() == 1
 
 
 ERROR_KEY = "segrun/error"

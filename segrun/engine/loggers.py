@@ -151,7 +151,7 @@ class MLflowLogger(BaseLogger):
             import mlflow  # noqa: F401
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise ConfigError("logger=mlflow needs the mlflow package: pip install 'segrun[mlflow]'") from None
+            raise ConfigError("logger=mlflow needs the mlflow package: pip install mlflow") from None
         if tracking_uri is None:
             store = Path.cwd() / "outputs"
             store.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ class MLflowLogger(BaseLogger):
             all_tags = {"segrun.run_dir": str(self.run_dir.resolve()), **{k: str(v) for k, v in (tags or {}).items()}}
             if sweep_dir:
                 all_tags.update({"segrun.sweep_dir": str(sweep_dir), "segrun.job": str(job)})
-            run = self.client.create_run(experiment_id, run_name=run_name or _relative(self.run_dir), tags=all_tags)
+            run = self.client.create_run(experiment_id, run_name=run_name or default_run_name(self.run_dir), tags=all_tags)
             self.run_id = run.info.run_id
             id_file.write_text(self.run_id)
             self._log_params(flatten(config or {}))
@@ -287,6 +287,39 @@ def _sweep_job() -> tuple[Path | None, int | None]:
     except Exception:  # outside Hydra (tests, notebooks)
         pass
     return None, None
+
+
+#: overrides that say how a job starts or where it logs, not what it is
+_NOT_IDENTITY = ("hydra", "trainer.resume", "sweep.resume", "logger")
+
+
+def run_name(overrides: Sequence[str], experiment: str | None = None, job: int | None = None,
+             fallback: str = "segrun") -> str:
+    """An MLflow run name a truncating UI keeps apart: ``#<job>`` first in a sweep, then the overrides
+    that make the job what it is (or the experiment, or ``fallback`` when there are none)."""
+    def identity(o: str) -> bool:
+        key = o.split("=", 1)[0].lstrip("+~").replace("/", ".")
+        return not any(key == k or key.startswith(f"{k}.") for k in _NOT_IDENTITY)
+
+    what = " ".join(o for o in overrides if identity(o))
+    what = what or (f"experiment={experiment}" if experiment else fallback)
+    return (what if job is None else f"#{job} {what}")[:250]  # MLflow keeps 250 characters
+
+
+def default_run_name(run_dir: Path) -> str:
+    """``run_name`` of the Hydra job running now; outside Hydra, the run folder."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            job = int(hc.job.num) if hc.mode == RunMode.MULTIRUN else None
+            experiment = hc.runtime.choices.get("experiment")
+            return run_name(list(hc.overrides.task), experiment, job, fallback=_relative(run_dir))
+    except Exception:  # outside Hydra (tests, notebooks)
+        pass
+    return _relative(run_dir)
 
 
 def _relative(path: Path) -> str:

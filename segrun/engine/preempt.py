@@ -11,7 +11,10 @@ on USR2) runs after the graceful stop (``hand_over``): the job stops with ``last
 then the launcher requeues it.
 
 Only the process that installed the handlers reacts: forked data-loader workers inherit them and
-ignore the signal, so they keep serving batches until the trainer is done.
+ignore the signal, so they keep serving batches until the trainer is done. The handlers are
+installed by a run (``segrun.job.run_job``, what ``python -m segrun`` runs), not by
+``Trainer.fit``: a program that trains in-process (a notebook, a test suite) keeps its own signal
+handling unless it asks for this one with ``with preempt.handled(): trainer.fit()``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import logging
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from types import FrameType
+from typing import Iterator
 
 log = logging.getLogger("segrun")
 
@@ -89,6 +94,17 @@ def hand_over() -> None:
         log.info("handing %s over to the handler it had before segrun's (%s)", signal.Signals(signum).name,
                  getattr(previous, "__qualname__", previous))
         previous(signum, None)
+
+
+@contextmanager
+def handled() -> Iterator[bool]:
+    """Stop signals become requests inside the block (if this call installed them, it removes them)."""
+    installed = install()
+    try:
+        yield installed
+    finally:
+        if installed:
+            uninstall()
 
 
 def requested() -> int | None:

@@ -6,10 +6,13 @@ the run with one line (``SegrunError``) instead of a traceback from deep inside 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import torch
 
 from segrun.engine.monitor import parse_monitor
 from segrun.errors import ConfigError
@@ -17,6 +20,8 @@ from segrun.errors import ConfigError
 log = logging.getLogger("segrun")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: torch.autocast's dtype per ``precision`` (fp32: no autocast)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -96,32 +101,189 @@ def check_size(key: str, value: Any) -> tuple[int, int]:
     return n, n
 
 
+# ---------------------------------------------------------------------------------------------
+# options with their bounds: declared once, beside the default, read by ``read_settings``
+# ---------------------------------------------------------------------------------------------
+Check = Callable[[str, Any], Any]
+
+
+def option(default: Any, check: Check) -> Any:
+    """A settings field: its default and the check (type and bounds, from the option's meaning)."""
+    return field(default=default, metadata={"check": check})
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Check:
+    def check(key: str, value: Any) -> int:
+        n = check_int(key, value, minimum)
+        if maximum is not None and n > maximum:
+            raise ConfigError(f"{key}={value!r}: expected an integer in [{minimum}, {maximum}]")
+        return n
+    return check
+
+
+def number(minimum: float | None = None, maximum: float | None = None, exclusive: bool = False) -> Check:
+    """A finite number; ``exclusive`` makes the lower bound strict (a learning rate > 0, a std > 0)."""
+    def check(key: str, value: Any) -> float:
+        if maximum is None:
+            return check_number(key, value, minimum, exclusive)
+        low = "(" if exclusive else "["
+        expected = f"a number in {low}{minimum:g}, {maximum:g}]"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
+        if (value <= minimum if exclusive else value < minimum) or value > maximum:
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
+        return float(value)
+    return check
+
+
+#: a probability or a share: a number in [0, 1]
+probability = number(0.0, 1.0)
+
+
+def boolean(key: str, value: Any) -> bool:
+    return check_bool(key, value)
+
+
+def text(key: str, value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)) or value is None:
+        raise ConfigError(f"{key}={value!r}: expected a text value")
+    return str(value)
+
+
+def choice(*values: str) -> Check:
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in values:
+            expected = " or ".join(values) if len(values) < 3 else "one of " + ", ".join(values)
+            raise ConfigError(f"{key}={value!r}: expected {expected}")
+        return value
+    return check
+
+
+def optional(inner: Check) -> Check:
+    """null, or what ``inner`` accepts."""
+    def check(key: str, value: Any) -> Any:
+        return None if value is None else inner(key, value)
+    return check
+
+
+def auto_or(inner: Check) -> Check:
+    """``auto``, or what ``inner`` accepts (its message then mentions auto)."""
+    def check(key: str, value: Any) -> Any:
+        if value == "auto":
+            return "auto"
+        try:
+            return inner(key, value)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(": expected ", ": expected auto or ", 1)) from None
+    return check
+
+
+def text_list(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}={value!r}: expected a list of names, e.g. [mypkg.models.]")
+    return tuple(value)
+
+
+def read_settings(cls: type, node: Any, prefix: str = "", error: type[ConfigError] = ConfigError, **given: Any) -> Any:
+    """``cls`` (a dataclass of ``option`` fields) from a config node: every field read and checked,
+    a missing key taking the default; ``given`` fields are passed as they are. A bad value is one
+    ``error`` line: ``<prefix><key>=<value>: expected ...``."""
+    values: dict[str, Any] = dict(given)
+    with reraise_as(error):
+        for f in fields(cls):
+            if f.name in given or "check" not in f.metadata:
+                continue
+            default = f.default if f.default is not MISSING else None
+            raw = _plain(node.get(f.name, default)) if node is not None else default
+            values[f.name] = f.metadata["check"](f"{prefix}{f.name}", raw)
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class PredictSettings:
-    """How validation (and ``segrun.infer``/``eval``) turns images into class scores."""
+    """How validation, ``segrun.eval``, ``segrun.infer`` and export checks turn images into class scores
+    (``engine.predict.predict``'s arguments, checked)."""
 
     mode: str = "whole"
-    crop_size: tuple[int, int] | None = None
-    stride: tuple[int, int] | None = None
+    crop_size: int | tuple[int, int] | None = None  # as given: one side, or (height, width)
+    stride: int | tuple[int, int] | None = None
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
+    window_batch: int | None = None  # slide windows per forward pass (None: see engine.predict)
 
     @classmethod
-    def from_config(cls, pcfg: Any, prefix: str = "predict") -> "PredictSettings":
-        mode = str(pcfg.mode)
-        if mode not in ("whole", "slide"):
-            raise ConfigError(f"{prefix}.mode={mode!r}: expected whole or slide")
-        crop = check_size(f"{prefix}.crop_size", pcfg.crop_size) if pcfg.crop_size is not None else None
-        if mode == "slide" and crop is None:
-            raise ConfigError(f"{prefix}.mode=slide needs {prefix}.crop_size (the window size)")
-        stride = check_size(f"{prefix}.stride", pcfg.stride) if pcfg.stride is not None else None
-        scales = tuple(check_number(f"{prefix}.scales", s, 0.0, exclusive=True) for s in (pcfg.scales or [1.0]))
-        return cls(mode, crop, stride, scales, check_bool(f"{prefix}.flip", pcfg.flip))
+    def from_config(cls, pcfg: Any, prefix: str = "predict", fallback: Any = None,
+                    crop_fallback: Any = None, error: type[ConfigError] = ConfigError) -> "PredictSettings":
+        """Check ``pcfg``'s ``mode``, ``crop_size``, ``stride``, ``scales``, ``flip`` (and ``window_batch``);
+        a null takes ``fallback``'s value (a checkpoint's ``predict`` settings), a null window
+        ``crop_fallback``. Keys are named ``<prefix>.<key>`` (just ``<key>`` with an empty prefix)."""
+        fallback = fallback or {}
+
+        def get(key: str, default: Any = None) -> Any:
+            value = _plain(pcfg.get(key)) if hasattr(pcfg, "get") else None
+            if value is None:
+                value = _plain(fallback.get(key))
+            return default if value is None else value
+
+        def name(key: str) -> str:
+            return f"{prefix}.{key}" if prefix else key
+
+        with reraise_as(error):
+            mode = str(get("mode", "whole"))
+            if mode not in ("whole", "slide"):
+                raise ConfigError(f"{name('mode')}={mode!r}: expected whole or slide")
+            crop = get("crop_size")
+            crop = _size_as_given(name("crop_size"), crop if crop is not None else _plain(crop_fallback))
+            if mode == "slide" and crop is None:
+                raise ConfigError(f"{name('mode')}=slide needs {name('crop_size')} (the window size)")
+            stride = _size_as_given(name("stride"), get("stride"))
+            scales = get("scales") or [1.0]
+            scales = [scales] if isinstance(scales, (int, float)) and not isinstance(scales, bool) else scales
+            if not isinstance(scales, (list, tuple)):
+                raise ConfigError(f"{name('scales')}={scales!r}: expected a list of positive numbers, e.g. [0.75, 1.0, 1.25]")
+            scales = tuple(check_number(name("scales"), s, 0.0, exclusive=True) for s in scales)
+            flip = check_bool(name("flip"), get("flip", False))
+            window_batch = pcfg.get("window_batch") if hasattr(pcfg, "get") else None
+            window_batch = None if window_batch is None else check_int(name("window_batch"), window_batch, 1)
+        return cls(mode, crop, stride, scales, flip, window_batch)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``engine.predict.predict``."""
         return {"mode": self.mode, "crop_size": self.crop_size, "stride": self.stride,
-                "scales": list(self.scales), "flip": self.flip}
+                "scales": list(self.scales), "flip": self.flip, "window_batch": self.window_batch}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for a JSON record (pairs as lists)."""
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs().items()}
+        return plain
+
+
+def _size_as_given(key: str, value: Any) -> int | tuple[int, int] | None:
+    """A window or stride: null, one positive side, or ``[height, width]`` (kept in the form given)."""
+    if value is None:
+        return None
+    pair = check_size(key, value)
+    return pair if isinstance(value, (list, tuple)) else pair[0]
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers as plain lists and dicts."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+@contextlib.contextmanager
+def reraise_as(error: type[Exception]):
+    """A tool's ``ConfigError`` as the tool's own error class (``InferError``...), same one-line message."""
+    try:
+        yield
+    except ConfigError as exc:
+        if error is ConfigError or isinstance(exc, error):
+            raise
+        raise error(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -129,6 +291,7 @@ class TrainSettings:
     """``trainer.*`` (plus ``seed`` and ``predict.*``), checked; see ``conf/trainer/default.yaml``."""
 
     epochs: int = 8
+    threads: int | str | None = "auto"  # auto | torch | N (segrun.engine.runtime.decide_threads)
     val_every: int = 1
     monitor: str = "max val/mIoU"
     early_stop: int = 0
@@ -170,6 +333,7 @@ class TrainSettings:
         every = parse_every("trainer.checkpoint_every", t.get("checkpoint_every"))
         return cls(
             epochs=check_int("trainer.epochs", t.epochs, 1),
+            threads=threads("trainer.threads", t.get("threads", "auto")),
             val_every=check_int("trainer.val_every", t.val_every, 1),
             monitor=str(t.monitor),
             early_stop=check_int("trainer.early_stop", t.early_stop or 0, 0),
@@ -199,6 +363,15 @@ class TrainSettings:
         )
 
 
+def threads(key: str, value: Any) -> int | str:
+    """``auto`` | ``torch`` | N >= 1: CPU threads (``engine.runtime.decide_threads``)."""
+    if value in ("auto", "torch"):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r}: expected auto, torch or an integer >= 1")
+    return value
+
+
 def _compile_mode(value: Any) -> str | None:
     if value is False or value is None:
         return None
@@ -222,3 +395,68 @@ def _auto_bool(key: str, value: Any) -> str:
     raise ConfigError(f"{key}={value!r}: expected auto, true or false")
 def _optional_int(key: str, value: Any) -> int | None:
     return None if value is None else check_int(key, value, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tools' settings (conf/infer.yaml, eval.yaml, export.yaml, data.yaml; report's arguments)
+# ---------------------------------------------------------------------------------------------
+def trust_targets(cfg: Any) -> tuple[str, ...]:
+    """``trust.targets``: extra module prefixes a checkpoint may name."""
+    trust = cfg.get("trust") if cfg is not None else None
+    return text_list("trust.targets", _plain(trust.get("targets", [])) if trust is not None else [])
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    """``segrun.infer``'s options (``conf/infer.yaml``), checked."""
+
+    ckpt: str = option("", text)
+    images: str = option("", text)
+    recursive: bool = option(False, boolean)
+    out: str = option("predictions", text)
+    device: str = option("auto", text)
+    overlay: bool = option(True, boolean)
+    overlay_alpha: float = option(0.5, probability)  # weight of the colour mask
+    batch_size: int = option(1, integer(1))
+    num_workers: int | str = option("auto", auto_or(integer(0)))
+    threads: int | str = option("auto", threads)
+    writers: int = option(2, integer(1))
+    progress: bool = option(True, boolean)
+    trust_checkpoint: bool = option(False, boolean)
+    trust_targets: tuple[str, ...] = ()
+    predict: PredictSettings = field(default_factory=PredictSettings)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """``segrun.eval``'s options (``conf/eval.yaml``), checked; null prediction settings, precision and
+    batch size take the checkpoint's (``predict`` is filled in once the checkpoint is read)."""
+
+    ckpt: str = option("", text)
+    split: str = option("val", text)
+    out: str | None = option(None, optional(text))
+    device: str = option("auto", text)
+    precision: str | None = option(None, optional(choice(*PRECISIONS)))
+    batch_size: int | None = option(None, optional(integer(1)))
+    num_workers: int | str = option("auto", auto_or(integer(0)))
+    threads: int | str = option("auto", threads)
+    save_predictions: bool = option(False, boolean)
+    plot_max_classes: int = option(30, integer(1))
+    progress: bool = option(True, boolean)
+    trust_checkpoint: bool = option(False, boolean)
+    trust_targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """``segrun.export``'s options (``conf/export.yaml``), checked."""
+
+    ckpt: str = option("", text)
+    format: str = option("onnx", choice("onnx", "torchscript"))
+    out: str | None = option(None, optional(text))
+    output: str = option("scores", choice("scores", "labels"))
+    opset: int = option(17, integer(7))  # torch.onnx writes opset 7 and later
+    check_size: tuple[int, int] | None = option(None, optional(check_size))
+    min_agreement: float = option(0.999, probability)  # a share of pixels
+    trust_checkpoint: bool = option(False, boolean)
+    trust_targets: tuple[str, ...] = ()

@@ -14,6 +14,7 @@ from segrun.models.gcn import GCN
 from segrun.models.pretrained import load_pretrained
 from segrun.models.psp import PSPNet
 from segrun.models.resnet_unet import ResNetUNet
+from segrun.models.segformer import DPT, SegFormer
 from segrun.models.segnet import SegNet
 from segrun.models.smp import SMPModel
 from segrun.models.torchvision_models import TorchvisionSegModel
@@ -23,6 +24,7 @@ from segrun.models.upernet import UPerNet
 __all__ = [
     "BACKBONES",
     "BackboneSegModel",
+    "DPT",
     "DUCHDC",
     "DeepLabV3Plus",
     "ENet",
@@ -33,6 +35,7 @@ __all__ = [
     "ResNetBackbone",
     "ResNetUNet",
     "SMPModel",
+    "SegFormer",
     "SegModel",
     "SegNet",
     "TorchvisionSegModel",

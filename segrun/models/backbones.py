@@ -7,7 +7,7 @@ Every backbone returns an ordered dict of five feature maps named after their no
 is what heads need to size themselves. Parameter names match torchvision's classifiers so that
 their state dicts load directly (see :mod:`segrun.models.pretrained`). ``strides`` maps each name to
 its actual stride (what decoders that upsample by fixed factors check). Any other name is looked up
-in timm (:mod:`segrun.models.timm_backbone`, optional extra ``segrun[models]``).
+in timm (:mod:`segrun.models.timm_backbone`, optional extra ``models``).
 """
 
 from __future__ import annotations

@@ -47,6 +47,19 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 
+class MaxUnpool2x(nn.Module):
+    """Inverse of a 2x2 stride-2 max pool with indices: each value back at its argmax, zeros elsewhere.
+
+    ``nn.MaxUnpool2d`` does the same, but its output-size check fails while tracing (ONNX/TorchScript
+    export) on sizes known only at run time; a scatter into the flat 2H x 2W plane traces cleanly.
+    """
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        out = x.new_zeros(n, c, 4 * h * w)
+        return out.scatter(2, indices.flatten(2), x.flatten(2)).view(n, c, 2 * h, 2 * w)
+
+
 def check_positive(**values: int) -> None:
     """Raise a one-line error for a non-positive width knob, naming the config key."""
     for key, value in values.items():

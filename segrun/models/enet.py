@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segrun.models.base import SegModel
-from segrun.models.common import check_positive, pad_to_multiple
+from segrun.models.common import MaxUnpool2x, check_positive, pad_to_multiple
 
 
 def _bn_prelu(channels: int) -> list[nn.Module]:
@@ -57,7 +57,7 @@ class Bottleneck(nn.Module):
                                  nn.BatchNorm2d(cout), nn.Dropout2d(dropout))
         if kind == "up":
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
-            self.unpool = nn.MaxUnpool2d(2, stride=2)
+            self.unpool = MaxUnpool2x()
         self.out = nn.PReLU(cout)
         self.pad = cout - cin
 
@@ -68,7 +68,7 @@ class Bottleneck(nn.Module):
             main, indices = F.max_pool2d(x, 2, stride=2, return_indices=True)
             main = F.pad(main, (0, 0, 0, 0, 0, self.pad))
         elif self.kind == "up":
-            main = self.unpool(self.shortcut(x), indices, output_size=ext.shape[-2:])
+            main = self.unpool(self.shortcut(x), indices)  # exact 2x: ENet pads its input to a multiple of 8
             indices = None
         else:
             main = x

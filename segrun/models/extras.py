@@ -13,8 +13,10 @@ class MissingExtraError(SegrunError, ImportError):
 
 
 def require(module: str, extra: str, what: str) -> ModuleType:
-    """Import ``module`` or stop with one line saying that ``what`` needs ``pip install 'segrun[extra]'``."""
+    """Import ``module`` or stop with one line saying how to install it (segrun is installed from its
+    checkout, not from the package index, so ``pip install 'segrun[extra]'`` would not work)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingExtraError(f"{what} needs the optional package {module}: pip install 'segrun[{extra}]'") from None
+        raise MissingExtraError(f"{what} needs the optional package {module}: pip install -e '.[{extra}]' in the segrun "
+                                f"checkout (or pip install {module})") from None

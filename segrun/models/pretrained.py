@@ -9,7 +9,8 @@ SHA-256 must start with the hash in its name (as ``torch.hub`` checks); when it 
 error says which file to put where and how to fetch it on a machine with internet.
 Loading is tolerant by design: classifier keys the backbone lacks, or tensors whose shape differs,
 are skipped and *logged* (logger ``segrun.models``) rather than raised, because a partially matching
-checkpoint is the normal case when reusing ImageNet weights for segmentation. A first convolution
+checkpoint is the normal case when reusing ImageNet weights for segmentation; a file with many tensors
+of other shapes (or none that fits) is for another network, and stops with one line naming the keys. A first convolution
 built for ``in_channels != 3`` is adapted from the RGB kernel instead of being skipped.
 """
 
@@ -25,7 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from segrun.errors import ConfigError, MissingFileError, SegrunError
+from segrun.errors import ConfigError, MissingFileError, SegrunError, few
 
 logger = logging.getLogger("segrun.models")
 
@@ -123,7 +124,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise MissingFileError(
             f"model.pretrained: no such file '{p}' (expected a local torchvision-format state dict)"
         )
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    if p.suffix == ".safetensors":  # the Hugging Face hub's format (timm, smp)
+        from safetensors.torch import load_file
+
+        obj = load_file(str(p), device="cpu")
+    else:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -188,11 +194,15 @@ def load_pretrained(
             logger.warning(
                 "pretrained %s: skipped %s (shape %s in file, %s in model)", path, k, tuple(v.shape), tuple(want)
             )
-    if not to_load:
-        raise ConfigError(
-            f"model.pretrained: no tensor in '{path}' matches {type(module).__name__} (wrong file for this backbone?)"
-        )
     missing = [k for k in target if k not in to_load]
+    shapes = [f"{k} (file {tuple(source[k].shape)}, model {tuple(target[k].shape)})" for k in source
+              if k in target and k not in to_load]
+    # a class layer or two may differ; many tensors of other shapes mean a file for another network
+    if not to_load or len(shapes) > max(4, len(target) // 10):
+        mismatched = "; ".join(f"{label} {few(keys)}" for label, keys in (
+            ("shape mismatches", shapes), ("missing", missing), ("unexpected", unexpected)) if keys)
+        raise ConfigError(f"model.pretrained: '{path}' fills only {len(to_load)}/{len(target)} tensors of "
+                          f"{type(module).__name__} (wrong file for this backbone?): {mismatched or 'no key matches'}")
     module.load_state_dict(to_load, strict=False)
     logger.info("pretrained %s: loaded %d/%d tensors into %s", path, len(to_load), len(target), type(module).__name__)
     if missing:

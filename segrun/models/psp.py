@@ -6,10 +6,40 @@ import os
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segrun.errors import ConfigError
 from segrun.models.common import BackboneSegModel, check_positive, conv_bn_relu, resize
+
+
+def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, bins)``; while tracing (ONNX/TorchScript export) computed from an integral
+    image with the same bin edges (``floor(i*H/b)`` .. ``ceil((i+1)*H/b)``), because ONNX has no adaptive pool
+    for input sizes only known at run time."""
+    if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        return F.adaptive_avg_pool2d(x, bins)
+    h, w = x.shape[-2:]
+    ii = F.pad(x.double().cumsum(2).cumsum(3), (1, 0, 1, 0))  # ii[..., y, x] = sum of x[..., :y, :x]
+    i = torch.arange(bins, device=x.device)
+    h0, h1 = (i * h) // bins, ((i + 1) * h + bins - 1) // bins
+    w0, w1 = (i * w) // bins, ((i + 1) * w + bins - 1) // bins
+
+    def corner(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return ii.index_select(2, rows).index_select(3, cols)
+
+    total = corner(h1, w1) - corner(h0, w1) - corner(h1, w0) + corner(h0, w0)
+    area = ((h1 - h0)[:, None] * (w1 - w0)[None, :]).to(total.dtype)
+    return (total / area).to(x.dtype)
+
+
+class AdaptiveAvgPool(nn.Module):
+    def __init__(self, bins: int) -> None:
+        super().__init__()
+        self.bins = bins
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return adaptive_avg_pool(x, self.bins)
 
 
 class PyramidPooling(nn.Module):
@@ -25,7 +55,7 @@ class PyramidPooling(nn.Module):
             raise ConfigError(f"model.bins must be a non-empty list of positive ints, got {list(bins)}")
         branch = branch_channels or max(in_channels // len(bins), 1)
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, branch, kernel_size=1)) for b in bins
+            nn.Sequential(AdaptiveAvgPool(b), conv_bn_relu(in_channels, branch, kernel_size=1)) for b in bins
         )
         self.out_channels = in_channels + branch * len(bins)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from segrun.errors import ConfigError
 from segrun.models.base import SegModel
-from segrun.models.common import check_positive, pad_to_multiple
+from segrun.models.common import MaxUnpool2x, check_positive, pad_to_multiple
 from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 #: convolutions per VGG-16 stage
@@ -101,12 +101,12 @@ class SegNet(SegModel):
                 layers += _cbr(w, w)
             layers += _cbr(w, outs[i]) if outs[i] else [nn.Conv2d(w, num_classes, 3, padding=1)]
             self.decoder.append(nn.Sequential(*layers))
-        self.unpool = nn.MaxUnpool2d(2, stride=2)
+        self.unpool = MaxUnpool2x()
         self.set_freeze(freeze_bn, freeze_backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x, pools = self.backbone(pad_to_multiple(x, 32))
-        for stage, (idx, size) in zip(self.decoder, reversed(pools)):
-            x = stage(self.unpool(x, idx, output_size=size[-2:]))
+        for stage, (idx, _) in zip(self.decoder, reversed(pools)):
+            x = stage(self.unpool(x, idx))  # exact 2x: the input was padded to a multiple of 32
         return x[..., :h, :w]

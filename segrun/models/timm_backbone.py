@@ -1,4 +1,4 @@
-"""Any timm model as a segrun backbone (optional extra ``segrun[models]``): ConvNeXt, Swin, ViT/DINOv2, ...
+"""Any timm model as a segrun backbone (optional extra ``models``): ConvNeXt, Swin, ViT/DINOv2, ...
 
 Hierarchical networks (ConvNeXt, Swin, ResNets, EfficientNets) come from timm's ``features_only``
 wrapper; their last four or five levels are named ``c2``..``c5`` (``c1``) by position, as for the
@@ -6,7 +6,7 @@ torchvision backbones, and NHWC outputs (Swin) are turned to NCHW. Plain ViTs (o
 size) give four evenly spaced blocks' outputs; ``make_neck`` then builds the small neck the ViT
 segmentation papers use (two 2x deconvolutions, one, identity, a 2x max-pool) so that multi-level
 decoders such as UPerNet see strides patch/4 .. patch*2. The neck belongs to the head (new weights).
-ViT parameters carry a layer index for layer-wise learning-rate decay (``optimizer.layer_decay``).
+ViT parameter names (``net.blocks.<i>.``) give the layer index of ``optimizer.layer_decay`` (segrun.optim).
 
 Weights are never downloaded: ``pretrained`` is a local file, or ``imagenet`` (the model's default
 timm tag) or a timm tag (``fb_in1k``), read from the local Hugging Face cache with its hash checked.
@@ -17,10 +17,12 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import types
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segrun.errors import ConfigError, few
@@ -40,7 +42,8 @@ def _timm(name: str):
         from segrun.models.backbones import BACKBONES
 
         raise ConfigError(f"model.backbone='{name}' is not one of segrun's backbones {BACKBONES}; other names are "
-                          "timm models, which need the optional package timm: pip install 'segrun[models]'") from None
+                          "timm models, which need the optional package timm: "
+                          "pip install timm (in a segrun checkout: pip install -e '.[models]')") from None
 
 
 def check_timm_name(timm, name: str) -> tuple[str, str]:
@@ -69,9 +72,10 @@ def timm_weights_file(timm, spec: str | os.PathLike | None, arch: str, tag: str)
 
     want = tag if spec == "imagenet" else spec
     full = f"{arch}.{want}" if want else arch
-    cfg = timm.models.get_pretrained_cfg(full, allow_unregistered=False) if want or spec == "imagenet" else None
-    if cfg is None and spec == "imagenet":
-        cfg = timm.models.get_pretrained_cfg(arch)
+    try:
+        cfg = timm.models.get_pretrained_cfg(full if want else arch, allow_unregistered=True)
+    except RuntimeError:  # an arch timm knows, a tag it does not
+        cfg = None
     if cfg is None or not cfg.hf_hub_id:
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
         raise PretrainedError(f"model.pretrained={spec}: timm has no weights '{full}'; expected imagenet or one of "
@@ -80,22 +84,43 @@ def timm_weights_file(timm, spec: str | os.PathLike | None, arch: str, tag: str)
                            ("model.safetensors", "pytorch_model.bin"))
 
 
-def _mismatch_message(spec: str, name: str, exc: Exception) -> str:
-    """torch's multi-line ``load_state_dict`` error as one line naming the keys that do not fit."""
-    text = str(exc)
-    parts = []
-    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)"),
-                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.\s*(?:\n|$)")):
-        m = re.search(pattern, text)
-        if m:
-            keys = re.findall(r'"([^"]+)"', m.group(1))
-            parts.append(f"{label} keys {few(keys)}")
-    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from "
-                       r"checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))", text)
-    if sizes:
-        parts.append("shape mismatches " + few([f"{k} (file {a[11:-1]}, model {b[11:-1]})" for k, a, b in sizes]))
-    detail = "; ".join(parts) or " ".join(text.split())[:300]
+def _mismatch_message(timm, spec: str, name: str, file: str, in_channels: int) -> str:
+    """One line naming the keys of ``file`` that do not fit timm's ``name`` (missing, unexpected, shapes)."""
+    from segrun.models.pretrained import read_state_dict
+
+    want = timm.create_model(name, pretrained=False, in_chans=in_channels).state_dict()
+    have = read_state_dict(file)
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    shapes = [f"{k} (file {tuple(have[k].shape)}, model {tuple(want[k].shape)})" for k in want
+              if k in have and have[k].shape != want[k].shape]
+    parts = [f"{label} {few(keys)}" for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                         ("shape mismatches", shapes)) if keys]
+    detail = "; ".join(parts) or "timm's conversion of this file failed"
     return f"model.pretrained={spec} does not fit backbone '{name}' (a file for another network?): {detail}"
+
+
+def _pos_embed_plain_bicubic(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ViT's position embedding at the token grid of ``x`` (B, H, W, C), resized by plain bicubic.
+
+    timm resizes with antialiasing, which ONNX cannot express; for the upsampling a segmentation input
+    usually asks of a pretrained grid the two agree closely, and the export's parity check holds.
+    """
+    b, h, w, c = x.shape
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    pos = vit.pos_embed
+    gh, gw = vit.patch_embed.grid_size
+    grid = pos[:, prefix:].reshape(1, gh, gw, c).permute(0, 3, 1, 2)
+    if (h, w) != (gh, gw):
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    pos = torch.cat([pos[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, h * w, c)], dim=1)
+    tokens = [t.expand(b, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    x = x.reshape(b, h * w, c)
+    if vit.no_embed_class:  # position added to patches only, then the class/register tokens in front
+        x = torch.cat(tokens + [x + pos], dim=1)
+    else:  # one position per token, class token included
+        x = torch.cat(tokens + [x], dim=1) + pos
+    return vit.pos_drop(x)
 
 
 def _create_any_size(timm, name: str, **kwargs) -> nn.Module:
@@ -139,10 +164,11 @@ class TimmBackbone(nn.Module):
                 self._build_vit(timm, name, output_stride, asking, kwargs)
             else:
                 self._build_hierarchical(timm, name, output_stride, asking, kwargs)
-        except RuntimeError as exc:
-            if file is not None and "state_dict" in str(exc):
-                raise PretrainedError(_mismatch_message(str(pretrained), name, exc)) from None
-            raise
+        except (RuntimeError, KeyError) as exc:
+            # timm loads strictly, after its own key conversions (which may fail first on a foreign file)
+            if file is None:
+                raise
+            raise PretrainedError(_mismatch_message(timm, str(pretrained), name, file, in_channels)) from exc
 
     # -- construction -------------------------------------------------------------------------------
     def _build_vit(self, timm, name: str, output_stride: int, asking: str, kwargs: dict) -> None:
@@ -155,6 +181,8 @@ class TimmBackbone(nn.Module):
         if len(self.indices) != 4:
             raise ConfigError(f"model.backbone='{name}' has {depth} blocks; {asking} needs 4 levels from >= 4 blocks")
         net.prune_intermediate_layers(self.indices, prune_norm=False, prune_head=True)
+        if isinstance(net, timm.models.VisionTransformer) and net.pos_embed is not None:
+            net._pos_embed = types.MethodType(_pos_embed_plain_bicubic, net)
         self.net = net
         self.num_layers = depth  # blocks; embeddings are layer 0, block i is i + 1
         patch = net.patch_embed.patch_size
@@ -206,19 +234,6 @@ class TimmBackbone(nn.Module):
         if self.nhwc:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
         return OrderedDict(zip(self.names, feats))
-
-    def layer_id(self, param_name: str) -> int:
-        """ViT layer index of a backbone parameter: embeddings 0, block i -> i + 1, the rest num_layers + 1."""
-        if not self.is_vit:
-            raise ConfigError(f"optimizer.layer_decay: backbone '{self.name}' is not a plain ViT; layer-wise decay "
-                              "is defined for ViT blocks (set optimizer.layer_decay=1.0)")
-        rest = param_name.removeprefix("net.")
-        m = re.match(r"blocks\.(\d+)\.", rest)
-        if m:
-            return int(m.group(1)) + 1
-        if rest.split(".")[0] in ("cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre", "pos_drop"):
-            return 0
-        return self.num_layers + 1
 
 
 class ViTNeck(nn.Module):

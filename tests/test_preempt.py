@@ -1,0 +1,82 @@
+"""``segrun.engine.preempt`` in-process: the first stop signal is a request, the second stops at once,
+a forked loader worker ignores both, handlers are restored. The exit statuses are pinned in
+tests/test_job.py and tests/test_documented.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import pytest
+
+from segrun.engine import preempt
+
+
+@pytest.fixture(autouse=True)
+def clean():
+    yield
+    preempt.uninstall()
+
+
+def test_the_stop_signals_are_term_int_and_usr1():
+    assert set(preempt.SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_the_first_signal_is_a_request_the_second_stops(sig, caplog):
+    before = {s: signal.getsignal(s) for s in preempt.SIGNALS}
+    assert preempt.requested() is None
+    assert preempt.install() is True
+    assert preempt.install() is False  # already installed: nothing replaced twice
+    assert all(signal.getsignal(s) is preempt._handle for s in preempt.SIGNALS)
+    assert preempt.requested() is None
+    with caplog.at_level(logging.WARNING, logger="segrun"):
+        try:
+            os.kill(os.getpid(), sig)
+        except KeyboardInterrupt as exc:  # a failure of this test, not an abort of the whole session
+            pytest.fail(f"the first signal stopped at once: {exc}")
+    assert preempt.requested() == sig
+    name = signal.Signals(sig).name
+    assert caplog.messages == [f"received {name}: finishing the current step, then writing last.pt and exiting "
+                               "(send it again to stop at once)"]
+    with pytest.raises(preempt.ForcedStop) as exc:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert isinstance(exc.value, KeyboardInterrupt) and exc.value.signum == signal.SIGTERM
+    assert str(exc.value) == "stopped at once by a second SIGTERM"
+    preempt.uninstall()
+    assert {s: signal.getsignal(s) for s in preempt.SIGNALS} == before
+    assert preempt.requested() is None
+    assert preempt.install() is True and preempt.requested() is None  # a new install starts clean
+
+
+def test_a_forked_worker_ignores_the_signals():
+    assert preempt.install()
+    real_pid = preempt._state.pid
+    preempt._state.pid = real_pid + 1  # as a forked loader worker sees it: the handler was installed elsewhere
+    preempt._handle(signal.SIGTERM, None)
+    preempt._state.pid = real_pid
+    assert preempt.requested() is None
+    preempt._handle(signal.SIGUSR1, None)
+    assert preempt.requested() == signal.SIGUSR1
+    preempt._state.pid = real_pid + 1
+    assert preempt.requested() is None  # a request is this process's only
+    preempt.uninstall()  # not ours: nothing restored
+    assert signal.getsignal(signal.SIGTERM) is preempt._handle
+    preempt._state.pid = real_pid
+
+
+def test_only_the_main_thread_installs():
+    results = []
+    t = threading.Thread(target=lambda: results.append(preempt.install()))
+    t.start()
+    t.join()
+    assert results == [False] and signal.getsignal(signal.SIGTERM) is not preempt._handle
+    preempt.uninstall()  # nothing installed: nothing happens
+    assert signal.getsignal(signal.SIGTERM) is not preempt._handle
+
+
+def test_signal_names():
+    assert preempt.signal_name(signal.SIGTERM) == "SIGTERM" and preempt.signal_name(signal.SIGUSR1) == "SIGUSR1"
+    assert preempt.signal_name(None) == preempt.signal_name(0) == "another rank's stop signal"

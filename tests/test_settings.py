@@ -1,0 +1,201 @@
+"""``segrun.engine.settings``: every value check names the key, the value and what was expected, and
+``TrainSettings`` reads each ``trainer.*`` key into its typed field. In-process, no training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from omegaconf import OmegaConf
+
+from segrun.engine.settings import (
+    PredictSettings,
+    TrainSettings,
+    check_bool,
+    check_int,
+    check_number,
+    check_size,
+    parse_duration,
+    parse_every,
+)
+from segrun.errors import ConfigError
+
+from helpers.cli import compose_cfg
+
+
+def _error(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as exc:
+        fn(*args, **kwargs)
+    return str(exc.value)
+
+
+def test_integers():
+    assert check_int("k", 3) == 3 and check_int("k", 3.0) == 3 and type(check_int("k", 3.0)) is int
+    assert check_int("k", -4) == -4 and check_int("k", 0, 0) == 0 and check_int("k", 1, 1) == 1
+    assert _error(check_int, "k", 0, 1) == "k=0: expected an integer >= 1"
+    assert _error(check_int, "k", -1, 0) == "k=-1: expected an integer >= 0"
+    assert _error(check_int, "k", 2.5) == "k=2.5: expected an integer"
+    assert _error(check_int, "k", 2.5, 1) == "k=2.5: expected an integer >= 1"
+    assert _error(check_int, "k", "3") == "k='3': expected an integer"
+    assert _error(check_int, "k", True) == "k=True: expected an integer"
+    assert _error(check_int, "k", math.inf) == "k=inf: expected an integer"
+    assert _error(check_int, "k", None, 2) == "k=None: expected an integer >= 2"
+
+
+def test_numbers():
+    assert check_number("k", 2) == 2.0 and type(check_number("k", 2)) is float
+    assert check_number("k", 0.0, 0.0) == 0.0 and check_number("k", -5.5) == -5.5
+    assert check_number("k", 1e-9, 0.0, exclusive=True) == 1e-9
+    assert _error(check_number, "k", 0, 0.0, exclusive=True) == "k=0: expected a number > 0"
+    assert _error(check_number, "k", -0.5, 0.0) == "k=-0.5: expected a number >= 0"
+    assert _error(check_number, "k", 0.25, 0.5) == "k=0.25: expected a number >= 0.5"
+    for bad in ("1", True, None, math.nan, math.inf, -math.inf, [1]):
+        assert _error(check_number, "k", bad) == f"k={bad!r}: expected a number"
+    assert _error(check_number, "k", math.nan, 1.0) == "k=nan: expected a number >= 1"
+
+
+def test_booleans():
+    assert check_bool("k", True) is True and check_bool("k", False) is False
+    for bad in (1, 0, "true", None):
+        assert _error(check_bool, "k", bad) == f"k={bad!r}: expected true or false"
+
+
+@pytest.mark.parametrize("value, seconds", [(90, 90.0), (0.5, 0.5), ("90s", 90.0), ("90 s", 90.0), ("2sec", 2.0),
+                                            ("10min", 600.0), ("10m", 600.0), ("1.5h", 5400.0), ("2hr", 7200.0),
+                                            (" 3H ", 10800.0), ("5MIN", 300.0)])
+def test_durations(value, seconds):
+    assert parse_duration("k", value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "abc", "10", "10d", "min", "-5min", "0s", "0min", "infh", "nanmin", True, None,
+                                   0, -3])
+def test_bad_durations_are_one_line(value):
+    message = _error(parse_duration, "trainer.dist_timeout", value)
+    assert message.startswith(f"trainer.dist_timeout={value!r}: expected ")
+
+
+def test_checkpoint_every_is_iterations_or_a_duration():
+    assert parse_every("k", None) == parse_every("k", 0) == parse_every("k", "0") == parse_every("k", "") == (0, 0.0)
+    assert parse_every("k", 25) == (25, 0.0) and parse_every("k", " 7 ") == (7, 0.0)
+    assert parse_every("k", "10min") == (0, 600.0)
+    assert _error(parse_every, "k", -2) == "k=-2: expected an integer >= 1"
+    assert parse_every("k", False) == (0, 0.0)  # false: off, like null
+    for bad in (2.5, True):
+        assert _error(parse_every, "k", bad) == f"k={bad!r}: expected a number of iterations or a duration such as 10min"
+    assert _error(parse_every, "k", "often") == "k='often': expected a duration such as 90s, 10min or 2h"
+
+
+def test_sizes():
+    assert check_size("k", 32) == (32, 32) and check_size("k", [24, 40]) == (24, 40) and check_size("k", (1, 2)) == (1, 2)
+    assert check_size("k", 32.0) == (32, 32)
+    for bad in (0, -1, "32", 2.5, None):
+        assert _error(check_size, "k", bad) == f"k={bad!r}: expected a size, an integer > 0 or [height, width]"
+    assert _error(check_size, "k", [1, 2, 3]) == "k=[1, 2, 3]: expected a size, an integer > 0 or [height, width]"
+    assert _error(check_size, "k", [32]) == "k=[32]: expected a size, an integer > 0 or [height, width]"
+    assert _error(check_size, "k", [0, 4]) == "k=0: expected an integer >= 1"
+
+
+def _predict(**values):
+    base = {"mode": "whole", "crop_size": None, "stride": None, "scales": [1.0], "flip": False}
+    return OmegaConf.create({**base, **values})
+
+
+def test_prediction_settings():
+    assert PredictSettings.from_config(_predict()) == PredictSettings()
+    s = PredictSettings.from_config(_predict(mode="slide", crop_size=24, stride=[8, 16], scales=[0.5, 1], flip=True))
+    assert (s.mode, s.crop_size, s.stride, s.scales, s.flip) == ("slide", 24, (8, 16), (0.5, 1.0), True)  # as given
+    assert s.kwargs() == {"mode": "slide", "crop_size": 24, "stride": (8, 16), "scales": [0.5, 1.0], "flip": True,
+                          "window_batch": None}
+    assert s.as_dict()["stride"] == [8, 16]
+    assert PredictSettings.from_config(_predict(scales=None)).scales == (1.0,)
+    assert PredictSettings.from_config(_predict(crop_size=[16, 20])).crop_size == (16, 20)  # kept for a later slide
+    assert _error(PredictSettings.from_config, _predict(mode="tiles")) == "predict.mode='tiles': expected whole or slide"
+    assert _error(PredictSettings.from_config, _predict(mode="slide")) == \
+        "predict.mode=slide needs predict.crop_size (the window size)"
+    assert _error(PredictSettings.from_config, _predict(scales=[1.0, 0]), prefix="p") == "p.scales=0: expected a number > 0"
+    assert _error(PredictSettings.from_config, _predict(flip="yes")) == "predict.flip='yes': expected true or false"
+    assert _error(PredictSettings.from_config, _predict(stride=0)).startswith("predict.stride=0: expected a size")
+    assert _error(PredictSettings.from_config, _predict(crop_size=-3)).startswith("predict.crop_size=-3: expected a size")
+
+
+def _settings(*overrides):
+    return TrainSettings.from_config(compose_cfg(list(overrides)))
+
+
+def test_train_settings_read_every_key():
+    s = _settings("trainer.epochs=3", "trainer.val_every=2", "trainer.monitor=min val/loss", "trainer.early_stop=4",
+                  "trainer.save_period=5", "trainer.resume=/x/last.pt", "trainer.log_every=7", "trainer.vis_samples=0",
+                  "trainer.tensorboard=false", "trainer.progress=false", "trainer.precision=bf16", "trainer.grad_clip=2",
+                  "trainer.deterministic=true", "trainer.channels_last=true", "trainer.compile=true",
+                  "trainer.accumulate=3", "trainer.ema.decay=0.99", "trainer.prefetch=false", "trainer.device=cpu",
+                  "seed=11", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
+                  "trainer.checkpoint_every=15min", "trainer.keep_last=2", "trainer.dist_timeout=90s",
+                  "predict.mode=slide", "predict.crop_size=24", "predict.flip=true")
+    assert (s.epochs, s.val_every, s.monitor, s.early_stop, s.save_period, s.resume) == \
+        (3, 2, "min val/loss", 4, 5, "/x/last.pt")
+    assert (s.log_every, s.vis_samples, s.tensorboard, s.progress, s.precision, s.grad_clip) == \
+        (7, 0, False, False, "bf16", 2.0)
+    assert (s.deterministic, s.channels_last, s.compile, s.accumulate, s.ema_decay, s.prefetch, s.device, s.seed) == \
+        (True, True, "default", 3, 0.99, "false", "cpu", 11)
+    assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s) == (6, 2, 0, 900.0)
+    assert (s.keep_last, s.dist_timeout_s) == (2, 90.0)
+    assert s.predict == PredictSettings("slide", 24, None, (1.0,), True)
+    s = _settings("trainer.checkpoint_every=50", "trainer.compile=max-autotune", "trainer.prefetch=true",
+                  "trainer.resume=null")
+    assert (s.checkpoint_every_iters, s.checkpoint_every_s, s.compile, s.prefetch, s.resume) == (50, 0.0, "max-autotune",
+                                                                                                 "true", None)
+
+
+def test_train_settings_defaults_are_the_documented_ones():
+    s = _settings()
+    assert (s.epochs, s.val_every, s.monitor, s.early_stop, s.save_period, s.resume) == (8, 1, "max val/mIoU", 0, 0, None)
+    assert (s.precision, s.grad_clip, s.compile, s.accumulate, s.ema_decay, s.prefetch) == ("fp32", None, None, 1, 0.0,
+                                                                                            "auto")
+    assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s, s.keep_last) == \
+        (None, None, 0, 0.0, 0)
+    assert s.dist_timeout_s == 300.0 and s.predict == PredictSettings(crop_size=64)  # the dataset's crop
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.precision=fp8", "trainer.precision='fp8': expected one of fp32, bf16, fp16"),
+    ("trainer.compile=fastest", "trainer.compile='fastest': expected false, true or a mode (default, reduce-overhead, "
+                                "max-autotune, max-autotune-no-cudagraphs)"),
+    ("trainer.ema.decay=1.0", "trainer.ema.decay=1.0: expected a number in [0, 1) (0 turns EMA off)"),
+    ("trainer.ema.decay=-0.1", "trainer.ema.decay=-0.1: expected a number >= 0"),
+    ("trainer.prefetch=sometimes", "trainer.prefetch='sometimes': expected auto, true or false"),
+    ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0: expected an integer >= 1"),
+    ("trainer.limit_val_batches=0", "trainer.limit_val_batches=0: expected an integer >= 1"),
+    ("trainer.grad_clip=0", "trainer.grad_clip=0: expected a number > 0"),
+    ("trainer.keep_last=-1", "trainer.keep_last=-1: expected an integer >= 0"),
+    ("trainer.early_stop=-1", "trainer.early_stop=-1: expected an integer >= 0"),
+    ("trainer.save_period=-1", "trainer.save_period=-1: expected an integer >= 0"),
+    ("trainer.log_every=0", "trainer.log_every=0: expected an integer >= 1"),
+    ("trainer.vis_samples=-1", "trainer.vis_samples=-1: expected an integer >= 0"),
+    ("trainer.accumulate=0", "trainer.accumulate=0: expected an integer >= 1"),
+    ("trainer.deterministic=1", "trainer.deterministic=1: expected true or false"),
+    ("trainer.channels_last=1", "trainer.channels_last=1: expected true or false"),
+    ("trainer.progress=1", "trainer.progress=1: expected true or false"),
+    ("seed=1.5", "seed=1.5: expected an integer"),
+    ("trainer.dist_timeout=soon", "trainer.dist_timeout='soon': expected a duration"),
+    ("trainer.checkpoint_every=1.5", "trainer.checkpoint_every=1.5: expected a number of iterations or a duration"),
+])
+def test_bad_trainer_values_name_their_key(override, message):
+    assert _error(TrainSettings.from_config, compose_cfg([override])).startswith(message)
+
+
+def test_deprecated_amp_means_fp16(caplog):
+    cfg = compose_cfg([])
+    OmegaConf.set_struct(cfg, False)
+    cfg.trainer.amp = True
+    assert TrainSettings.from_config(cfg).precision == "fp16"
+    assert "trainer.amp=true is deprecated: use trainer.precision=fp16" in caplog.text
+    cfg.trainer.precision = "bf16"
+    assert TrainSettings.from_config(cfg).precision == "bf16"  # an explicit precision wins
+    cfg.trainer.amp = False
+    cfg.trainer.precision = "fp32"
+    assert TrainSettings.from_config(cfg).precision == "fp32"
+
+
+def test_compile_false_and_null_are_off():
+    for value in ("false", "null"):
+        assert _settings(f"trainer.compile={value}").compile is None

@@ -6,7 +6,8 @@ depth of ``loss``, e.g. ``loss.losses.ce.weight`` of ``ce_dice``). :func:`resolv
 replaces it in the composed config by the list of numbers, so they are logged, saved in the run's
 config and checkpoint, and a resume replays the numbers (:func:`pin_auto_weights`) instead of
 measuring again. The pixel counts behind them are cached per dataset config in
-``class_weights.cache_dir``, so the jobs of a sweep read the data once.
+``class_weights.cache_dir``, so the jobs of a sweep read the data once; the cache entry also records a
+fingerprint of the data (every file's size and modification time), so a changed dataset is measured again.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ METHODS = {"median_freq": "median_frequency", "inv_log": "inverse_log"}
 #: loss keys that hold one weight per class
 WEIGHT_KEYS = ("weight", "alpha")
 #: bump when the cached statistics change meaning
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class AutoWeightError(SegrunError, ValueError):
@@ -70,6 +71,34 @@ def _cache_key(cfg: DictConfig) -> dict[str, Any]:
             "sample": None if sample is None else int(sample), "seed": int(cfg.class_weights.seed)}
 
 
+def _file_parts(item: Any) -> Iterator[str]:
+    """The strings and paths inside one dataset item (a path, an id, or a tuple of them)."""
+    if isinstance(item, (str, os.PathLike)):
+        yield os.fspath(item)
+    elif isinstance(item, (tuple, list)):
+        for part in item:
+            yield from _file_parts(part)
+    elif isinstance(item, dict):
+        for part in item.values():
+            yield from _file_parts(part)
+
+
+def data_fingerprint(dataset: SegDataset) -> str:
+    """A digest of what the split holds: every item, and the size and modification time of every file an
+    item names. Masks edited in place, added or removed change it, so cached statistics are not reused."""
+    h = hashlib.sha256()
+    for item in getattr(dataset, "items", None) or range(len(dataset)):
+        h.update(repr(item).encode())
+        for part in _file_parts(item):
+            try:
+                st = os.stat(part)
+            except (OSError, ValueError):
+                continue  # an id, not a file
+            h.update(f"\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
 def cache_path(cfg: DictConfig) -> Path | None:
     """The cache file of this config's statistics (None when caching is off)."""
     folder = cfg.class_weights.cache_dir
@@ -101,7 +130,7 @@ def _write_cache(path: Path, record: Mapping[str, Any]) -> None:
 
 def training_statistics(cfg: DictConfig, train_set: SegDataset) -> dict[str, Any]:
     """Pixel counts of (a seeded sample of) the training split, from the cache when it has them."""
-    key = _cache_key(cfg)
+    key = {**_cache_key(cfg), "data": data_fingerprint(train_set)}  # the file is per config, its content per data
     path = cache_path(cfg)
     if path is not None and (record := _read_cache(path, key)) is not None:
         record["cached"] = str(path)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from segrun.errors import writing
 from segrun.metrics import class_metrics, metrics_from_confusion
 
 #: colour of a row-normalised share of 0 and of 1 (white to dark blue); rows without pixels are grey
@@ -33,12 +34,13 @@ def write_confusion_csv(mat: torch.Tensor | np.ndarray, class_names: Sequence[st
     labelled pixels (``ignore_index`` pixels are in no row)."""
     m = _as_numpy(mat)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["ground_truth \\ predicted", *class_names])
-        for name, row in zip(class_names, m):
-            w.writerow([name, *(int(v) for v in row)])
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ground_truth \\ predicted", *class_names])
+            for name, row in zip(class_names, m):
+                w.writerow([name, *(int(v) for v in row)])
     return path
 
 
@@ -129,8 +131,9 @@ def render_confusion_png(mat: torch.Tensor | np.ndarray, class_names: Sequence[s
                 draw.text((x0 + (cell - tw) / 2, y0 + cell / 2 - 7), txt, font=small,
                           fill="white" if v > 0.5 else "black")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, optimize=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, optimize=True)
     return path
 
 

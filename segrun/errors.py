@@ -6,9 +6,10 @@ Only ``SegrunError`` subclasses and Hydra's own config errors count as user mist
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
@@ -41,6 +42,39 @@ class MissingFileError(SegrunError, FileNotFoundError):
 
 class RunFolderError(SegrunError):
     """The run folder is claimed by another live run, or holds a finished run that was not resumed."""
+
+
+class WriteError(SegrunError, OSError):
+    """An output could not be written (disk full, read-only folder, a file where a folder should be)."""
+
+
+def cannot_write(path: object, exc: BaseException, what: str = "") -> str:
+    """One line naming ``path`` and why writing it failed; ENOSPC says so even when a library buries it
+    in its own wording (torch's ``unexpected pos``, PIL's ``errno 28``)."""
+    import errno
+
+    text = " ".join(str(exc).split())
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "No space left" in text or "errno 28" in text.lower():
+        cause = "no space left on device"
+    elif isinstance(exc, OSError) and exc.strerror:
+        cause = exc.strerror
+        if code in (errno.ENOTDIR, errno.EEXIST) or isinstance(exc, (NotADirectoryError, FileExistsError)):
+            cause += " (a file stands where a folder should be)"
+    else:
+        cause = text[:200] or type(exc).__name__
+    return f"cannot write {what + ' ' if what else ''}{path}: {cause}"
+
+
+@contextlib.contextmanager
+def writing(path: object, what: str = "") -> Iterator[None]:
+    """Around code that writes ``path``: an ``OSError`` becomes one ``WriteError`` line naming it."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(cannot_write(path, exc, what)) from None
 
 
 #: exceptions that mean "the user's config or data is wrong", not "segrun has a bug"

@@ -28,10 +28,10 @@ from segrun.engine import evaluate as loop
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from segrun.engine.logging import save_mask, write_json
 from segrun.engine.predict import Normalize
-from segrun.engine.runtime import resolve_device, resolve_workers
+from segrun.engine.runtime import configure_threads, resolve_device, resolve_workers
 from segrun.engine.settings import EvalSettings, PredictSettings, read_settings, reraise_as, trust_targets
 from segrun.engine.trust import check_checkpoint
-from segrun.errors import SegrunError, report_user_errors
+from segrun.errors import SegrunError, report_user_errors, writing
 from segrun.metrics import class_metrics
 
 
@@ -122,6 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     batch_size = s.batch_size if s.batch_size is not None else int(loader_cfg.get("val_batch_size", 1))
     with reraise_as(EvalError):
         workers = resolve_workers(s.num_workers, device)
+        configure_threads(s.threads, workers=workers, key="threads")
     out = eval_dir(s.out, ckpt_path, split, settings)
 
     # build: weights, then the split (a dataset problem is reported before any prediction)
@@ -151,7 +152,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     pred_dir = out / "predictions"
     if s.save_predictions:
-        pred_dir.mkdir(parents=True, exist_ok=True)
+        with writing(pred_dir, "output folder"):
+            pred_dir.mkdir(parents=True, exist_ok=True)
     index = 0
 
     def save_predictions(batch: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor,
@@ -160,13 +162,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         host = pred.cpu().numpy()
         for j, (h, w) in enumerate(batch["size"]):
             name = _safe_name(batch["id"][j]) if "id" in batch else f"{index + j:06d}"
-            save_mask(host[j, :h, :w], palette, pred_dir / f"{name}.png", num_classes)
+            with writing(pred_dir / f"{name}.png"):
+                save_mask(host[j, :h, :w], palette, pred_dir / f"{name}.png", num_classes)
         index += images.shape[0]
 
     predictor = loop.Predictor(model, normalize, settings, device, precision)
     evaluation = loop.evaluate(predictor, loader, num_classes, ignore_index, on_batch=save_predictions if s.save_predictions
                           else None, desc=f"eval {split}", show=s.progress, timed=True)
     mat = evaluation.confusion.mat.detach().cpu()
+    if evaluation.labelled_pixels == 0:  # no image read, or every pixel ignored: a mIoU of nan would mean nothing
+        raise EvalError(f"split={split}: no usable image to score ({evaluation.images} image(s) read, none with a "
+                        "labelled pixel); check the split with python -m segrun.data")
     metrics = evaluation.confusion.compute(class_names)
     metrics.update(class_metrics(mat, class_names))
     timed, wall, model_time = evaluation.timed_images, evaluation.wall_seconds, evaluation.model_seconds
@@ -189,7 +195,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         },
         "segrun_version": __version__,
     }
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out, "output folder"):
+        out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / "metrics.json")
     write_confusion_csv(mat, class_names, out / "confusion_matrix.csv")
     render_confusion_png(mat, class_names, out / "confusion_matrix.png",

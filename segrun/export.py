@@ -15,11 +15,13 @@ from a checkout, or ``pip install onnx onnxruntime onnxscript``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import hydra
 import torch
@@ -35,7 +37,7 @@ from segrun.engine.evaluate import Predictor, evaluate
 from segrun.engine.predict import Normalize, class_map
 from segrun.engine.settings import ExportSettings, PredictSettings, read_settings, reraise_as, trust_targets
 from segrun.engine.trust import check_checkpoint
-from segrun.errors import SegrunError, report_user_errors
+from segrun.errors import SegrunError, report_user_errors, writing
 from segrun.models.base import main_output
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -149,6 +151,27 @@ def compare(predictor: Predictor, x: torch.Tensor, exported: torch.Tensor, label
     return {"agreement": agree, "max_score_diff": diff}
 
 
+@contextlib.contextmanager
+def _write_failures(path: Path) -> Iterator[None]:
+    """torch's file writers report a folder they cannot write (read-only, full) as a ``RuntimeError``; with the
+    folder's own state it becomes the same one line as an ``OSError`` (anything else stays a bug)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        if not any(k in text for k in ("PytorchStreamWriter", "inline_container", "cannot be opened", "open file")):
+            raise
+        folder = path.parent
+        stat = os.statvfs(folder)
+        if stat.f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS)) from None
+        if not os.access(folder, os.W_OK):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES)) from None
+        if stat.f_bavail * stat.f_frsize < 1 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise OSError(errno.EIO, " ".join(text.split())[:200]) from None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Export, then check the file against ``predict()``; returns what the summary prints."""
     if OmegaConf.is_missing(cfg, "ckpt"):
@@ -168,7 +191,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = model_from_checkpoint(ckpt, ckpt_path)
     module = Deployable(model, list(ckpt["mean"]), list(ckpt["std"]), labels=output == "labels").eval()
     meta = metadata(ckpt, output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out.parent, "output folder"):
+        out.parent.mkdir(parents=True, exist_ok=True)
     trace_input = sample_input(((size[0] + 7) | 1, max(3, size[1] - 5) | 1), seed=1)  # yet another (odd) size
     with torch.no_grad(), warnings.catch_warnings():
         # the tracers warn about Python branches on sizes and their own deprecation; the check below
@@ -176,10 +200,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
-        if fmt == "onnx":
-            export_onnx(module, trace_input, out, s.opset, meta)
-        else:
-            export_torchscript(module, trace_input, out, meta)
+        with writing(out, "export"), _write_failures(out):
+            if fmt == "onnx":
+                export_onnx(module, trace_input, out, s.opset, meta)
+            else:
+                export_torchscript(module, trace_input, out, meta)
 
     # the check: the exported file on a batch of two at a new size vs the Python prediction path
     x = torch.cat([sample_input(size, seed=2), sample_input(size, seed=3)])

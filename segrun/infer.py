@@ -38,10 +38,10 @@ from segrun.engine.checkpoint import CheckpointError, load_checkpoint, model_fro
 from segrun.engine.evaluate import Predictor
 from segrun.engine.logging import blend, save_mask
 from segrun.engine.predict import Normalize, class_map, window_positions
-from segrun.engine.runtime import resolve_device
+from segrun.engine.runtime import configure_threads, resolve_device
 from segrun.engine.settings import InferSettings, PredictSettings, read_settings, reraise_as, trust_targets
 from segrun.engine.trust import check_checkpoint
-from segrun.errors import SegrunError, one_line, report_user_errors
+from segrun.errors import SegrunError, WriteError, cannot_write, one_line, report_user_errors
 
 
 class InferError(SegrunError):
@@ -61,8 +61,9 @@ def list_images(path: str | os.PathLike, recursive: bool = False) -> list[Path]:
     if not p.is_dir():
         raise InferError(f"images={path}: no such file or folder")
     candidates = p.rglob("*") if recursive else p.iterdir()
-    found = sorted(e for e in candidates if e.suffix.lower() in IMAGE_EXTENSIONS and e.is_file()
-                   and not any(part.startswith(".") for part in e.relative_to(p).parts))
+    # a dangling link or an unreadable file is listed too: it is reported as skipped (exit 3), not ignored
+    found = sorted(e for e in candidates if e.suffix.lower() in IMAGE_EXTENSIONS and (e.is_file() or e.is_symlink())
+                   and not e.is_dir() and not any(part.startswith(".") for part in e.relative_to(p).parts))
     if not found:
         where = "folder and its sub-folders have" if recursive else "folder has"
         raise InferError(f"images={path}: {where} no image files ({' '.join(IMAGE_EXTENSIONS)})")
@@ -171,11 +172,17 @@ def read_infer_settings(cfg: DictConfig, ckpt: dict[str, Any]) -> InferSettings:
 
 def _write(pred: np.ndarray, image: np.ndarray, stem: Path, palette, num_classes: int, overlay: bool,
            alpha: float, ignore_index: int) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    save_mask(pred, palette, stem.with_name(stem.name + ".png"), num_classes)
-    if overlay:
-        Image.fromarray(blend(image, pred, palette, alpha, ignore_index)).save(
-            stem.with_name(stem.name + "_overlay.jpg"), quality=90)
+    """Mask and overlay of one image; a failed write (disk full, read-only, a file in the way) is one line."""
+    target = stem.parent
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        target = stem.with_name(stem.name + ".png")
+        save_mask(pred, palette, target, num_classes)
+        if overlay:
+            target = stem.with_name(stem.name + "_overlay.jpg")
+            Image.fromarray(blend(image, pred, palette, alpha, ignore_index)).save(target, quality=90)
+    except OSError as exc:
+        raise WriteError(cannot_write(target, exc)) from None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -204,7 +211,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     palette = ckpt["palette"]
     num_classes = int(ckpt.get("num_classes", len(palette)))
     ignore_index = int(ckpt.get("ignore_index", 255))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(cannot_write(out, exc, "output folder")) from None
 
     bar = tqdm(total=len(images), desc="predict", unit="img", file=sys.stderr, disable=not s.progress,
                dynamic_ncols=True)
@@ -216,6 +226,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         bar.update(1)
 
     workers = _workers(s.num_workers)
+    configure_threads(s.threads, workers=workers, key="threads")
     loader = torch.utils.data.DataLoader(ImageFiles(images), batch_size=None, shuffle=False, num_workers=workers,
                                          collate_fn=_as_is, prefetch_factor=4 if workers else None)
     pending: list[Future] = []

@@ -24,7 +24,7 @@ from segrun.config import RESUME_KEY, override_key
 from segrun.engine import distributed as dist
 from segrun.engine import preempt
 from segrun.engine.runtime import share_cpus, usable_cpus
-from segrun.engine.status import RunClaim, read_status
+from segrun.engine.status import RunClaim, read_status, record_job, take_claim
 from segrun.errors import RunFolderError, SegrunError, is_user_error, log_to_files, one_line
 from segrun.pruning import TrialPruned
 
@@ -79,25 +79,43 @@ def share_resources(cfg: DictConfig, hc: Any) -> None:
         log.info("%s: sharing %d CPU(s)", where, cores)
 
 
-def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool) -> bool:
-    """Turn ``trainer.resume=auto`` (and a requeued SLURM job) into a path or nothing; returns whether
-    reusing a folder that holds a finished run is deliberate."""
+def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool = False, notes: list[str] | None = None) -> bool:
+    """Turn ``trainer.resume=auto`` (and a requeued SLURM job) into a path or nothing; returns whether reusing a
+    folder that holds a finished run is deliberate. What to log goes to ``notes``: it is logged once the folder
+    is claimed, so a launch refused its folder writes nothing there."""
     resume = cfg.trainer.resume
     if resume is None and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
         resume = "auto"  # requeued after preemption or timeout: continue the job's own last.pt
     if str(resume) == "auto":
         last = run_dir / "checkpoints" / "last.pt"
         cfg.trainer.resume = str(last) if last.is_file() else None
-        log.info("trainer.resume=auto: %s", f"continuing {last}" if last.is_file() else "no last.pt, starting fresh")
+        note = f"trainer.resume=auto: {f'continuing {last}' if last.is_file() else 'no last.pt, starting fresh'}"
+        if notes is None:
+            log.info("%s", note)
+        else:
+            notes.append(note)
         return True
     return cfg.trainer.resume not in (None, "")
+
+
+def resumes(cfg: DictConfig) -> bool:
+    """Whether this launch deliberately continues what its folder holds (decided before the claim)."""
+    return cfg.trainer.resume not in (None, "") or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+
+
+def job_overrides(task_overrides: Any) -> list[str]:
+    """The overrides that say what the job is: ``trainer.resume`` and ``sweep.resume`` say how to start."""
+    return [str(o) for o in task_overrides if override_key(str(o)) not in (RESUME_KEY, "sweep.resume")]
 
 
 def sweep_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None | bool:
     """``sweep.resume=true``: a done job is skipped (returns its best value), any other job continues
     from its ``last.pt`` if it has one. Returns False when the job must run."""
     prev = read_status(run_dir)
-    if prev is not None and prev.get("overrides") not in (None, overrides):
+    if prev is not None and prev.get("state") == "invalid":
+        print(f"[segrun] {run_dir / 'status.json'}: {prev['problem']}; sweep.resume treats the job as not done "
+              "and runs it (the old file is kept as status.json.bad)", flush=True)
+    elif prev is not None and prev.get("overrides") not in (None, overrides):
         raise RunFolderError(f"sweep.resume: {run_dir} ran with {prev.get('overrides')} but this job is {overrides}; "
                              "resume with the same sweep arguments as the first launch")
     if prev is not None and prev.get("state") == "done":
@@ -111,33 +129,78 @@ def sweep_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float 
     return False
 
 
+def write_hydra_dir(run_dir: Path, task_cfg: DictConfig, overrides: Any) -> None:
+    """``<run>/.hydra/{config,hydra,overrides}.yaml``, as Hydra would write them, but only once the folder is
+    claimed (``hydra.output_subdir`` is null in conf/train.yaml so Hydra itself writes nothing there)."""
+    from omegaconf import OmegaConf
+
+    from segrun.engine.logging import write_text
+
+    folder = run_dir / ".hydra"
+    folder.mkdir(exist_ok=True)
+    write_text(OmegaConf.to_yaml(task_cfg), folder / "config.yaml")
+    write_text(OmegaConf.to_yaml(HydraConfig.instance().cfg), folder / "hydra.yaml")
+    write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))), folder / "overrides.yaml")
+
+
+def _claim(run_dir: Path, overrides: list[str], job_num: int | None, reuse: bool, log_name: str) -> RunClaim:
+    """The claim the launch callback took (single run), else one taken now (a sweep's job). A sweep job's log
+    file, opened by Hydra before the job could claim its folder, does not count as someone else's file."""
+    claim = take_claim(run_dir) or RunClaim(run_dir, overrides, job_num=job_num)
+    log_file = run_dir / log_name
+    ignore = [log_name] if log_file.is_file() and log_file.stat().st_size == 0 else []
+    claim.acquire(reuse_finished=reuse, ignore=ignore)
+    return claim
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """The Hydra task body of ``python -m segrun``: returns the best monitored value, or None for a
     failed job of a multirun (the Optuna sweeper records a failed trial and goes on; NaN would stop it)."""
+    import copy
+
     from segrun.build import build_trainer
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    # trainer.resume and sweep.resume say how to start, not what the job is
-    overrides = [o for o in hc.overrides.task if override_key(o) not in (RESUME_KEY, "sweep.resume")]
+    overrides = job_overrides(hc.overrides.task)
+    job_num = int(hc.job.num) if multirun else None
+    sweep_dir = Path(str(hc.sweep.dir)) if multirun else None
     is_main = dist.launch_rank() == 0
-    claim = RunClaim(run_dir, overrides, job_num=int(hc.job.num) if multirun else None) if is_main else None
+    task_cfg = copy.deepcopy(cfg) if is_main else None  # what .hydra/config.yaml records: the config as composed
+    claim: RunClaim | None = None
     start = time.time()
     reporter = None
     preempt.install()  # from the start: a signal while building or while failing must not kill us mid-way
     try:
-        reuse = False
+        reuse, notes = False, []
+        if multirun and bool(cfg.sweep.resume):
+            skipped = sweep_resume(cfg, run_dir, overrides)
+            if skipped is not False:
+                record_job(sweep_dir, job_num, run_dir, "skipped")
+                return skipped
+            reuse = True
+        reuse = resolve_resume(cfg, run_dir, multirun, notes) or reuse
+        if is_main:
+            try:
+                claim = _claim(run_dir, overrides, job_num, reuse, f"{hc.job.name}.log")
+            except RunFolderError as exc:  # someone else's folder: not one byte goes into it, not even the log line
+                message = one_line(exc)
+                if multirun:
+                    record_job(sweep_dir, job_num, run_dir, "refused", message)
+                    print(f"error: job {hc.job.num} ({run_dir}): {message}", file=sys.stderr, flush=True)
+                    return None
+                print(f"error: {message}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+            write_hydra_dir(run_dir, task_cfg, hc.overrides.task)
+            if multirun:
+                record_job(sweep_dir, job_num, run_dir, "started")
+            if claim.notice:
+                log.warning("%s", claim.notice)
+        for note in notes:
+            log.info("%s", note)
         if multirun:
             share_resources(cfg, hc)
-            if bool(cfg.sweep.resume):
-                skipped = sweep_resume(cfg, run_dir, overrides)
-                if skipped is not False:
-                    return skipped
-                reuse = True
-        reuse = resolve_resume(cfg, run_dir, multirun) or reuse
-        if claim is not None:
-            claim.acquire(reuse_finished=reuse)
         trainer = build_trainer(cfg, run_dir, overrides, choices=hc.runtime.choices)
         if multirun:
             from segrun.pruning import trial_reporter
@@ -153,6 +216,7 @@ def run_job(cfg: DictConfig) -> float | None:
     except TrialPruned as exc:  # not a failure: the study's pruner stopped a lagging trial
         if claim is not None:
             claim.pruned(str(exc), trainer.monitor.best)
+            record_job(sweep_dir, job_num, run_dir, "pruned", str(exc))
         if reporter is not None:
             reporter.pruned()
         log.info("%s", exc)
@@ -174,9 +238,11 @@ def run_job(cfg: DictConfig) -> float | None:
             message = f"{type(exc).__name__}: {message}"
         if claim is not None:  # status.json and the sweep's report keep a bounded line; the console gets it whole
             claim.failed(message[:MAX_ERROR_CHARS], type(exc).__name__)
+        if multirun and claim is not None:
+            record_job(sweep_dir, job_num, run_dir, "failed", message[:MAX_ERROR_CHARS])
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        if user:
+        if user and claim is not None:
             log_to_files(message)
         if multirun:
             if not user:
@@ -192,5 +258,7 @@ def run_job(cfg: DictConfig) -> float | None:
         preempt.uninstall()
     if claim is not None:
         claim.done(best)
+    if multirun and claim is not None:
+        record_job(sweep_dir, job_num, run_dir, "done")
     return best
 

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from segrun.engine.status import STATUS_FILE, effective_state, read_status
-from segrun.errors import SegrunError, report_user_errors
+from segrun.engine.status import STATUS_FILE, effective_state, job_records, read_status
+from segrun.errors import SegrunError, WriteError, cannot_write, report_user_errors, writing
 
-SKIP_DIRS = {"checkpoints", "tensorboard", ".hydra", "mlartifacts", "mlruns", "predictions"}
+SKIP_DIRS = {"checkpoints", "tensorboard", ".hydra", ".jobs", "mlartifacts", "mlruns", "predictions"}
 _PLOT_NOTE_SHOWN = False
 
 
@@ -73,12 +73,33 @@ def _natural_key(path: Path) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in path.parts]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+#: metrics.json keys the report reads, and the types it accepts (null is always accepted)
+_METRIC_TYPES: dict[str, tuple[type, ...]] = {
+    "monitor": (str,), "best_epoch": (int,), "best_metric": (int, float), "mIoU": (int, float),
+    "pixel_acc": (int, float), "mean_acc": (int, float), "epochs_completed": (int,), "history": (list,),
+}
+
+
+def _read_metrics(path: Path) -> tuple[dict[str, Any], str | None]:
+    """``metrics.json`` as a dict, or ``({}, problem)`` when it is unreadable or malformed (hand-edited)."""
+    if not path.is_file():
+        return {}, None
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    except ValueError as exc:
+        return {}, f"is not valid JSON ({exc})"
+    if not isinstance(data, dict):
+        return {}, f"expected a JSON object, found {type(data).__name__}"
+    for key, types in _METRIC_TYPES.items():
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            return {}, f"{key}={value!r:.60} is not {' or '.join(t.__name__ for t in types)}"
+    for entry in data.get("history") or []:
+        if not isinstance(entry, dict) or isinstance(entry.get("epoch"), bool) or not isinstance(entry.get("epoch"), int):
+            return {}, f"history entry {entry!r:.60} has no integer epoch"
+    return data, None
 
 
 def _overrides(run_dir: Path, status: dict[str, Any] | None) -> dict[str, str]:
@@ -97,21 +118,54 @@ def _overrides(run_dir: Path, status: dict[str, Any] | None) -> dict[str, str]:
 
 def read_row(run_dir: Path, root: Path) -> Row:
     status = read_status(run_dir)
-    metrics = _read_json(run_dir / "metrics.json")
-    state = effective_state(status) if status else ("done" if metrics else "missing")
+    metrics, problem = _read_metrics(run_dir / "metrics.json")
+    if problem:  # flagged in one line; the row keeps what status.json says
+        print(f"warning: {run_dir / 'metrics.json'} {problem}; its row shows no metrics", file=sys.stderr)
+    error = None
+    if status and status.get("state") == "invalid":
+        print(f"warning: {run_dir / STATUS_FILE} {status['problem']}; the job counts as not done", file=sys.stderr)
+        error = f"status.json {status['problem']}"
+        status = None
+        state = "invalid"
+    else:
+        state = effective_state(status) if status else ("done" if metrics else "missing")
     wall = (status or {}).get("wall_s")
     if wall is None and status and state == "running" and status.get("start_time"):
         wall = time.time() - float(status["start_time"])
     monitor = metrics.get("monitor")
     key = str(monitor).split()[-1] if monitor else None
-    history = [(int(r["epoch"]), float(r[key])) for r in metrics.get("history", [])
-               if key and isinstance(r.get(key), (int, float))]
+    history = [(int(r["epoch"]), float(r[key])) for r in metrics.get("history") or []
+               if key and isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
     job = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
+    if state in ("failed", "killed"):
+        error = (status or {}).get("error")
+    elif state == "pruned":
+        error = (status or {}).get("note")
     return Row(job=job, overrides=_overrides(run_dir, status), state=state, monitor=monitor,
                best_epoch=metrics.get("best_epoch"), best_metric=metrics.get("best_metric"),
                mIoU=metrics.get("mIoU"), pixel_acc=metrics.get("pixel_acc"), mean_acc=metrics.get("mean_acc"),
                epochs=metrics.get("epochs_completed"), wall_s=None if wall is None else round(float(wall), 1),
-               error=(status or {}).get("error" if state in ("failed", "killed") else "note"), history=history)
+               error=error, history=history)
+
+
+def apply_job_records(rows: list[Row], root: Path) -> list[Row]:
+    """A sweep's own record of each job (``.jobs/``) wins over what a job folder says: a job refused because
+    its folder belonged to someone else shows as refused, not as that folder's state."""
+    by_job = {r.job: r for r in rows}
+    for num, record in sorted(job_records(root).items()):
+        if record.get("outcome") != "refused":
+            continue
+        try:
+            job = str(Path(record["run_dir"]).relative_to(root))
+        except ValueError:
+            job = str(record.get("run_dir"))
+        row = by_job.get(job)
+        if row is None:
+            row = by_job[job] = Row(job=job, overrides={}, state="refused")
+            rows.append(row)
+        row.state, row.error = "refused", record.get("message") or "refused"
+        row.best_metric = row.mIoU = row.pixel_acc = row.mean_acc = None  # someone else's numbers
+    return rows
 
 
 def varying_keys(rows: Sequence[Row]) -> list[str]:
@@ -175,15 +229,18 @@ def markdown(rows: Sequence[Row], keys: Sequence[str], monitor: str | None) -> s
 
 
 def write_csv(rows: Sequence[Row], keys: Sequence[str], path: Path) -> None:
+    import io
+
     fields = ["best", "job", *keys, "state", "monitor", "best_epoch", "best_metric", "val_mIoU",
               "val_pixel_acc", "val_mean_acc", "epochs", "wall_s", "error"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(fields)
-        for r in rows:
-            w.writerow([int(r.best), r.job, *[r.overrides.get(k, "") for k in keys], r.state, r.monitor or "",
-                        _fmt(r.best_epoch), _fmt(r.best_metric, 6), _fmt(r.mIoU, 6), _fmt(r.pixel_acc, 6),
-                        _fmt(r.mean_acc, 6), _fmt(r.epochs), _fmt(r.wall_s, 1), r.error or ""])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(fields)
+    for r in rows:
+        w.writerow([int(r.best), r.job, *[r.overrides.get(k, "") for k in keys], r.state, r.monitor or "",
+                    _fmt(r.best_epoch), _fmt(r.best_metric, 6), _fmt(r.mIoU, 6), _fmt(r.pixel_acc, 6),
+                    _fmt(r.mean_acc, 6), _fmt(r.epochs), _fmt(r.wall_s, 1), r.error or ""])
+    _write(path, f.getvalue())
 
 
 def plot(rows: Sequence[Row], keys: Sequence[str], monitor: str | None, path: Path) -> bool:
@@ -223,27 +280,37 @@ def plot(rows: Sequence[Row], keys: Sequence[str], monitor: str | None, path: Pa
     return True
 
 
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise WriteError(cannot_write(path, exc, "report")) from None
+
+
 def write_report(root: str | Path, quiet: bool = False) -> dict[str, Any]:
     """Read every run under ``root``, write report.{md,csv,json,png} there; returns the JSON content."""
     root = Path(root)
     if not root.is_dir():
         raise ReportError(f"{root}: no such folder (expected a sweep folder, a run folder or outputs/)")
     runs = find_runs(root)
-    if not runs:
+    rows = apply_job_records([read_row(d, root) for d in runs], root)
+    if not rows:
         raise ReportError(f"{root}: no run folders below it (none has status.json or metrics.json)")
-    rows, monitor = rank_rows([read_row(d, root) for d in runs])
+    rows, monitor = rank_rows(rows)
     keys = varying_keys(rows)
     table = markdown(rows, keys, monitor)
-    (root / "report.md").write_text(table)
+    _write(root / "report.md", table)
     write_csv(rows, keys, root / "report.csv")
-    failed = [r for r in rows if r.state in ("failed", "killed")]
+    not_done = [r for r in rows if r.state not in ("done", "pruned")]  # a pruned trial ended as its study asked
     data = {"root": str(root), "monitor": monitor, "varying": keys,
             "best_job": next((r.job for r in rows if r.best), None),
             "counts": {s: sum(r.state == s for r in rows) for s in sorted({r.state for r in rows})},
-            "failed": [{"job": r.job, "error": r.error} for r in failed],
+            "failed": [{"job": r.job, "error": r.error} for r in rows if r.state in ("failed", "killed")],
+            "not_done": [{"job": r.job, "state": r.state, "error": r.error} for r in not_done],
             "rows": [{k: v for k, v in asdict(r).items() if k != "history"} for r in rows]}
-    (root / "report.json").write_text(json.dumps(data, indent=2) + "\n")
-    plot(rows, keys, monitor, root / "report.png")
+    _write(root / "report.json", json.dumps(data, indent=2) + "\n")
+    with writing(root / "report.png", "report"):
+        plot(rows, keys, monitor, root / "report.png")
     if not quiet:
         print(table, end="")
     return data

@@ -50,7 +50,7 @@ def resume_argv(argv: list[str]) -> list[str]:
         return argv
     from segrun.class_weights import pin_auto_weights
     from segrun.engine.checkpoint import load_checkpoint
-    from segrun.engine.trust import check_checkpoint, check_overrides
+    from segrun.engine.trust import check_checkpoint, check_overrides, chooses_where_segrun_writes
 
     ckpt = load_checkpoint(path, map_location="cpu")
     given = {override_key(a) for a in argv if "=" in a}
@@ -60,6 +60,12 @@ def resume_argv(argv: list[str]) -> list[str]:
     trust_all, targets = _trust_settings(argv)
     check_checkpoint(ckpt, path, ("model",), extra_prefixes=targets, trust_all=trust_all)
     if not trust_all:
+        # a checkpoint does not choose where segrun writes: such overrides are left out (and named)
+        dropped = [a for a in original if chooses_where_segrun_writes(a)]
+        if dropped:
+            original = [a for a in original if a not in dropped]
+            print(f"[segrun] checkpoint {path}: not replaying {', '.join(dropped)} (it chooses where segrun writes); "
+                  "give it on the command line if you mean it", file=sys.stderr, flush=True)
         check_overrides(original, source=f"checkpoint {path}")
     original = pin_auto_weights(original, ckpt.get("config", {}))  # loss.weight=auto: the numbers it started with
     extra = []
@@ -74,23 +80,6 @@ def train(cfg: DictConfig) -> float | None:
     from segrun.job import run_job
 
     return run_job(cfg)
-
-
-def check_run_dir(argv: list[str]) -> None:
-    """Stop before Hydra writes anything when an explicit ``hydra.run.dir`` belongs to a live run
-    (the claim itself is taken atomically when the job starts)."""
-    if any(a in ("-m", "--multirun") for a in argv):
-        return
-    given = [a.split("=", 1)[1] for a in argv if override_key(a) == "hydra.run.dir" and "=" in a]
-    if not given or "${" in given[-1]:
-        return
-    from segrun.engine.distributed import launch_rank
-    from segrun.engine.status import check_free
-
-    if launch_rank() == 0:  # the other ranks of a torchrun job share rank 0's folder
-        resumed = any(override_key(a) == RESUME_KEY and a.split("=", 1)[1] not in ("", "null", "None")
-                      for a in argv if "=" in a)
-        check_free(given[-1], reuse_finished=resumed)
 
 
 def worker_argv(argv: list[str]) -> list[str]:
@@ -134,7 +123,6 @@ def main() -> None:
     """Console entry point (``segrun`` / ``python -m segrun``)."""
     expose_plugins()
     argv = report_user_errors(lambda: worker_argv(resume_argv(sys.argv[1:])))
-    report_user_errors(lambda: check_run_dir(argv))
     sys.argv = [sys.argv[0], *argv]
     train()
 

@@ -107,3 +107,26 @@ def test_auto_weights_reach_loss_checkpoint_and_resume(data):
     pinned = [a for a in argv if a.startswith("loss.weight=")]
     assert len(pinned) == 1 and [float(v) for v in pinned[0].split("=[")[1].rstrip("]").split(",")] == \
         pytest.approx(MEDIAN_FREQ, abs=1e-6)
+
+
+def test_a_changed_dataset_is_measured_again(data):
+    """The cache entry is keyed by the data too: masks edited in place (same names, same config) are re-read,
+    so neither stale weights nor a false 'class does not occur' come from the cache."""
+    import os
+
+    cfg = compose_cfg(_overrides(data, "loss.weight=auto"))
+    resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=3))
+    assert list(cfg.loss.weight) == pytest.approx(MEDIAN_FREQ, abs=1e-6)
+    # mask b loses class 2 and gains class 1: a: 0 x192, 1 x64; b: 0 x128, 1 x32, ignore x96
+    b = np.zeros((16, 16), np.uint8)
+    b[:2] = 1
+    b[10:] = 255
+    mask = data / "data" / "masks" / "b.png"
+    stat = mask.stat()
+    Image.fromarray(b).save(mask)
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later modification time, whatever the clock
+    cfg = compose_cfg(_overrides(data, "loss.weight=auto"))
+    resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=3))
+    # f_0 = 320/512, f_1 = 96/512, class 2 absent: the median of the classes present is 208/512
+    assert cfg.loss.weight[:2] == pytest.approx([208 / 320, 208 / 96], abs=1e-6)
+    assert cfg.loss.weight[2] != pytest.approx(MEDIAN_FREQ[2], abs=1e-6)

@@ -97,6 +97,17 @@ def test_auto_threads_leave_out_the_cores_others_keep_busy(eight_cpus, monkeypat
             runtime.decide_threads(bad)
 
 
+def test_infer_and_eval_take_threads_as_the_trainer_does():
+    from segrun.engine.settings import EvalSettings, InferSettings, read_settings
+
+    for cls, name in ((InferSettings, "infer"), (EvalSettings, "eval")):
+        assert read_settings(cls, compose_cfg(["ckpt=x", "images=y"][: 2 if name == "infer" else 1],
+                                              config_name=name)).threads == "auto"
+        assert read_settings(cls, compose_cfg(["ckpt=x", "threads=3"], config_name=name)).threads == 3
+        with pytest.raises(ConfigError, match=r"^threads=0: expected auto, torch or an integer >= 1$"):
+            read_settings(cls, compose_cfg(["ckpt=x", "threads=0"], config_name=name))
+
+
 def test_busy_cpus_reads_the_busy_share_of_each_usable_cpu(monkeypatch):
     snapshots = iter([{0: (100, 1000), 1: (500, 1000)}, {0: (150, 1100), 1: (600, 1100)}])
     monkeypatch.setattr(runtime, "_cpu_times", lambda ids: next(snapshots))

@@ -47,7 +47,7 @@ def failing_sweep(tmp_path_factory):
 def test_grid_2x2_gives_four_folders_and_a_four_row_report(tmp_path):
     r = run_cli(["-m", *JOB, "optimizer.lr=0.01,0.02", "seed=0,1", f"hydra.sweep.dir={tmp_path}"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1", "2", "3"]
     for job in "0123":
         status = json.loads((tmp_path / job / "status.json").read_text())
         assert status["state"] == "done" and status["job_num"] == int(job) and status["wall_s"] > 0
@@ -102,14 +102,12 @@ def test_sigkilled_sweep_resumes_to_the_uninterrupted_report(failing_sweep, tmp_
     proc.wait()
     assert not (sweep / "report.json").exists(), "killed before the end"
     first = sweep / "0"
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.rglob("*")
-              if p.is_file() and ".hydra" not in p.parts}
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.rglob("*") if p.is_file()}
 
     resumed = run_cli([*args, "sweep.resume=true"])
     assert resumed.returncode == 1, resumed.stderr[-2000:]  # job 1 fails again, the rest is done
-    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.rglob("*")
-             if p.is_file() and ".hydra" not in p.parts}
-    assert after == before  # the finished job was not re-run: not one byte or timestamp changed
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.rglob("*") if p.is_file()}
+    assert after == before  # the finished job was not re-run: not one byte or timestamp changed, .hydra/ included
     assert "already done, skipped" in resumed.stdout
     assert _comparable(_report(sweep), sweep) == _comparable(_report(reference), reference)
 

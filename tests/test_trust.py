@@ -272,3 +272,29 @@ def test_replayed_overrides_may_not_choose_where_segrun_writes():
         with pytest.raises(UntrustedCheckpointError, match="refused"):
             check_overrides([override], source="c")
     check_overrides(["logger=[csv]", "dataset.root=/data/voc"], source="c")  # choosing a logger or reading data is fine
+
+
+def test_resume_leaves_out_stored_overrides_that_choose_where_segrun_writes(tmp_path, capsys):
+    ckpt = tmp_path / "c.pt"
+    make_checkpoint(ckpt, TINY, stored_overrides=["seed=3", f"class_weights.cache_dir={tmp_path / 'elsewhere'}",
+                                                  "logger.csv.filename=/tmp/theirs.csv"])
+    argv = resume_argv([f"trainer.resume={ckpt}"])
+    assert "seed=3" in argv and not any(a.startswith(("class_weights.", "logger.")) for a in argv)
+    err = capsys.readouterr().err
+    assert f"not replaying class_weights.cache_dir={tmp_path / 'elsewhere'}, logger.csv.filename=/tmp/theirs.csv" in err
+    argv = resume_argv([f"trainer.resume={ckpt}", "trust_checkpoint=true"])  # trusted deliberately: replayed as stored
+    assert "logger.csv.filename=/tmp/theirs.csv" in argv
+
+
+def test_every_shipped_config_passes_the_check():
+    """The check refuses by what a target is: everything segrun's own conf/ builds must still pass."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from segrun.config import conf_dir
+
+    for path in sorted(Path(conf_dir(), "model").glob("*.yaml")):
+        cfg = OmegaConf.to_container(compose_cfg([f"model={path.stem}"]), resolve=True)
+        check_targets({k: cfg[k] for k in ("model", "dataset", "augment", "loss", "optimizer", "scheduler")},
+                      source=path.name)

@@ -206,7 +206,11 @@ def loader_rows(dataset, indices: Sequence[int], seed: int, epochs: Sequence[int
 
 
 def save_png(picture: np.ndarray, path: str | Path) -> Path:
+    """Write a preview; a failed write (disk full, read-only, a file in the way) is one line naming the path."""
+    from segrun.errors import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(path, optimize=True)
+    with writing(path, "preview"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(path, optimize=True)
     return path

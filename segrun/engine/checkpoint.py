@@ -11,7 +11,6 @@ failed write (full disk, permissions) is one line naming the path (``CheckpointW
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import random
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from segrun import __version__
-from segrun.errors import SegrunError, few
+from segrun.errors import SegrunError, WriteError, few
 
 FORMAT_VERSION = 1
 
@@ -34,7 +33,7 @@ class CheckpointError(SegrunError, ValueError):
     """A checkpoint path or file the user named is missing, damaged or not a segrun checkpoint."""
 
 
-class CheckpointWriteError(SegrunError, OSError):
+class CheckpointWriteError(WriteError):
     """A checkpoint could not be written (disk full, permissions); the previous file is intact."""
 
 
@@ -79,17 +78,20 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """
     path = Path(path)
     payload = {"format": FORMAT_VERSION, "segrun_version": __version__, **state}
-    tmp = None
+    tmp, sink = None, None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, umask_mode())  # mkstemp makes 0600; the rest of the run folder follows the umask
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            sink = _Sink(f)
+            torch.save(payload, sink)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
+        if sink is not None and sink.error is not None and isinstance(exc, RuntimeError):
+            exc = sink.error  # torch reports a failed write as "unexpected pos ..."; the OSError says why
         if tmp is not None:
             try:
                 os.unlink(tmp)
@@ -98,6 +100,24 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointWriteError):
             raise CheckpointWriteError(write_failure(path, exc)) from None
         raise
+
+
+class _Sink:
+    """The file ``torch.save`` writes to, keeping the ``OSError`` of a failed write (disk full), which torch
+    itself turns into an ``[enforce fail ...] unexpected pos`` message."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def umask_mode(mode: int = 0o666) -> int:
@@ -109,12 +129,9 @@ def umask_mode(mode: int = 0o666) -> int:
 
 def write_failure(path: str | Path, exc: BaseException) -> str:
     """One line naming ``path`` and why writing it failed; ENOSPC says so even when torch buries it."""
-    text = " ".join(str(exc).split())
-    no_space = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "errno 28" in text.lower()
-    if no_space:
-        return f"cannot write checkpoint {path}: no space left on device; any previous file there is intact"
-    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else (text[:200] or type(exc).__name__)
-    return f"cannot write checkpoint {path}: {cause}; any previous file there is intact"
+    from segrun.errors import cannot_write
+
+    return f"{cannot_write(path, exc, 'checkpoint')}; any previous file there is intact"
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:

@@ -68,6 +68,11 @@ class Evaluation:
     timed_images: int = 0
     wall_seconds: float = 0.0  # end to end after the first batch
 
+    @property
+    def labelled_pixels(self) -> int:
+        """Pixels scored over every process: 0 means every image was unreadable or wholly ignored (no metric)."""
+        return int(self.confusion.mat.sum())
+
     def metrics(self, class_names: list[str]) -> dict[str, Any]:
         """The confusion matrix's metrics, the matrix itself (CPU) and the mean loss."""
         metrics = self.confusion.compute(class_names)

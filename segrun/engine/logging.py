@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,6 +16,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+
+class RunLogFile(logging.FileHandler):
+    """The run's log file (``train.log``). When it cannot be written (disk full, read-only), that is said once,
+    in one line naming it, instead of a traceback per log line; the console keeps the log."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        from segrun.errors import cannot_write
+
+        exc = sys.exc_info()[1]
+        sys.stderr.write(f"warning: {cannot_write(self.baseFilename, exc or OSError(), 'log')}; "
+                         "the log goes on on the console only\n")
 
 
 def colorize(label: torch.Tensor, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> torch.Tensor:
@@ -71,13 +91,23 @@ def write_json(data: dict[str, Any], path: str | Path) -> None:
 def write_text(text: str, path: str | Path) -> None:
     """Write a run-folder file atomically (temp file + rename): a reader never sees half of it."""
     from segrun.engine.checkpoint import umask_mode
+    from segrun.errors import WriteError, cannot_write
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, umask_mode())  # mkstemp makes 0600; the run folder's other files follow the umask
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; the run folder's other files follow the umask
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full, read-only, a file where the folder should be: one line naming the file
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, WriteError):
+            raise
+        raise WriteError(cannot_write(path, exc)) from None
 
 
 def palette_bytes(palette: Sequence[Sequence[int]]) -> list[int]:

@@ -135,7 +135,8 @@ def _env_cap() -> int | None:
     return int(env) if env.isdigit() and int(env) > 0 else None
 
 
-def decide_threads(setting: int | str | None, workers: int = 0, busy: float | None = None) -> tuple[int | None, str]:
+def decide_threads(setting: int | str | None, workers: int = 0, busy: float | None = None,
+                   key: str = "trainer.threads") -> tuple[int | None, str]:
     """How many intra-op threads this process should use, and why (None: leave torch's default).
 
     ``auto``: the usable CPUs (``usable_cpus``) divided among the processes that share them
@@ -148,8 +149,8 @@ def decide_threads(setting: int | str | None, workers: int = 0, busy: float | No
         return None, "torch's default"
     if setting != "auto":
         if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-            raise ConfigError(f"trainer.threads={setting!r}: expected auto, torch or an integer >= 1")
-        return setting, "trainer.threads"
+            raise ConfigError(f"{key}={setting!r}: expected auto, torch or an integer >= 1")
+        return setting, key
     _, cpus, source = usable_cpus()
     share = max(_cpu_share, dist.local_world_size())
     n = max(1, cpus // share - workers)
@@ -170,12 +171,12 @@ def decide_threads(setting: int | str | None, workers: int = 0, busy: float | No
     return n, "auto: " + ", ".join(why)
 
 
-def configure_threads(setting: int | str | None, workers: int = 0) -> int:
+def configure_threads(setting: int | str | None, workers: int = 0, key: str = "trainer.threads") -> int:
     """Set torch's intra-op threads as ``decide_threads`` says, log it once, return the count."""
     busy = None
     if setting == "auto" and _env_cap() != 1:  # with one thread allowed there is nothing to measure
         busy = busy_cpus(usable_cpus()[0])
-    n, why = decide_threads(setting, workers, busy)
+    n, why = decide_threads(setting, workers, busy, key)
     if n is not None:
         torch.set_num_threads(n)
     log.info("CPU threads: %d (%s)", torch.get_num_threads(), why)

@@ -333,7 +333,7 @@ class TrainSettings:
         every = parse_every("trainer.checkpoint_every", t.get("checkpoint_every"))
         return cls(
             epochs=check_int("trainer.epochs", t.epochs, 1),
-            threads=_threads(t.get("threads", "auto")),
+            threads=threads("trainer.threads", t.get("threads", "auto")),
             val_every=check_int("trainer.val_every", t.val_every, 1),
             monitor=str(t.monitor),
             early_stop=check_int("trainer.early_stop", t.early_stop or 0, 0),
@@ -363,10 +363,13 @@ class TrainSettings:
         )
 
 
-def _threads(value: Any) -> int | str:
+def threads(key: str, value: Any) -> int | str:
+    """``auto`` | ``torch`` | N >= 1: CPU threads (``engine.runtime.decide_threads``)."""
     if value in ("auto", "torch"):
         return value
-    return check_int("trainer.threads", value, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r}: expected auto, torch or an integer >= 1")
+    return value
 
 
 def _compile_mode(value: Any) -> str | None:
@@ -416,6 +419,7 @@ class InferSettings:
     overlay_alpha: float = option(0.5, probability)  # weight of the colour mask
     batch_size: int = option(1, integer(1))
     num_workers: int | str = option("auto", auto_or(integer(0)))
+    threads: int | str = option("auto", threads)
     writers: int = option(2, integer(1))
     progress: bool = option(True, boolean)
     trust_checkpoint: bool = option(False, boolean)
@@ -435,6 +439,7 @@ class EvalSettings:
     precision: str | None = option(None, optional(choice(*PRECISIONS)))
     batch_size: int | None = option(None, optional(integer(1)))
     num_workers: int | str = option("auto", auto_or(integer(0)))
+    threads: int | str = option("auto", threads)
     save_predictions: bool = option(False, boolean)
     plot_max_classes: int = option(30, integer(1))
     progress: bool = option(True, boolean)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from segrun import __version__
 from segrun.confusion import class_table, render_confusion_png, write_confusion_csv
 from segrun.data.bad_samples import BadSamples, bad_sample_limit
+from segrun.data.base import DatasetError
 from segrun.data.prefetch import DevicePrefetcher
 from segrun.engine import distributed as dist
 from segrun.engine import preempt
@@ -295,6 +296,12 @@ class Trainer:
                               on_bad=lambda bad: self.note_bad_samples("val", bad),
                               show=s.progress and dist.is_main())
         self.gather_bad_samples("val")
+        if evaluation.labelled_pixels == 0:  # every image unreadable (skipped) or wholly ignored: no mIoU to give
+            bad = len(self.bad_samples["val"])
+            raise DatasetError(f"epoch {epoch} validation had no usable image: "
+                               + (f"{bad} val image(s) could not be read and were skipped"
+                                  if bad else "no val pixel carries a label other than ignore_index")
+                               + "; fix the val split (python -m segrun.data checks it) before training")
         metrics = evaluation.metrics(self.meta.class_names)
         step = self.global_step  # every TensorBoard event is indexed by global step, so a resume can purge cleanly
         self.logger.scalars("val", {k: metrics[k] for k in SCALAR_METRICS}, step)

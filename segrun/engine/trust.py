@@ -202,6 +202,18 @@ def _value_has_target(value: Any) -> bool:
     return isinstance(value, str) and any(s in value for s in ("_target_", "_partial_", "_args_"))
 
 
+def chooses_where_segrun_writes(override: str) -> bool:
+    """``class_weights.cache_dir=...``, ``logger.csv.filename=...``: an override that names a place segrun writes."""
+    parts = override_key_parts(override)
+    return bool(parts) and (parts[-1] in WRITE_KEYS or (parts[0] == "logger" and len(parts) > 1))
+
+
+def override_key_parts(override: str) -> list[str]:
+    key = str(override).split("=", 1)[0].lstrip("+~")
+    key = key.split("@", 1)[0]
+    return [p for p in key.replace("/", ".").split(".") if p]
+
+
 def check_overrides(overrides: Sequence[str], *, source: str) -> None:
     """Replayed overrides may set config values only: no ``_target_``/``_partial_``/``_args_``, no ``hydra``
     internals, no trust settings, no interpolations (resolvers run code of their own), no dict value that
@@ -231,7 +243,7 @@ def check_overrides(overrides: Sequence[str], *, source: str) -> None:
                 why = "its value is an interpolation"
             elif "/" not in key and "." not in key and ".." in str(ov.value()):
                 why = "it picks a config file outside segrun's conf folder"
-            elif parts[-1] in WRITE_KEYS or (parts[0] == "logger" and len(parts) > 1):
+            elif chooses_where_segrun_writes(text):
                 why = "it chooses where segrun writes; give it on the command line yourself if you mean it"
         if why:
             raise UntrustedCheckpointError(

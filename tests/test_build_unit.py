@@ -1,0 +1,135 @@
+"""``segrun.build`` without training: every checked key's one line, the type-of-the-default rule,
+the parts it builds (loaders, schedule horizon, meta, loggers) on the tiny config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from segrun import build
+from segrun.build import _expected_type, _option_defaults, check_config
+from segrun.config import conf_dir
+from segrun.engine.settings import TrainSettings
+from segrun.errors import ConfigError
+
+from helpers.cli import TINY
+
+
+def _composed(overrides):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+def _error(overrides, choices=True) -> str:
+    cfg = _composed(overrides)
+    with pytest.raises(ConfigError) as exc:
+        check_config(cfg, cfg.hydra.runtime.choices if choices else None)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loader.val_batch_size=0"], "loader.val_batch_size=0: expected an integer >= 1"),
+    (["loader.prefetch_factor=0"], "loader.prefetch_factor=0: expected an integer >= 1"),
+    (["loader.num_workers=-1"], "loader.num_workers=-1: expected an integer >= 0"),
+    (["dataset.num_classes=0"], "dataset.num_classes=0: expected an integer >= 1"),
+    (["dataset.on_bad_sample=ignore"], "dataset.on_bad_sample='ignore': expected one of error, skip"),
+    (["dataset.max_bad_samples=-1"], "dataset.max_bad_samples=-1: expected a fraction of the split"),
+    (["dataset.base_size=0"], "dataset.base_size=0: expected a size"),
+    (["dataset.mean=[]"], "dataset.mean=[]: expected one number per image channel"),
+    (["dataset.std=[0.2,0,0.2]"], "dataset.std=0: expected a number > 0"),
+    (["dataset.mean=[0.5,-0.1,0.5]"], "dataset.mean=-0.1: expected a number >= 0"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: expected a number > 0"),
+    (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1: expected a number >= 0"),
+    (["optimizer.momentum=-0.5"], "optimizer.momentum=-0.5: expected a number >= 0"),
+])
+def test_each_checked_key_names_itself(overrides, message):
+    assert _error(overrides, choices=False).startswith(message)
+
+
+def test_accepted_edge_values():
+    s = check_config(_composed(["loader.num_workers=0", "loader.prefetch_factor=1", "dataset.mean=[0,0,0]",
+                                "optimizer.weight_decay=0", "optimizer.momentum=0", "dataset.crop_size=[8,16]",
+                                "loader.num_workers=auto"]))
+    assert isinstance(s, TrainSettings)
+    check_config(_composed(["dataset.crop_size=null", "dataset.base_size=null"]))
+
+
+def test_a_value_keeps_the_type_of_its_default():
+    assert _error(["trainer.epochs=1.5"]) == "trainer.epochs=1.5: expected an integer (default 8 in conf/trainer/default.yaml)"
+    assert _error(["model.width=wide"]).startswith("model.width='wide': expected an integer (default ")
+    assert _error(["optimizer.lr=fast"]).startswith("optimizer.lr='fast': expected a number (default ")
+    assert _error(["trainer.deterministic=1"]).startswith("trainer.deterministic=1: expected true or false (default False")
+    assert check_config(_composed(["trainer.epochs=3.0", "optimizer.lr=1"])).epochs == 3  # 3.0 is an integer, 1 a number
+    cfg = _composed(["trainer.compile=true"])  # a mixed-type key: its own check, not the default's type
+    assert check_config(cfg, cfg.hydra.runtime.choices).compile == "default"
+    cfg = _composed([])
+    check_config(cfg, {"model": "no_such_option", "trainer": None})  # unknown options: nothing to compare with
+
+
+def test_expected_types_follow_the_default():
+    assert [_expected_type(True, v) for v in (False, 1, "x")] == [None, "true or false", "true or false"]
+    assert [_expected_type(3, v) for v in (4, 4.0, 4.5, True, "4")] == [None, None, "an integer", "an integer", "an integer"]
+    assert [_expected_type(0.5, v) for v in (1, 1.5, True, "1")] == [None, None, "a number", "a number"]
+    assert _expected_type("text", 5) is None and _expected_type(None, 5) is None
+
+
+def test_option_defaults_include_the_options_own_defaults(tmp_path, monkeypatch):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "base.yaml").write_text("width: 8\ndepth: 3\n")
+    (tmp_path / "model" / "child.yaml").write_text("defaults:\n  - base\n  - _self_\n  - missing\nwidth: 16\n")
+    monkeypatch.setattr(build, "conf_dir", lambda: str(tmp_path))
+    assert OmegaConf.to_container(_option_defaults("model", "child")) == {"width": 16, "depth": 3}
+    assert OmegaConf.to_container(_option_defaults("model", "base")) == {"width": 8, "depth": 3}
+    assert _option_defaults("model", "none") is None
+
+
+@pytest.fixture(scope="module")
+def parts():
+    cfg = _composed([*TINY, "trainer.epochs=3", "trainer.accumulate=2", "loader.batch_size=5", "loader.val_batch_size=3",
+                     "trainer.limit_train_batches=3", "trainer.device=cpu"])
+    settings = check_config(cfg, cfg.hydra.runtime.choices)
+    return cfg, build.build_parts(cfg, settings)
+
+
+def test_the_parts_follow_the_config(parts):
+    cfg, p = parts
+    assert p.device == torch.device("cpu")
+    assert p.train_loader.batch_size == 5 and p.val_loader.batch_size == 3
+    assert len(p.train_loader.dataset) == 24 and len(p.val_loader.dataset) == 8
+    assert p.train_loader.pin_memory is False  # pin_memory=auto: only with CUDA
+    # the horizon: 3 epochs of min(4 batches, limit 3) batches, 2 batches a step -> 3 * ceil(3 / 2) = 6 steps
+    assert p.scheduler.total_iters == 6
+    assert p.meta.class_names == ["background", "ellipse", "rectangle", "triangle", "ring"]
+    assert p.meta.num_classes == 5 and p.meta.ignore_index == 255 and len(p.meta.palette) >= 5
+    assert p.meta.mean == [float(v) for v in cfg.dataset.mean] and p.meta.std == [float(v) for v in cfg.dataset.std]
+    assert all(isinstance(v, int) for c in p.meta.palette for v in c)
+    white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)  # (1 - mean) / std per channel
+    expected = [(1 - m) / s for m, s in zip(cfg.dataset.mean, cfg.dataset.std)]
+    torch.testing.assert_close(p.normalize(white)[0, :, 0, 0], torch.tensor(expected))
+    assert p.meta.as_dict() == {"class_names": p.meta.class_names, "palette": p.meta.palette, "num_classes": 5,
+                                "ignore_index": 255, "mean": p.meta.mean, "std": p.meta.std}
+
+
+def test_the_model_in_channels_last_and_the_loggers(tmp_path):
+    cfg = _composed([*TINY, "trainer.channels_last=true"])
+    model = build.build_model(cfg, torch.device("cpu"), check_config(cfg))
+    conv = next(p for p in model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    plain = build.build_model(cfg, torch.device("cpu"))
+    assert next(p for p in plain.parameters() if p.dim() == 4).is_contiguous()
+    cfg = _composed([*TINY, "logger=[tensorboard,csv]"])
+    settings = check_config(cfg)
+    both = build.build_logger(cfg, tmp_path, settings)
+    assert [type(x).__name__ for x in both.loggers] == ["TensorBoard", "CSVLogger"]
+    one = build.build_logger(_composed([*TINY, "logger=[csv]"]), tmp_path, settings)
+    assert type(one).__name__ == "CSVLogger"
+
+
+def test_fp16_needs_cuda():
+    cfg = _composed([*TINY, "trainer.precision=fp16", "trainer.device=cpu"])
+    with pytest.raises(ConfigError) as exc:
+        build.build_parts(cfg, check_config(cfg))
+    assert str(exc.value) == ("trainer.precision=fp16 needs a CUDA device (this run uses cpu); use "
+                              "trainer.precision=bf16 or fp32")

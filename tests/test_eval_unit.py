@@ -1,0 +1,153 @@
+"""``segrun.eval`` without training: its folder names, precision rule, summary, dataset merging and
+the one-line mistakes, on a checkpoint written without training (``helpers.fixtures.make_checkpoint``).
+The numbers themselves are checked against the trainer's validation in tests/test_eval.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from segrun.confusion import read_confusion_csv
+from segrun.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from segrun.engine.settings import PredictSettings
+from segrun.eval import EvalError, _precision, _safe_name, dataset_argv, dataset_config, eval_dir, run, summary
+
+from helpers.cli import TINY, compose_cfg
+from helpers.fixtures import make_checkpoint
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ev") / "run" / "checkpoints" / "best.pt"
+    path.parent.mkdir(parents=True)
+    make_checkpoint(path, [*TINY, "loader.val_batch_size=3", "dataset.sizes={train: 4, val: 5, test: 2}"])
+    return path
+
+
+def _cfg(ckpt, *extra):
+    return compose_cfg([f"ckpt={ckpt}", "progress=false", *extra], config_name="eval")
+
+
+def test_the_eval_folder_names_the_checkpoint_split_and_prediction(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    whole = PredictSettings()
+    assert eval_dir(None, ckpt, "val", whole) == tmp_path / "run" / "eval" / "best-val"
+    assert eval_dir(None, ckpt, "test", PredictSettings(mode="slide", crop_size=24)) == \
+        tmp_path / "run" / "eval" / "best-test-slide"
+    assert eval_dir(None, ckpt, "val", PredictSettings(flip=True)).name == "best-val-tta"
+    assert eval_dir(None, ckpt, "val", PredictSettings(scales=(0.5, 1.0))).name == "best-val-tta"
+    assert eval_dir(None, ckpt, "val", PredictSettings(mode="slide", crop_size=8, flip=True)).name == "best-val-slide-tta"
+    loose = tmp_path / "elsewhere" / "model.pt"  # not in a run's checkpoints/: next to the file
+    assert eval_dir(None, loose, "val", whole) == tmp_path / "elsewhere" / "eval" / "model-val"
+    assert eval_dir(str(tmp_path / "mine"), ckpt, "val", PredictSettings(flip=True)) == tmp_path / "mine"
+    assert eval_dir("~/x", ckpt, "val", whole) == Path.home() / "x"
+
+
+def test_precision_follows_the_checkpoint_unless_given():
+    assert _precision(None, {}, CPU) == "fp32"
+    assert _precision(None, {"precision": "bf16"}, CPU) == "bf16"
+    assert _precision(None, {"precision": "fp16"}, CPU) == "fp32"  # trained on a GPU, scored here on a CPU
+    assert _precision(None, {"precision": "fp16"}, CUDA) == "fp16"
+    assert _precision(None, {"amp": True}, CUDA) == "fp16" and _precision(None, {"amp": True}, CPU) == "fp32"
+    assert _precision(None, {"amp": False}, CUDA) == "fp32"
+    assert _precision("bf16", {"precision": "fp32"}, CPU) == "bf16" and _precision("fp16", {}, CUDA) == "fp16"
+    with pytest.raises(EvalError) as exc:
+        _precision("fp16", {}, CPU)
+    assert str(exc.value) == "precision=fp16 needs a CUDA device (this evaluation runs on cpu); use bf16 or fp32"
+
+
+def test_small_helpers():
+    assert dataset_argv(["dataset.root=/d", "ckpt=x", "dataset=voc", "++dataset.seed=1", "dataset.sizes"]) == \
+        ["++dataset.root=/d", "ckpt=x", "dataset=voc", "++dataset.seed=1", "dataset.sizes"]
+    assert _safe_name("a/b/c") == "a__b__c" and _safe_name(7) == "7"
+
+
+def test_summary_lines():
+    result = {"table": "TABLE", "images": 1234, "pixels": 5678901, "split": "val", "device": "cpu", "out": "/o",
+              "predict": {"mode": "slide", "scales": [0.5, 1.0], "flip": True},
+              "throughput": {"img_per_s": 12.345, "model_img_per_s": 40.0, "timed_images": 9}}
+    assert summary(result).splitlines() == [
+        "TABLE", "1234 image(s), 5,678,901 labelled pixels, split val, mode slide, scales [0.5, 1.0], flip true, on cpu",
+        "throughput: 12.3 img/s end to end, 40.0 img/s model only (9 images timed after a warm-up batch)",
+        "wrote metrics.json, confusion_matrix.csv and confusion_matrix.png to /o"]
+    result["throughput"] = {"img_per_s": None, "model_img_per_s": None, "timed_images": 0}
+    assert summary(result).splitlines()[2] == "throughput: too few batches to time (the first is warm-up)"
+
+
+def test_dataset_config_merges_the_users_keys_into_the_checkpoints(ckpt):
+    stored = load_checkpoint(ckpt)["config"]
+    merged, from_ckpt = dataset_config(_cfg(ckpt, "++dataset.seed=7"), stored)
+    assert from_ckpt and merged["seed"] == 7 and merged["_target_"] == stored["dataset"]["_target_"]
+    assert {k: v for k, v in merged.items() if k != "seed"} == {k: v for k, v in stored["dataset"].items() if k != "seed"}
+    same, from_ckpt = dataset_config(_cfg(ckpt), stored)
+    assert from_ckpt and same == stored["dataset"]
+    other, from_ckpt = dataset_config(_cfg(ckpt, "dataset=folder"), stored)
+    assert not from_ckpt and other["_target_"] == "segrun.data.Folder"
+    with pytest.raises(EvalError) as exc:
+        dataset_config(_cfg(ckpt, "++dataset.zzz=1", "++dataset.aaa=2"), stored)
+    assert str(exc.value).startswith(f"dataset.aaa: the checkpoint's dataset config ({stored['dataset']['_target_']}) "
+                                     "has no key 'aaa'; its keys: ")
+    assert "_target_" not in str(exc.value).split("its keys: ")[1]
+    for bad in ({}, {"dataset": {"root": "x"}}, {"dataset": "voc"}):
+        with pytest.raises(CheckpointError, match=f"checkpoint {ckpt} has no dataset config; pick one"):
+            dataset_config(_cfg(ckpt), bad)
+
+
+def test_eval_of_an_untrained_checkpoint_writes_what_it_promises(ckpt, tmp_path):
+    result = run(_cfg(ckpt, "save_predictions=true"))
+    out = ckpt.parent.parent / "eval" / "best-val"
+    assert result["out"] == out and result["batch_size"] == 3  # the checkpoint's loader.val_batch_size
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["checkpoint"] == str(ckpt.resolve()) and saved["epoch"] == 1 and saved["split"] == "val"
+    assert saved["images"] == 5 and saved["precision"] == "fp32" and saved["device"] == "cpu"
+    assert saved["predict"] == {"mode": "whole", "crop_size": 32, "stride": None, "scales": [1.0], "flip": False,
+                                "window_batch": None}
+    assert saved["throughput"]["timed_images"] == 2  # batches of 3, 3 + 2: the first is warm-up
+    assert saved["throughput"]["img_per_s"] > 0 and saved["throughput"]["model_img_per_s"] > 0
+    assert "class_names" not in saved["dataset"] and "palette" not in saved["dataset"]
+    assert saved["segrun_version"] and set(saved["class_iou"]) == {"background", "ellipse", "rectangle", "triangle",
+                                                                    "ring"}
+    # the labelled pixels by class, straight from the dataset (no segrun metric code)
+    cfg = compose_cfg([*TINY, "dataset.sizes={train: 4, val: 5, test: 2}"])
+    ds = instantiate(cfg.dataset, split="val", transform=None)
+    gt = sum(np.bincount(np.asarray(ds.read(i)[1]).ravel(), minlength=256)[:5] for i in range(5))
+    names, mat = read_confusion_csv(out / "confusion_matrix.csv")
+    np.testing.assert_array_equal(mat.sum(1), gt)
+    assert saved["pixels"] == int(gt.sum()) and (out / "confusion_matrix.png").is_file()
+    masks = sorted(p.name for p in (out / "predictions").iterdir())
+    assert len(masks) == 5 and all(m.startswith("shapes_") for m in masks)
+    one = run(_cfg(ckpt, "batch_size=5", f"out={tmp_path / 'b5'}"))
+    assert one["batch_size"] == 5 and one["throughput"]["img_per_s"] is None and one["throughput"]["timed_images"] == 0
+    assert one["pixels"] == result["pixels"] and one["images"] == 5
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["dataset=folder", "++dataset.root=/nowhere", "++dataset.num_classes=3"],
+     "dataset (segrun.data.Folder) has 3 classes, the checkpoint's model 5; evaluate on a dataset with the same classes"),
+    (["precision=fp16"], "precision=fp16 needs a CUDA device"),
+    (["batch_size=0"], "batch_size=0: expected an integer >= 1"),
+    (["mode=tiles"], "mode='tiles': expected whole or slide"),
+])
+def test_mistakes_are_one_line_eval_errors(ckpt, extra, message):
+    with pytest.raises(EvalError) as exc:
+        run(_cfg(ckpt, *extra))
+    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
+
+
+def test_a_checkpoint_without_a_config_or_a_ckpt_is_refused(tmp_path):
+    bare = tmp_path / "bare.pt"
+    save_checkpoint({"model": {}, "epoch": 1}, bare)
+    with pytest.raises(CheckpointError, match=f"checkpoint {bare} has no config; was it written by segrun training"):
+        run(_cfg(bare))
+    cfg = compose_cfg(["progress=false"], config_name="eval")
+    assert OmegaConf.is_missing(cfg, "ckpt")
+    with pytest.raises(EvalError, match="^ckpt is required: python -m segrun.eval ckpt=path/to/best.pt$"):
+        run(cfg)

@@ -1,0 +1,166 @@
+"""``segrun.export``'s parts in-process: the deployable module, metadata, the check's inputs and
+agreement, the summary and the one-line mistakes. Round trips through ONNX/TorchScript files are in
+tests/test_export.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from segrun import __version__
+from segrun.engine.checkpoint import CheckpointError, save_checkpoint
+from segrun.engine.evaluate import Predictor
+from segrun.engine.settings import PredictSettings
+from segrun.export import (
+    Deployable,
+    ExportError,
+    _check_size,
+    compare,
+    metadata,
+    onnx_metadata,
+    run,
+    sample_input,
+    summary,
+)
+
+from helpers.cli import TINY, compose_cfg
+from helpers.fixtures import make_checkpoint
+
+
+class Scale(torch.nn.Module):
+    """Scores of class k = k * (mean of the normalised channels): class map 2 where positive, 0 else."""
+
+    def forward(self, x):
+        m = x.mean(1, keepdim=True)
+        return torch.cat([0 * m, m, 2 * m], 1)
+
+
+def test_deployable_normalises_inside_and_returns_scores_or_classes():
+    x = torch.tensor([[[[0, 255]], [[0, 255]], [[0, 255]]]], dtype=torch.uint8)  # one 1x2 image: black, white
+    scores = Deployable(Scale(), [0.5] * 3, [0.25] * 3)(x)
+    by_hand = (torch.tensor([0.0, 1.0]) - 0.5) / 0.25  # (x / 255 - mean) / std
+    torch.testing.assert_close(scores[0, :, 0], torch.stack([0 * by_hand, by_hand, 2 * by_hand]))
+    classes = Deployable(Scale(), [0.5] * 3, [0.25] * 3, labels=True)(x)
+    assert classes.tolist() == [[[0, 2]]]
+
+
+def test_metadata_travels_as_plain_values():
+    ckpt = {"class_names": ["a", 1], "palette": [(1, 2, 3), [4.0, 5, 6]], "mean": (0.5, 0.4, 0.3), "std": [1, 1, 1],
+            "num_classes": 2}
+    meta = metadata(ckpt, "scores")
+    assert meta == {"class_names": ["a", "1"], "palette": [[1, 2, 3], [4, 5, 6]], "mean": [0.5, 0.4, 0.3],
+                    "std": [1.0, 1.0, 1.0], "input": "uint8 RGB, shape (N, 3, H, W); normalisation is inside the graph",
+                    "output": "class scores (N, K, H, W)", "num_classes": 2, "segrun_version": __version__}
+    assert metadata(ckpt, "labels")["output"] == "class indices (N, H, W)"
+    bare = metadata({"mean": [0], "std": [1], "palette": [[0, 0, 0]] * 3}, "scores")
+    assert bare["class_names"] == [] and bare["num_classes"] == 3
+    assert metadata({"mean": [0], "std": [1]}, "scores")["num_classes"] == 0
+    strings = onnx_metadata(meta)
+    assert strings["input"] == meta["input"] and json.loads(strings["palette"]) == [[1, 2, 3], [4, 5, 6]]
+    assert strings["num_classes"] == "2" and all(isinstance(v, str) for v in strings.values())
+
+
+def test_check_inputs_are_smooth_seeded_images_of_the_size_asked():
+    a = sample_input((37, 50), seed=2)
+    assert a.shape == (1, 3, 37, 50) and a.dtype == torch.uint8
+    assert torch.equal(a, sample_input((37, 50), seed=2)) and not torch.equal(a, sample_input((37, 50), seed=3))
+    assert int(a.max()) - int(a.min()) > 100  # not flat
+    steps = (a[..., 1:].int() - a[..., :-1].int()).abs()
+    assert steps.float().mean() < 16  # blobs, not per-pixel noise
+    assert sample_input((5, 3)).shape == (1, 3, 5, 3)  # smaller than one blob
+
+
+def test_the_check_size_is_one_the_model_never_saw():
+    assert _check_size((20, 30), {}) == (20, 30)
+    assert _check_size(None, {"config": {"dataset": {"crop_size": 32}}}) == (32 + 16 + 3, 64 + 5)
+    assert _check_size(None, {"config": {"dataset": {"crop_size": [24, 40]}}}) == (24 + 12 + 3, 80 + 5)
+    assert _check_size(None, {}) == _check_size(None, {"config": {"dataset": {}}}) == (64 + 32 + 3, 128 + 5)
+    assert _check_size(None, {"config": None}) == (99, 133)
+
+
+def test_agreement_is_the_share_of_pixels_with_predicts_class():
+    predictor = Predictor(Scale(), Deployable(Scale(), [0.5] * 3, [0.25] * 3).normalize, PredictSettings(),
+                          torch.device("cpu"))
+    x = sample_input((8, 10), seed=4)
+    reference = predictor.scores(x)
+    same = compare(predictor, x, reference.clone(), labels=False, num_classes=3)
+    assert same == {"agreement": 1.0, "max_score_diff": 0.0}
+    moved = reference.clone()
+    moved[..., :5] += 0.5  # scores off by 0.5 on half the image, the classes unchanged
+    assert compare(predictor, x, moved, labels=False, num_classes=3) == {"agreement": 1.0, "max_score_diff": 0.5}
+    classes = reference.argmax(1)
+    wrong = classes.clone()
+    wrong[..., :4] = (wrong[..., :4] + 1) % 3  # 4 of 10 columns another class
+    result = compare(predictor, x, wrong, labels=True, num_classes=3)
+    assert result["agreement"] == pytest.approx(0.6) and result["max_score_diff"] is None
+
+
+def test_summary_text():
+    result = {"out": "/m.onnx", "format": "onnx", "model": "UNet", "bytes": 2_345_678, "output": "labels",
+              "size": (51, 69), "agreement": 0.999876, "max_score_diff": None}
+    assert summary(result) == ("wrote /m.onnx (onnx, UNet, 2.35 MB): uint8 RGB (N, 3, H, W) in, class indices out; "
+                               "whole-image prediction (slide and TTA stay in segrun.infer)\n"
+                               "check at 51x69: 99.988% of pixels agree with predict()")
+    result.update(output="scores", max_score_diff=1.5e-6)
+    assert summary(result).endswith("99.988% of pixels agree with predict(), largest score difference 1.50e-06")
+    assert "class scores out" in summary(result)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "model.pt"
+    make_checkpoint(path, TINY)
+    return path
+
+
+def _cfg(*extra):
+    return compose_cfg(list(extra), config_name="export")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_export_by_default_next_to_the_checkpoint(ckpt):
+    result = run(_cfg(f"ckpt={ckpt}", "format=torchscript", "output=labels", "check_size=[21,34]"))
+    out = ckpt.with_suffix(".torchscript.pt")
+    assert result["out"] == out and out.is_file() and result["bytes"] == out.stat().st_size
+    assert (result["format"], result["output"], result["size"], result["model"]) == ("torchscript", "labels", (21, 34),
+                                                                                     "UNet")
+    assert result["agreement"] >= 0.999 and result["max_score_diff"] is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["format=tflite"], "format='tflite': expected onnx or torchscript"),
+    (["output=probs"], "output='probs': expected scores or labels"),
+    (["min_agreement=1.5"], "min_agreement=1.5: expected a number in [0, 1]"),
+])
+def test_bad_options_are_one_line(ckpt, extra, message):
+    with pytest.raises(ExportError) as exc:
+        run(_cfg(f"ckpt={ckpt}", *extra))
+    assert str(exc.value).startswith(message)
+
+
+def test_checkpoints_that_cannot_be_exported(tmp_path):
+    with pytest.raises(ExportError, match=r"^ckpt is required: python -m segrun.export ckpt=path/to/best.pt format=onnx$"):
+        run(_cfg())
+    partial = tmp_path / "partial.pt"
+    save_checkpoint({"model": {}, "config": {}, "std": [1.0]}, partial)
+    with pytest.raises(CheckpointError) as exc:
+        run(_cfg(f"ckpt={partial}"))
+    assert str(exc.value) == f"checkpoint {partial} lacks mean; was it written by segrun training?"
+    empty = tmp_path / "empty.pt"
+    save_checkpoint({"model": {}}, empty)
+    with pytest.raises(CheckpointError, match="lacks config, mean, std;"):
+        run(_cfg(f"ckpt={empty}"))
+
+
+def test_an_export_of_the_wrong_shape_fails_and_keeps_the_file(ckpt, tmp_path, monkeypatch):
+    import segrun.export as export
+
+    monkeypatch.setattr(export, "run_exported", lambda fmt, path, x: torch.zeros(x.shape[0], *x.shape[-2:]))
+    out = tmp_path / "m.pt"
+    with pytest.raises(ExportError) as exc:
+        run(_cfg(f"ckpt={ckpt}", f"out={out}", "format=torchscript", "check_size=[20,30]"))
+    assert str(exc.value) == (f"{out}: the exported model returned shape (2, 20, 30) for input (2, 3, 20, 30), expected "
+                              "(2, 5, 20, 30); the file is kept for inspection")
+    assert out.is_file()

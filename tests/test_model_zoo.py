@@ -566,3 +566,40 @@ def test_bad_variant_from_the_cli_is_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
         "error: model.variant=b9: SegFormer variants are b0, b1, b2, b3, b4, b5"]
+
+
+def test_segformer_imagenet_weights_come_from_smps_hub_cache_at_its_revision(hub_cache):
+    _needs("segmentation_models_pytorch")
+    from segmentation_models_pytorch.encoders import encoders, get_encoder
+
+    from segrun.models import SegFormer
+
+    entry = encoders["mit_b0"]["pretrained_settings"]["imagenet"]
+    state = get_encoder("mit_b0", weights=None).state_dict()
+    blob = _fake_hub_cache(hub_cache, entry["repo_id"], state)
+    snap = blob.parent.parent / "snapshots"
+    (snap / "0123abc").rename(snap / entry["revision"])  # smp pins a revision: the file must sit under it
+    model = SegFormer(NUM_CLASSES, pretrained="imagenet", decoder_channels=16)
+    assert torch.equal(model.backbone.block1[0].attn.q.weight, state["block1.0.attn.q.weight"])
+    assert torch.equal(model.backbone.patch_embed4.proj.weight, state["patch_embed4.proj.weight"])
+
+
+@pytest.mark.parametrize("backbone", ["test_convnext", "test_efficientnet"])
+def test_dilated_heads_on_timm_backbones(backbone):
+    _needs("timm")
+    from segrun.models import FCN, DeepLabV3Plus
+
+    for model, stride in ((PSPNet(NUM_CLASSES, backbone=backbone, head_channels=8, aux_channels=8), 8),
+                          (FCN(NUM_CLASSES, backbone=backbone, head_channels=8, aux_channels=8), 8),
+                          (DeepLabV3Plus(NUM_CLASSES, backbone=backbone, head_channels=8, low_level_channels=8), 16)):
+        assert model.backbone.strides["c5"] == stride  # timm dilated the last stages
+        with torch.no_grad():
+            assert main_output(model.eval()(batch(size=36))).shape == (2, NUM_CLASSES, 36, 36)
+
+
+def test_unet_decoder_refuses_a_backbone_without_a_stride2_level():
+    _needs("timm")
+    from segrun.models import ResNetUNet
+
+    with pytest.raises(ConfigError, match=r"model.backbone='test_convnext' gives levels \['c2', 'c3', 'c4', 'c5'\]"):
+        ResNetUNet(NUM_CLASSES, backbone="test_convnext")

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 ENV = {"OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "PYTHONPATH": str(REPO)}
-TINY = ["debug=tiny", "trainer.tensorboard=false", "trainer.deterministic=true"]
+TINY = ["debug=tiny", "logger=[]", "trainer.deterministic=true"]
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 

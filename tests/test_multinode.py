@@ -31,7 +31,7 @@ pytestmark = [
 
 #: 32 training images over 4 ranks: 2 batches of 4 per rank and epoch
 RUN = ["trainer=ddp", *TINY, "dataset.sizes={train: 32, val: 6, test: 4}", "trainer.deterministic=true",
-       "trainer.tensorboard=false"]
+       "logger=[]"]
 ENV = {"OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 
 

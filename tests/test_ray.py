@@ -21,7 +21,7 @@ from helpers.netns import NetNamespace, unavailable
 pytestmark = pytest.mark.slow
 pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher not installed (segrun[ray])")
 
-JOB = ["-m", "hydra/launcher=ray", *TINY, "trainer.epochs=1", "trainer.tensorboard=false", "seed=0,1"]
+JOB = ["-m", "hydra/launcher=ray", *TINY, "trainer.epochs=1", "logger=[]", "seed=0,1"]
 ENV = {"OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 

@@ -25,7 +25,7 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submi
 #: one SLURM job per sweep job on the loopback cluster: 1 CPU, 1 GB, a CPU partition
 LAUNCH = ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
           "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
-JOB = [*TINY, "trainer.tensorboard=false", "trainer.deterministic=true"]
+JOB = [*TINY, "logger=[]", "trainer.deterministic=true"]
 
 
 @pytest.fixture(scope="module")

@@ -123,15 +123,15 @@ def optional(inner: Check) -> Check:
     return check
 
 
-def auto_or(inner: Check) -> Check:
-    """``auto``, or what ``inner`` accepts (its message then mentions auto)."""
+def auto_or(inner: Check, expected: str) -> Check:
+    """``auto``, or what ``inner`` accepts (described by ``expected``, e.g. "an integer >= 0")."""
     def check(key: str, value: Any) -> Any:
         if value == "auto":
             return "auto"
         try:
             return inner(key, value)
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace(": expected ", ": expected auto or ", 1)) from None
+        except ConfigError:
+            raise ConfigError(f"{key}={value!r}: expected auto or {expected}") from None
     return check
 
 
@@ -214,16 +214,19 @@ def mapping(inner: Check, example: str) -> Check:
 def numbers(minimum: float, maximum: float | None = None, exclusive: bool = False) -> Check:
     """A non-empty list of numbers in the given bounds (one per image channel)."""
     each = number(minimum, maximum, exclusive)
+    if maximum is None:
+        bounds = f" {'>' if exclusive else '>='} {minimum:g}"
+    else:
+        bounds = f" in {'(' if exclusive else '['}{minimum:g}, {maximum:g}]"
 
     def check(key: str, value: Any) -> tuple[float, ...]:
         try:
             if not isinstance(value, (list, tuple)) or not value:
-                raise ConfigError("")
+                raise ConfigError(key)
             return tuple(each(key, v) for v in value)
-        except ConfigError as exc:
-            bounds = str(exc).split(": expected ", 1)[-1] if str(exc) else "numbers"
-            raise ConfigError(f"{key}={plain_value(value)!r}: expected a list of {bounds.replace('a number', 'numbers')}, "
-                              "one per image channel") from None
+        except ConfigError:
+            raise ConfigError(f"{key}={plain_value(value)!r}: expected a list of numbers{bounds}, one per image "
+                              "channel") from None
     return check
 
 
@@ -236,8 +239,8 @@ class LoaderSettings:
 
     batch_size: int = option(8, integer(1))  # per process
     val_batch_size: int = option(1, integer(1))
-    num_workers: int | str = option("auto", auto_or(integer(0)))
-    pin_memory: bool | str = option("auto", auto_or(boolean))
+    num_workers: int | str = option("auto", auto_or(integer(0), "an integer >= 0"))
+    pin_memory: bool | str = option("auto", auto_or(boolean, "true or false"))
     persistent_workers: bool = option(True, boolean)
     prefetch_factor: int | None = option(None, optional(integer(1)))
     drop_last: bool = option(True, boolean)

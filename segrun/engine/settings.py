@@ -289,7 +289,7 @@ class InferSettings:
     overlay: bool = option(True, boolean)
     overlay_alpha: float = option(0.5, probability)  # weight of the colour mask
     batch_size: int = option(1, integer(1))
-    num_workers: int | str = option("auto", auto_or(integer(0)))
+    num_workers: int | str = option("auto", auto_or(integer(0), "an integer >= 0"))
     threads: int | str = option("auto", threads)
     writers: int = option(2, integer(1))
     progress: bool = option(True, boolean)
@@ -309,7 +309,7 @@ class EvalSettings:
     device: str = option("auto", text)
     precision: str | None = option(None, optional(choice(*PRECISIONS)))
     batch_size: int | None = option(None, optional(integer(1)))
-    num_workers: int | str = option("auto", auto_or(integer(0)))
+    num_workers: int | str = option("auto", auto_or(integer(0), "an integer >= 0"))
     threads: int | str = option("auto", threads)
     save_predictions: bool = option(False, boolean)
     plot_max_classes: int = option(30, integer(1))

@@ -622,3 +622,19 @@ def test_every_new_config_trains_an_epoch_through_the_build_path(name, tmp_path)
     trainer.fit()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs_completed"] == 1 and torch.isfinite(torch.tensor(metrics["history"][0]["train/loss"]))
+
+
+@pytest.mark.slow
+def test_missing_timm_weights_one_line_from_the_cli(tmp_path):
+    _needs("timm", "huggingface_hub")
+    cache = tmp_path / "hf"
+    r = run_cli([*TINY, "model=upernet", "~model.width", "~model.depth", "model.backbone=vit_small_patch14_dinov2",
+                 "model.pretrained=imagenet", f"hydra.run.dir={tmp_path / 'run'}"],
+                env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("error: model.pretrained=imagenet: timm's vit_small_patch14_dinov2.lvd142m is not in "
+                               "the Hugging Face cache: place model.safetensors of timm/vit_small_patch14_dinov2.lvd142m")
+    assert "huggingface-cli download timm/vit_small_patch14_dinov2.lvd142m model.safetensors" in lines[0]
+    assert not cache.exists() or not any(cache.iterdir())  # nothing downloaded

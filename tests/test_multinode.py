@@ -130,3 +130,17 @@ def test_max_restarts_resumes_last_pt_by_itself(netns, tmp_path):
     assert "trainer.resume=auto: continuing" in text and "resumed from" in text, text[-2000:]
     assert read_status(run)["state"] == "done"
     assert [h["epoch"] for h in json.loads((run / "metrics.json").read_text())["history"]] == [1, 2, 3]
+
+
+def test_a_rank_whose_rendezvous_never_comes_stops_in_one_line(netns, tmp_path):
+    """Rank 1 of 2 with nobody at MASTER_ADDR:MASTER_PORT: one line naming the address, after trainer.dist_timeout."""
+    start = time.monotonic()
+    r = netns.run([sys.executable, "-m", "segrun", *RUN, "trainer.dist_timeout=5s", f"hydra.run.dir={tmp_path / 'run'}"],
+                  timeout=120, cwd=REPO, env={**ENV, "RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+                                              "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"})
+    took = time.monotonic() - start
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no answer from the rendezvous at 127.0.0.1:29999 within 5 s" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    print(f"gave up after {took:.1f} s")

@@ -38,7 +38,7 @@ def child(setting: str, iters: int) -> None:
     from segrun.build import build_trainer
     from segrun.config import conf_dir
 
-    overrides = [f"trainer.threads={setting}", "trainer.progress=false", "trainer.tensorboard=false",
+    overrides = [f"trainer.threads={setting}", "trainer.progress=false", "logger=[]",
                  f"trainer.limit_train_batches={iters + 2}", "trainer.log_every=1000"]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

@@ -89,7 +89,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(model: str, variant: str, rounds: int, extra: list[str]) -> dict:
-    overrides = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.log_every=10",
+    overrides = ["trainer.progress=false", "logger=[]", "trainer.log_every=10",
                  *MODELS[model], *VARIANTS[variant], *extra]
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

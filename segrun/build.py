@@ -27,7 +27,15 @@ from segrun.data.loader import build_loader
 from segrun.engine import distributed as dist
 from segrun.engine.predict import Normalize
 from segrun.engine.runtime import configure_backends, configure_threads, resolve_device, resolve_workers, seed_everything
-from segrun.engine.settings import TrainSettings, check_int, check_number, check_size
+from segrun.engine.settings import (
+    LoaderSettings,
+    TrainSettings,
+    check_groups,
+    check_int,
+    check_number,
+    check_size,
+    read_settings,
+)
 from segrun.errors import ConfigError
 from segrun.models.base import count_parameters
 from segrun.optim import build_optimizer
@@ -82,13 +90,7 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> T
     """
     if choices:
         check_value_types(cfg, choices)
-    lc = cfg.loader
-    check_int("loader.batch_size", lc.batch_size, 1)
-    check_int("loader.val_batch_size", lc.val_batch_size, 1)
-    if lc.prefetch_factor is not None:
-        check_int("loader.prefetch_factor", lc.prefetch_factor, 1)
-    if lc.num_workers != "auto":
-        check_int("loader.num_workers", lc.num_workers, 0)
+    read_settings(LoaderSettings, cfg.loader, prefix="loader.")
     ds = cfg.dataset
     check_int("dataset.num_classes", ds.num_classes, 1)
     check_policy(ds.get("on_bad_sample", "error"))
@@ -96,12 +98,6 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> T
     for key in ("crop_size", "base_size"):
         if ds.get(key) is not None:
             check_size(f"dataset.{key}", ds[key])
-    for key in ("mean", "std"):
-        values = list(ds[key])
-        if not values:
-            raise ConfigError(f"dataset.{key}=[]: expected one number per image channel")
-        for v in values:
-            check_number(f"dataset.{key}", v, 0.0, exclusive=key == "std")
     oc = cfg.optimizer
     check_number("optimizer.lr", oc.lr, 0.0, exclusive=True)
     for key in ("weight_decay", "momentum", "backbone_lr_mult"):
@@ -111,6 +107,7 @@ def check_config(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> T
         check_number("optimizer.layer_decay", oc.layer_decay, 0.0, exclusive=True)
         if float(oc.layer_decay) > 1.0:
             raise ConfigError(f"optimizer.layer_decay={oc.layer_decay}: expected a factor in (0, 1]")
+    check_groups(cfg)
     return TrainSettings.from_config(cfg)
 
 
@@ -194,14 +191,14 @@ def dataset_meta(cfg: DictConfig, dataset: Dataset) -> DatasetMeta:
 
 
 def build_data_loader(cfg: DictConfig, dataset: Dataset, train: bool, device: torch.device) -> DataLoader:
-    """A loader with ``cfg.loader``'s settings, sharded over this process's rank."""
-    lc = cfg.loader
-    pin = device.type == "cuda" if lc.pin_memory == "auto" else bool(lc.pin_memory)
-    return build_loader(dataset, int(lc.batch_size if train else lc.val_batch_size), train=train,
-                        num_workers=resolve_workers(lc.num_workers, device), seed=int(cfg.seed),
+    """A loader with ``cfg.loader``'s settings (checked: ``LoaderSettings``), sharded over this process's rank."""
+    lc = read_settings(LoaderSettings, cfg.loader, prefix="loader.")
+    pin = device.type == "cuda" if lc.pin_memory == "auto" else lc.pin_memory
+    return build_loader(dataset, lc.batch_size if train else lc.val_batch_size, train=train,
+                        num_workers=resolve_workers(lc.num_workers, device), seed=check_int("seed", cfg.seed),
                         rank=dist.rank(), world_size=dist.world_size(), pin_memory=pin,
-                        persistent_workers=bool(lc.persistent_workers), prefetch_factor=lc.prefetch_factor,
-                        drop_last=bool(lc.drop_last))
+                        persistent_workers=lc.persistent_workers, prefetch_factor=lc.prefetch_factor,
+                        drop_last=lc.drop_last)
 
 
 def build_model(cfg: DictConfig, device: torch.device, settings: TrainSettings | None = None) -> nn.Module:
@@ -211,9 +208,8 @@ def build_model(cfg: DictConfig, device: torch.device, settings: TrainSettings |
     model = instantiate(cfg.model)
     total, trainable = count_parameters(model)
     log.info("model %s: %s parameters (%s trainable)", type(model).__name__, f"{total:,}", f"{trainable:,}")
-    tc = cfg.trainer
     distributed = dist.world_size() > 1
-    if distributed and tc.sync_bn and device.type == "cuda":
+    if distributed and settings.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if settings.channels_last:
@@ -221,7 +217,7 @@ def build_model(cfg: DictConfig, device: torch.device, settings: TrainSettings |
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                    find_unused_parameters=bool(tc.find_unused_parameters))
+                                                    find_unused_parameters=settings.find_unused_parameters)
     if settings.compile:
         check_compile_support(device)
         model = torch.compile(model, mode=settings.compile)
@@ -248,7 +244,7 @@ def build_parts(cfg: DictConfig, settings: TrainSettings) -> Parts:
     if settings.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"trainer.precision=fp16 needs a CUDA device (this run uses {device}); "
                           "use trainer.precision=bf16 or fp32")
-    dist.init(device, str(cfg.trainer.dist_backend), timeout_s=settings.dist_timeout_s)
+    dist.init(device, settings.dist_backend, timeout_s=settings.dist_timeout_s)
     seed_everything(settings.seed + dist.rank())
     configure_backends(device, settings.deterministic)
     configure_threads(settings.threads, workers=resolve_workers(cfg.loader.num_workers, device))
@@ -294,8 +290,6 @@ def build_logger(cfg: DictConfig, run_dir: str | Path, settings: TrainSettings, 
 
     loggers = []
     for name, spec in (cfg.get("logger") or {}).items():
-        if name == "tensorboard" and not settings.tensorboard:
-            continue  # trainer.tensorboard=false keeps its old meaning
         options = OmegaConf.to_container(spec, resolve=True)
         cls = get_class(options.pop("_target_"))  # not instantiate(): `config` holds _target_ keys of its own
         loggers.append(cls(run_dir=Path(run_dir), resume_step=resume_step, config=config, **options))

@@ -58,10 +58,16 @@ def monitor_direction(monitor: str) -> str:
     return "minimize" if str(monitor).split()[:1] == ["min"] else "maximize"
 
 
+def slurm_tasks(gpus_per_node: int | None) -> int:
+    """SLURM tasks per node: one per GPU, and one on a CPU partition (``gpus_per_node: 0``)."""
+    return max(1, int(gpus_per_node or 0))
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    for name, fn in (("segrun.fresh_dir", fresh_dir), ("segrun.direction", monitor_direction)):
+    for name, fn in (("segrun.fresh_dir", fresh_dir), ("segrun.direction", monitor_direction),
+                     ("segrun.tasks", slurm_tasks)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

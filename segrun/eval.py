@@ -97,6 +97,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise EvalError("ckpt is required: python -m segrun.eval ckpt=path/to/best.pt")
     with reraise_as(EvalError):
         s = read_settings(EvalSettings, cfg, error=EvalError, trust_targets=trust_targets(cfg))
+    # the user's prediction values before any file is read (null ones come from the checkpoint later)
+    PredictSettings.from_config(cfg, prefix="", crop_fallback=1, error=EvalError)
     ckpt_path = Path(os.path.expanduser(s.ckpt))
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     stored = ckpt.get("config")

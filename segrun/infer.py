@@ -190,8 +190,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for key in ("ckpt", "images"):
         if OmegaConf.is_missing(cfg, key):
             raise InferError(f"{key} is required: python -m segrun.infer ckpt=path/to/best.pt images=file_or_folder")
-    read_settings(InferSettings, cfg, error=InferError)  # the tool's own options first, before any file is read
-    ckpt_path = Path(os.path.expanduser(str(cfg.ckpt)))
+    # the user's values first, before any file is read (a null slide window may come from the checkpoint later)
+    given = read_settings(InferSettings, cfg, error=InferError)
+    PredictSettings.from_config(cfg, prefix="", crop_fallback=1, error=InferError)
+    ckpt_path = Path(os.path.expanduser(given.ckpt))
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
     missing = [k for k in ("config", "palette", "mean", "std") if k not in ckpt]
     if missing:

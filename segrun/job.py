@@ -79,6 +79,40 @@ def share_resources(cfg: DictConfig, hc: Any) -> None:
         log.info("%s: sharing %d CPU(s)", where, cores)
 
 
+def slurm_share(cfg: DictConfig) -> None:
+    """Inside a SLURM job, use the CPUs SLURM gave this task (not the node's): torch threads and loader
+    workers, said once in the log."""
+    from segrun.engine.runtime import resolve_device, resolve_workers, slurm_cpus
+
+    cpus = slurm_cpus()
+    if cpus is None:
+        return
+    torch.set_num_threads(cpus)
+    try:
+        workers = resolve_workers(cfg.loader.num_workers, resolve_device(str(cfg.trainer.device)))
+    except SegrunError:  # reported where the run builds them
+        return
+    log.info("SLURM job %s: %d CPU(s) per task (SLURM_CPUS_PER_TASK): %d torch thread(s), %d loader worker(s)",
+             os.environ.get("SLURM_JOB_ID"), cpus, cpus, workers)
+
+
+def ray_share() -> None:
+    """Inside a Ray task (``hydra/launcher=ray``), use the CPUs Ray assigned to it as torch threads; Ray has
+    already set CUDA_VISIBLE_DEVICES to its GPU(s). Said once in the log."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        assigned = ray.get_runtime_context().get_assigned_resources()
+    except Exception:  # the driver, not a task
+        return
+    cpus = int(assigned.get("CPU", 0))
+    if cpus >= 1:
+        torch.set_num_threads(cpus)
+    log.info("Ray task: %s CPU(s) -> %d torch thread(s), %s GPU(s) (CUDA_VISIBLE_DEVICES=%s)", assigned.get("CPU", 0),
+             torch.get_num_threads(), assigned.get("GPU", 0), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+
 def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool = False, notes: list[str] | None = None) -> bool:
     """Turn ``trainer.resume=auto`` (and a requeued SLURM job) into a path or nothing; returns whether reusing a
     folder that holds a finished run is deliberate. What to log goes to ``notes``: it is logged once the folder
@@ -86,6 +120,8 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool = False, notes
     resume = cfg.trainer.resume
     if resume is None and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
         resume = "auto"  # requeued after preemption or timeout: continue the job's own last.pt
+    if resume is None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0") and not multirun:
+        resume = "auto"  # torchrun --max-restarts restarted the group after a rank died: continue last.pt
     if str(resume) == "auto":
         last = run_dir / "checkpoints" / "last.pt"
         cfg.trainer.resume = str(last) if last.is_file() else None
@@ -199,6 +235,8 @@ def run_job(cfg: DictConfig) -> float | None:
                 log.warning("%s", claim.notice)
         for note in notes:
             log.info("%s", note)
+        slurm_share(cfg)
+        ray_share()
         if multirun:
             share_resources(cfg, hc)
         trainer = build_trainer(cfg, run_dir, overrides, choices=hc.runtime.choices)
@@ -212,6 +250,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if claim is not None:
             claim.failed(str(exc), type(exc).__name__)
         log.warning("%s", exc)
+        preempt.hand_over()  # under submitit: SIGUSR2 before the time limit -> requeue this job
         raise SystemExit(preempt.PREEMPTED_EXIT) from None
     except TrialPruned as exc:  # not a failure: the study's pruner stopped a lagging trial
         if claim is not None:

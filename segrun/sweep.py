@@ -81,12 +81,16 @@ class RunFolderCallback(Callback):
 
 
 class SweepCallback(Callback):
-    """Claims the sweep folder (``sweep.json``); at the end writes ``report.*`` there, lists every job that did not
-    finish (failed, refused, killed, unreadable) and exits 1 when there is one."""
+    """Checks the launcher's engine is there and claims the sweep folder (``sweep.json``); at the end writes
+    ``report.*`` there, lists every job that did not finish (failed, refused, killed, unreadable) and exits 1
+    when there is one."""
 
     claim: Any = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from segrun.launchers import check_launcher
+
+        _guarded(lambda: check_launcher(config.hydra.get("launcher")))  # before anything is written or submitted
         _guarded(lambda: self._claim(config))
 
     def _claim(self, config: DictConfig) -> None:

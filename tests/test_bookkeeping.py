@@ -107,7 +107,7 @@ def scripted_run(tmp_path_factory):
     the run must stop after epoch 5 with its best at epoch 3."""
     run = tmp_path_factory.mktemp("scripted")
     t = make_trainer(run, ["trainer.epochs=8", "trainer.monitor=min val/loss", "trainer.early_stop=2",
-                           "trainer.save_period=1", "trainer.tensorboard=false", "scheduler=poly",
+                           "trainer.save_period=1", "logger=[]", "scheduler=poly",
                            "optimizer.lr=0.05", "dataset.sizes={train: 8, val: 2, test: 2}"])
     t.criterion = ScriptedValLoss(t.criterion, [1.0, 2.0, 0.5, 3.0, 4.0, 0.1, 0.1, 0.1])
     t.criterion.trainer = t
@@ -156,7 +156,7 @@ def test_resume_restores_step_schedule_and_monitor(scripted_run, tmp_path):
     t, run, _, _ = scripted_run
     ckpt = run / "checkpoints" / "epoch_0004.pt"
     resumed = make_trainer(tmp_path, ["trainer.epochs=8", "trainer.monitor=min val/loss", "trainer.early_stop=2",
-                                      "trainer.tensorboard=false", "scheduler=poly", "optimizer.lr=0.05",
+                                      "logger=[]", "scheduler=poly", "optimizer.lr=0.05",
                                       "dataset.sizes={train: 8, val: 2, test: 2}", f"trainer.resume={ckpt}"])
     step = 4 * t.iters_per_epoch
     assert resumed.epoch == 4 and resumed.global_step == step and resumed.scheduler.last_epoch == step

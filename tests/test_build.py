@@ -35,7 +35,9 @@ def _checked(overrides):
     (["optimizer.lr=0"], "optimizer.lr=0: expected a number > 0"),
     (["trainer.precision=fp8"], "trainer.precision='fp8': expected one of fp32, bf16, fp16"),
     (["trainer.monitor=max val/nope"], "trainer.monitor names 'val/nope'"),
-    (["trainer.tensorboard=maybe"], "trainer.tensorboard='maybe': expected true or false"),
+    (["trainer.progress=maybe"], "trainer.progress='maybe': expected true or false"),
+    (["trainer.tensorboard=false"], "trainer.tensorboard=False: removed; use logger=[...] to choose the loggers"),
+    (["trainer.amp=true"], "trainer.amp=True: removed; use trainer.precision=fp16"),
     (["model.width=4.5"], "model.width=4.5: expected an integer"),
 ])
 def test_bad_values_name_key_value_and_expectation(overrides, message):
@@ -70,7 +72,7 @@ def test_trainer_runs_from_hand_made_parts(tmp_path):
     steps_per_epoch = 4  # 8 samples, batch 2
     parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), lr=0.5), batch_size=2,
                             total_iters=2 * steps_per_epoch, power=1.0, noise=0)
-    settings = TrainSettings(epochs=2, progress=False, tensorboard=False, log_every=3)
+    settings = TrainSettings(epochs=2, progress=False, log_every=3)
     trainer = Trainer(parts, settings, tmp_path)
     best = trainer.fit()
     assert trainer.global_step == 2 * steps_per_epoch
@@ -83,7 +85,7 @@ def test_trainer_runs_from_hand_made_parts(tmp_path):
 
 
 def test_bf16_trains_on_cpu_and_resumes_exactly(tmp_path):
-    args = ["trainer.precision=bf16", "trainer.device=cpu", "trainer.tensorboard=false", "trainer.epochs=2"]
+    args = ["trainer.precision=bf16", "trainer.device=cpu", "logger=[]", "trainer.epochs=2"]
     full = make_trainer(tmp_path / "full", args)
     assert full.autocast_dtype is torch.bfloat16
     full.fit()

@@ -95,7 +95,7 @@ def test_pin_auto_weights_replaces_only_auto_overrides():
 
 def test_auto_weights_reach_loss_checkpoint_and_resume(data):
     extra = ["loss.weight=auto", "model.width=4", "model.depth=2", "loader.batch_size=2", "loader.num_workers=0",
-             "trainer.epochs=1", "trainer.progress=false", "trainer.vis_samples=1", "trainer.tensorboard=false"]
+             "trainer.epochs=1", "trainer.progress=false", "trainer.vis_samples=1", "logger=[]"]
     trainer = make_trainer(data / "run", _overrides(data, *extra), tiny=False)
     assert trainer.criterion.weight.tolist() == pytest.approx(MEDIAN_FREQ, abs=1e-6)
     trainer.fit()

@@ -59,7 +59,7 @@ def test_validation_with_no_usable_image_stops_with_one_line(tmp_path):
         image.write_bytes(image.read_bytes()[:60])
     args = ["dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.num_classes=3", "dataset.base_size=40",
             "dataset.crop_size=32", "model.width=4", "model.depth=2", "loader.batch_size=2", "loader.num_workers=0",
-            "trainer.progress=false", "trainer.tensorboard=false", "trainer.epochs=1", "dataset.on_bad_sample=skip",
+            "trainer.progress=false", "logger=[]", "trainer.epochs=1", "dataset.on_bad_sample=skip",
             "dataset.max_bad_samples=10"]
     trainer = make_trainer(tmp_path / "run", args, tiny=False)
     with pytest.raises(DatasetError, match=rf"epoch 1 validation had no usable image: {len(val)} val image\(s\) "
@@ -201,7 +201,7 @@ def test_read_only_folders_and_files_in_the_way_are_one_line_naming_the_path(tmp
 def test_training_onto_a_full_disk_is_one_line_before_or_during(tmp_path):
     with tmpfs(tmp_path / "disk", "1m") as disk:
         fill(disk, 0)  # full before the run starts
-        r = run_cli([*TINY, "trainer.epochs=1", "trainer.tensorboard=false", f"hydra.run.dir={disk / 'run'}"])
+        r = run_cli([*TINY, "trainer.epochs=1", "logger=[]", f"hydra.run.dir={disk / 'run'}"])
         assert r.returncode == 2, r.stderr[-2000:]
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {disk / 'run'}") and \
@@ -209,7 +209,7 @@ def test_training_onto_a_full_disk_is_one_line_before_or_during(tmp_path):
 
         (disk / "filler").unlink()
         fill(disk, 48 << 10)  # room for the folder's small files, not for a checkpoint
-        r = run_cli([*TINY, "trainer.epochs=1", "trainer.tensorboard=false", f"hydra.run.dir={disk / 'run2'}"])
+        r = run_cli([*TINY, "trainer.epochs=1", "logger=[]", f"hydra.run.dir={disk / 'run2'}"])
         assert r.returncode == 2, r.stderr[-2000:]
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
         assert errors == [f"error: cannot write checkpoint {disk / 'run2' / 'checkpoints' / 'last.pt'}: no space left "

@@ -26,8 +26,8 @@ def trained(tmp_path_factory) -> dict:
     """A two-epoch tiny run, and a copy of its checkpoint with perturbed conv weights: two epochs leave
     the model predicting background everywhere, which would make the confusion checks vacuous."""
     root = tmp_path_factory.mktemp("eval")
-    cfg = compose_cfg([*TINY, "trainer.epochs=2", "trainer.tensorboard=false"])
-    make_trainer(root / "run", ["trainer.epochs=2", "trainer.tensorboard=false"]).fit()
+    cfg = compose_cfg([*TINY, "trainer.epochs=2", "logger=[]"])
+    make_trainer(root / "run", ["trainer.epochs=2", "logger=[]"]).fit()
     perturb_checkpoint(root / "run" / "checkpoints" / "last.pt", root / "run" / "checkpoints" / "perturbed.pt")
     return {"root": root, "run": root / "run", "cfg": cfg}
 
@@ -128,7 +128,7 @@ def trained_slide_flip(tmp_path_factory) -> Path:
     The conv weights get noise before training and the learning rate is tiny, so the validated model
     predicts several classes and the prediction settings change its numbers."""
     run_dir = tmp_path_factory.mktemp("slide") / "run"
-    t = make_trainer(run_dir, ["trainer.epochs=1", "trainer.tensorboard=false", "optimizer.lr=1e-9",
+    t = make_trainer(run_dir, ["trainer.epochs=1", "logger=[]", "optimizer.lr=1e-9",
                                "predict.mode=slide", "predict.crop_size=24", "predict.stride=16", "predict.flip=true"])
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -32,7 +32,7 @@ from helpers.fixtures import make_folder_fixture
 pytestmark = pytest.mark.slow  # signals, kills and broken files, mostly in subprocesses
 
 EPOCHS = 2
-RUN = [*TINY, f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "trainer.tensorboard=false",
+RUN = [*TINY, f"trainer.epochs={EPOCHS}", "trainer.deterministic=true", "logger=[]",
        "trainer.checkpoint_every=1"]
 ITERS = 6  # 24 training images / batch 4
 
@@ -151,7 +151,7 @@ def _folder_data(root, n=12):
 def _folder_args(root, *extra, epochs=2, workers=0):
     return ["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3", "dataset.base_size=40",
             "dataset.crop_size=32", "model.width=4", "model.depth=2", "loader.batch_size=2",
-            f"loader.num_workers={workers}", "trainer.progress=false", "trainer.tensorboard=false",
+            f"loader.num_workers={workers}", "trainer.progress=false", "logger=[]",
             f"trainer.epochs={epochs}", *extra]
 
 
@@ -200,7 +200,7 @@ def test_checkpoint_every_takes_iterations_or_a_duration(tmp_path):
     from segrun.engine.settings import parse_every
     from segrun.errors import ConfigError
 
-    run = make_trainer(tmp_path, [*TINY, "trainer.epochs=1", "trainer.tensorboard=false",
+    run = make_trainer(tmp_path, [*TINY, "trainer.epochs=1", "logger=[]",
                                   "trainer.checkpoint_every=0.001s"])
     saved, save_position = [], run.checkpointer.save_position
     run.checkpointer.save_position = lambda epoch, i, *rest: (saved.append(i), save_position(epoch, i, *rest))
@@ -254,7 +254,7 @@ def test_resume_to_train_longer_follows_the_new_schedule(tmp_path):
 
 
 def test_non_finite_state_is_never_checkpointed_and_last_pt_resumes(tmp_path):
-    make_trainer(tmp_path, [*TINY, "trainer.epochs=1", "trainer.tensorboard=false"]).fit()
+    make_trainer(tmp_path, [*TINY, "trainer.epochs=1", "logger=[]"]).fit()
     last = tmp_path / "checkpoints" / "last.pt"
     good = load_checkpoint(last)
 
@@ -280,7 +280,7 @@ def test_non_finite_state_is_never_checkpointed_and_last_pt_resumes(tmp_path):
 
 
 def test_failed_write_keeps_the_previous_last_pt_and_names_the_cause(tmp_path, monkeypatch):
-    run = make_trainer(tmp_path, [*TINY, "trainer.epochs=2", "trainer.tensorboard=false"])
+    run = make_trainer(tmp_path, [*TINY, "trainer.epochs=2", "logger=[]"])
     real_save = torch.save
     calls = []
 

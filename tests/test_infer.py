@@ -29,8 +29,8 @@ def setup(tmp_path_factory) -> dict:
     the masks hold several classes.
     """
     root = tmp_path_factory.mktemp("infer")
-    cfg = compose_cfg([*TINY, "trainer.epochs=1", "trainer.tensorboard=false"])
-    make_trainer(root / "run", ["trainer.epochs=1", "trainer.tensorboard=false"]).fit()
+    cfg = compose_cfg([*TINY, "trainer.epochs=1", "logger=[]"])
+    make_trainer(root / "run", ["trainer.epochs=1", "logger=[]"]).fit()
     ckpt_path = root / "model.pt"
     ckpt = perturb_checkpoint(root / "run" / "checkpoints" / "best.pt", ckpt_path)
 

@@ -26,7 +26,7 @@ if int(optuna.__version__.split(".")[0]) < 4:
 pytestmark = pytest.mark.slow
 
 #: loss is continuous (no ties at mIoU 0 between hopeless trials), so the median pruner has something to compare
-SEARCH = ["-m", "hparams_search=lr_wd", *TINY, "trainer.tensorboard=false", "trainer.monitor=min val/loss",
+SEARCH = ["-m", "hparams_search=lr_wd", *TINY, "logger=[]", "trainer.monitor=min val/loss",
           "optimizer.lr=tag(log, interval(1e-6, 0.2))"]  # a swept override joins (and beats) the params
 
 

@@ -125,7 +125,7 @@ def _settings(*overrides):
 def test_train_settings_read_every_key():
     s = _settings("trainer.epochs=3", "trainer.val_every=2", "trainer.monitor=min val/loss", "trainer.early_stop=4",
                   "trainer.save_period=5", "trainer.resume=/x/last.pt", "trainer.log_every=7", "trainer.vis_samples=0",
-                  "trainer.tensorboard=false", "trainer.progress=false", "trainer.precision=bf16", "trainer.grad_clip=2",
+                  "trainer.progress=false", "trainer.precision=bf16", "trainer.grad_clip=2",
                   "trainer.deterministic=true", "trainer.channels_last=true", "trainer.compile=true",
                   "trainer.accumulate=3", "trainer.ema.decay=0.99", "trainer.prefetch=false", "trainer.device=cpu",
                   "seed=11", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
@@ -133,8 +133,7 @@ def test_train_settings_read_every_key():
                   "predict.mode=slide", "predict.crop_size=24", "predict.flip=true")
     assert (s.epochs, s.val_every, s.monitor, s.early_stop, s.save_period, s.resume) == \
         (3, 2, "min val/loss", 4, 5, "/x/last.pt")
-    assert (s.log_every, s.vis_samples, s.tensorboard, s.progress, s.precision, s.grad_clip) == \
-        (7, 0, False, False, "bf16", 2.0)
+    assert (s.log_every, s.vis_samples, s.progress, s.precision, s.grad_clip) == (7, 0, False, "bf16", 2.0)
     assert (s.deterministic, s.channels_last, s.compile, s.accumulate, s.ema_decay, s.prefetch, s.device, s.seed) == \
         (True, True, "default", 3, 0.99, "false", "cpu", 11)
     assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s) == (6, 2, 0, 900.0)
@@ -183,17 +182,16 @@ def test_bad_trainer_values_name_their_key(override, message):
     assert _error(TrainSettings.from_config, compose_cfg([override])).startswith(message)
 
 
-def test_deprecated_amp_means_fp16(caplog):
-    cfg = compose_cfg([])
-    OmegaConf.set_struct(cfg, False)
-    cfg.trainer.amp = True
-    assert TrainSettings.from_config(cfg).precision == "fp16"
-    assert "trainer.amp=true is deprecated: use trainer.precision=fp16" in caplog.text
-    cfg.trainer.precision = "bf16"
-    assert TrainSettings.from_config(cfg).precision == "bf16"  # an explicit precision wins
-    cfg.trainer.amp = False
-    cfg.trainer.precision = "fp32"
-    assert TrainSettings.from_config(cfg).precision == "fp32"
+def test_removed_amp_and_tensorboard_name_their_replacements():
+    """trainer.amp (an alias of precision=fp16) and trainer.tensorboard (logger=...) were removed (issue 18):
+    setting either is one line naming what replaces it, whatever the value."""
+    for value in ("true", "false"):
+        assert _error(TrainSettings.from_config, compose_cfg([f"trainer.amp={value}"])) == \
+            f"trainer.amp={value.title()}: removed; use trainer.precision=fp16 (bf16 on recent GPUs and CPUs)"
+        assert _error(TrainSettings.from_config, compose_cfg([f"trainer.tensorboard={value}"])) == \
+            (f"trainer.tensorboard={value.title()}: removed; use logger=[...] to choose the loggers: logger=[] for none, "
+             "logger=[csv] without TensorBoard")
+    assert _settings("trainer.precision=fp16").precision == "fp16"
 
 
 def test_compile_false_and_null_are_off():

@@ -19,7 +19,7 @@ from helpers.parts import Pixels, hand_made_parts
 def hand_made_trainer(run_dir, batch_size, epochs=2, **settings):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))  # no BatchNorm
-    s = TrainSettings(epochs=epochs, progress=False, tensorboard=False, log_every=2, **settings)
+    s = TrainSettings(epochs=epochs, progress=False, log_every=2, **settings)
     steps = epochs * -(-(8 // batch_size) // s.accumulate)  # Pixels has 8 samples
     parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), batch_size, steps)
     return Trainer(parts, s, run_dir)
@@ -70,7 +70,7 @@ def test_ema_is_the_hand_computed_average_and_is_what_checkpoints_serve(tmp_path
 
 
 def test_ema_resumes_exactly(tmp_path):
-    args = ["trainer.ema.decay=0.9", "trainer.epochs=2", "trainer.tensorboard=false",
+    args = ["trainer.ema.decay=0.9", "trainer.epochs=2", "logger=[]",
             "dataset.sizes={train: 8, val: 2, test: 2}"]
     full = make_trainer(tmp_path / "full", args)
     full.fit()
@@ -89,7 +89,7 @@ def test_ema_resumes_exactly(tmp_path):
 
 def test_channels_last_gives_the_same_losses(tmp_path):
     # a few steps only: float differences between NCHW and NHWC kernels grow as training goes on
-    args = ["trainer.epochs=1", "trainer.tensorboard=false", "trainer.deterministic=true",
+    args = ["trainer.epochs=1", "logger=[]", "trainer.deterministic=true",
             "dataset.sizes={train: 12, val: 2, test: 2}"]
     plain = make_trainer(tmp_path / "plain", args)
     nhwc = make_trainer(tmp_path / "nhwc", [*args, "trainer.channels_last=true"])
@@ -146,7 +146,7 @@ def test_cuda_prefetcher_overlaps_and_matches():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_precision_trains_and_resumes(tmp_path, precision):
-    args = [f"trainer.precision={precision}", "trainer.device=cuda", "trainer.tensorboard=false", "trainer.epochs=2",
+    args = [f"trainer.precision={precision}", "trainer.device=cuda", "logger=[]", "trainer.epochs=2",
             "trainer.deterministic=true", "trainer.ema.decay=0.9"]
     full = make_trainer(tmp_path / "full", args)
     assert full.scaler.is_enabled() == (precision == "fp16")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def _job_args(roots: str) -> list[str]:
     return ["dataset=folder", f"dataset.root={roots}", "dataset.num_classes=3", "dataset.base_size=40",
             "dataset.crop_size=32", "model.width=4", "model.depth=2", "loader.batch_size=2",
-            "loader.num_workers=0", "trainer.progress=false", "trainer.tensorboard=false", "trainer.epochs=2",
+            "loader.num_workers=0", "trainer.progress=false", "logger=[]", "trainer.epochs=2",
             "trainer.deterministic=true"]
 
 

@@ -20,7 +20,7 @@ from segrun.errors import RunFolderError
 from helpers.cli import REPO, TINY, make_trainer, run_cli
 
 #: one-epoch jobs of the tiny run, deterministic so two sweeps can be compared number for number
-JOB = [*TINY, "trainer.epochs=1", "trainer.deterministic=true", "trainer.tensorboard=false"]
+JOB = [*TINY, "trainer.epochs=1", "trainer.deterministic=true", "logger=[]"]
 #: the middle learning rate drives the tiny U-Net's loss to inf/NaN within the first epoch
 FAILING_GRID = ["optimizer.lr=0.01,1e6,0.02"]
 
@@ -169,7 +169,7 @@ def test_debug_fast_then_resume_auto(tmp_path):
 
 def test_debug_overfit_halves_the_training_loss(tmp_path):
     t = make_trainer(tmp_path, ["debug=overfit", "model.width=4", "model.depth=2", "trainer.epochs=12",
-                                "trainer.val_every=12", "trainer.tensorboard=false"], tiny=False)
+                                "trainer.val_every=12", "logger=[]"], tiny=False)
     assert t.iters_per_epoch == 2 and len(t.train_loader.dataset) == 8
     t.fit()
     losses = [h["train/loss"] for h in t.history]

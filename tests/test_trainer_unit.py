@@ -33,7 +33,7 @@ class Recorder:
 def trainer(tmp_path, epochs=2, batch_size=2, logger=None, **settings) -> Trainer:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
-    s = TrainSettings(epochs=epochs, progress=False, tensorboard=False, log_every=2, vis_samples=0, **settings)
+    s = TrainSettings(epochs=epochs, progress=False, log_every=2, vis_samples=0, **settings)
     steps = epochs * math.ceil(8 // batch_size / s.accumulate)
     parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), batch_size, steps)
     return Trainer(parts, s, tmp_path, config={"seed": 0, "trainer": {"epochs": epochs}}, overrides=["seed=0"],

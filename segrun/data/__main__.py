@@ -15,6 +15,7 @@ images with their masks and overlays, or with ``augment=true`` as the training l
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,9 +23,33 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from segrun.checks import boolean, check_groups, integer, option, optional, read_settings, text, text_list
 from segrun.config import conf_dir
 from segrun.data.base import DatasetError, SegDataset
 from segrun.data.stats import measure
+
+
+@dataclass(frozen=True)
+class DataToolSettings:
+    """``conf/data.yaml``'s own options, checked (``dataset.*`` and ``augment.*`` go to the builders)."""
+
+    split: str = option("train", text)
+    splits: tuple[str, ...] = option(("train", "val"), text_list)
+    max_images: int | None = option(None, optional(integer(1)))
+    seed: int = option(0, integer())
+    show: int = option(0, integer(0))  # pictures of N images per split; 0: the summary
+    out: str = option("data_preview", text)
+    augmented: bool = option(False, boolean)
+    draws: int = option(3, integer(1))
+    num_workers: int = option(0, integer(0))
+    progress: bool = option(True, boolean)
+
+
+def read_tool_settings(cfg: DictConfig) -> DataToolSettings:
+    """The tool's options and the dataset/augment keys with bounds, checked before anything is read."""
+    settings = read_settings(DataToolSettings, cfg)
+    check_groups(cfg)
+    return settings
 
 
 def _fmt_list(values: Sequence[float], digits: int = 4) -> str:
@@ -85,25 +110,26 @@ def _unavailable(exc: Exception) -> str:
 
 
 def summarize(cfg: DictConfig) -> str:
-    """Build the dataset's splits from ``cfg.dataset``, measure ``cfg.split`` and return the report."""
+    """Build the dataset's splits from ``cfg.dataset``, measure ``split`` and return the report."""
     from hydra.utils import instantiate
 
+    s = read_tool_settings(cfg)
     name = _dataset_name()
     split_sizes: dict[str, str] = {}
     measured = None
-    for split in dict.fromkeys([cfg.split, *cfg.splits]):
+    for split in dict.fromkeys([s.split, *s.splits]):
         try:
             ds = instantiate(cfg.dataset, split=split, transform=None)
         except Exception as exc:
-            if split == cfg.split:
+            if split == s.split:
                 raise
             split_sizes[split] = f"not available ({_unavailable(exc)})"
             continue
         split_sizes[split] = f"{len(ds)} images"
-        if split == cfg.split:
+        if split == s.split:
             measured = ds
     assert measured is not None
-    stats = measure(measured, cfg.max_images, cfg.seed, cfg.num_workers, cfg.progress, list_all_bad=True)
+    stats = measure(measured, s.max_images, s.seed, s.num_workers, s.progress, list_all_bad=True)
     return report(name, measured, split_sizes, stats)
 
 
@@ -119,12 +145,11 @@ def write_previews(cfg: DictConfig) -> list[Path]:
     from segrun.data.preview import loader_rows, render_grid, save_png, stored_rows
     from segrun.data.stats import sample_indices
 
-    show, draws, seed = int(cfg.show), int(cfg.draws), int(cfg.seed)
-    if show < 0 or draws < 1:
-        raise ValueError(f"show must be >= 0 and draws >= 1, got show={cfg.show} draws={cfg.draws}")
-    name, augmented = _dataset_name(), bool(cfg.augmented)
+    s = read_tool_settings(cfg)
+    show, draws, seed = s.show, s.draws, s.seed
+    name, augmented = _dataset_name(), s.augmented
     paths = []
-    for split in dict.fromkeys([cfg.split, *cfg.splits]):
+    for split in dict.fromkeys([s.split, *s.splits]):
         train = split == "train"
         transform = None
         if augmented:
@@ -132,7 +157,7 @@ def write_previews(cfg: DictConfig) -> list[Path]:
         try:
             ds = instantiate(cfg.dataset, split=split, transform=transform)
         except Exception as exc:
-            if split == cfg.split:
+            if split == s.split:
                 raise
             print(f"{split}: not available ({_unavailable(exc)})", file=sys.stderr)
             continue
@@ -148,7 +173,7 @@ def write_previews(cfg: DictConfig) -> list[Path]:
             rows = loader_rows(ds, indices, seed, [1], caption="{id}  validation transform")
             title += ", validation transform"
         picture = render_grid(rows, ds.class_names, ds.palette, ds.ignore_index, title)
-        paths.append(save_png(picture, Path(cfg.out) / f"{split}{'_augmented' if augmented else ''}.png"))
+        paths.append(save_png(picture, Path(s.out) / f"{split}{'_augmented' if augmented else ''}.png"))
     return paths
 
 
@@ -161,7 +186,8 @@ def main(cfg: DictConfig) -> None:
     from segrun.errors import USER_ERRORS, one_line
 
     try:
-        text = "\n".join(map(str, write_previews(cfg))) if cfg.show else summarize(cfg)
+        show = read_tool_settings(cfg).show
+        text = "\n".join(map(str, write_previews(cfg))) if show else summarize(cfg)
     except (DatasetError, InstantiationException, *USER_ERRORS) as exc:
         if isinstance(exc, InstantiationException) and isinstance(exc.__cause__, DatasetError):
             exc = exc.__cause__  # its message already names the dataset, path and expectation

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from segrun.data.errors import DatasetError
 from segrun.errors import ConfigError
 
 POLICIES = ("error", "skip")
@@ -57,8 +58,6 @@ class BadSamples:
         return new
 
     def check(self) -> None:
-        from segrun.data.base import DatasetError
-
         n = len(self.seen)
         if n > self.limit:
             listed = " | ".join(list(self.seen)[:5]) + (f" | ... ({n} in all)" if n > 5 else "")

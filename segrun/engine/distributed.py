@@ -16,6 +16,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from segrun.errors import SegrunError
+
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
@@ -107,8 +109,19 @@ def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800) -
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except (getattr(dist, "DistNetworkError", RuntimeError), getattr(dist, "DistStoreError", RuntimeError)) as exc:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise RendezvousError(
+            f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: the process group did not form: "
+            f"no answer from the rendezvous at {where} within {timeout_s:.0f} s (trainer.dist_timeout); is rank 0 "
+            f"running and that address reachable from this node? ({str(exc).splitlines()[0][:200]})") from None
     return True
+
+
+class RendezvousError(SegrunError):
+    """The ranks never met (rank 0 absent or unreachable): one line, not a C++ traceback."""
 
 
 def all_gather_object(obj: object) -> list:

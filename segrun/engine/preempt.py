@@ -1,9 +1,14 @@
-"""Graceful preemption: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 become a request the training loop reads.
+"""Graceful preemption: SIGTERM, SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 become a request the training loop reads.
 
 Schedulers (SLURM, Kubernetes, cloud spot instances) announce the end of a job with a signal and a
 grace period. The first signal only sets a flag: the trainer finishes the step it is in, writes
 ``last.pt`` with its position inside the epoch and exits with ``PREEMPTED_EXIT``, so a requeued job
 with ``trainer.resume`` continues at the next batch. A second signal stops at once (``ForcedStop``).
+
+SIGUSR2 is what ``hydra/launcher=slurm`` asks SLURM to send ``signal_delay_s`` before the time limit
+(submitit's ``--signal=USR2@...``). Whatever handler a signal had before (submitit's requeue-and-exit
+on USR2) runs after the graceful stop (``hand_over``): the job stops with ``last.pt`` written first,
+then the launcher requeues it.
 
 Only the process that installed the handlers reacts: forked data-loader workers inherit them and
 ignore the signal, so they keep serving batches until the trainer is done. The handlers are
@@ -27,7 +32,7 @@ log = logging.getLogger("segrun")
 #: exit status of a run stopped by a signal after writing last.pt (EX_TEMPFAIL: "try again later")
 PREEMPTED_EXIT = 75
 
-SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
 
 class Preempted(Exception):
@@ -78,6 +83,17 @@ def uninstall() -> None:
     for s, handler in _state.previous.items():
         signal.signal(s, handler)
     _state.pid, _state.previous = None, {}
+
+
+def hand_over() -> None:
+    """After the graceful stop, run the handler the stop signal had before ours, when it was a Python
+    function (submitit's: requeue the SLURM job, then exit). Call before ``uninstall``."""
+    signum = requested()
+    previous = _state.previous.get(signum) if signum is not None else None
+    if callable(previous) and previous is not signal.default_int_handler:  # Python's own Ctrl-C: we already stopped
+        log.info("handing %s over to the handler it had before segrun's (%s)", signal.Signals(signum).name,
+                 getattr(previous, "__qualname__", previous))
+        previous(signum, None)
 
 
 @contextmanager

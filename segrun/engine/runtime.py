@@ -47,7 +47,13 @@ def resolve_workers(value: int | str, device: torch.device) -> int:
         return value
     if device.type == "cpu":
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) // max(1, dist.local_world_size())))
+    return max(1, min(8, slurm_cpus() or (os.cpu_count() or 2) // max(1, dist.local_world_size())))
+
+
+def slurm_cpus() -> int | None:
+    """The CPUs SLURM gave this task (``--cpus-per-task``), inside a SLURM job; None elsewhere."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(value) if os.environ.get("SLURM_JOB_ID") and value.isdigit() and int(value) > 0 else None
 
 
 def seed_everything(seed: int) -> None:

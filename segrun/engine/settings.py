@@ -6,14 +6,35 @@ the run with one line (``SegrunError``) instead of a traceback from deep inside 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from segrun.checks import (  # noqa: F401  (check_* are imported from here by the builders and tests)
+    Check,
+    LoaderSettings,
+    auto_or,
+    boolean,
+    check_bool,
+    check_groups,
+    check_int,
+    check_number,
+    check_size,
+    choice,
+    integer,
+    number,
+    option,
+    optional,
+    plain_value,
+    probability,
+    read_settings,
+    reraise_as,
+    text,
+    text_list,
+)
 from segrun.engine.monitor import parse_monitor
 from segrun.errors import ConfigError
 
@@ -22,35 +43,12 @@ log = logging.getLogger("segrun")
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: torch.autocast's dtype per ``precision`` (fp32: no autocast)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: keys that are gone, and what replaces them (their YAML entries stay null so a user setting one reads this)
+REMOVED_KEYS = {"amp": "trainer.precision=fp16 (bf16 on recent GPUs and CPUs)",
+                "tensorboard": "logger=[...] to choose the loggers: logger=[] for none, logger=[csv] without TensorBoard"}
+#: ``trainer.dist_backend``: torch.distributed's backends (auto: nccl on CUDA, gloo on CPU)
+DIST_BACKENDS_CHECK = choice("auto", "nccl", "gloo", "mpi", "ucc")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def check_int(key: str, value: Any, minimum: int | None = None) -> int:
-    """``value`` as an int (a float with no fractional part is accepted), else a one-line ``ConfigError``."""
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value, ok = int(value), True
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: expected an integer" + (f" >= {minimum}" if minimum is not None else ""))
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{key}={value!r}: expected an integer >= {minimum}")
-    return int(value)
-
-
-def check_number(key: str, value: Any, minimum: float | None = None, exclusive: bool = False) -> float:
-    """``value`` as a finite float above ``minimum`` (strictly when ``exclusive``), else a ``ConfigError``."""
-    bound = "" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key}={value!r}: expected a number{bound}")
-    if minimum is not None and (value <= minimum if exclusive else value < minimum):
-        raise ConfigError(f"{key}={value!r}: expected a number{bound}")
-    return float(value)
-
-
-def check_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}: expected true or false")
-    return value
 
 
 _UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hr": 3600}
@@ -88,117 +86,6 @@ def parse_every(key: str, value: Any) -> tuple[int, float]:
     return 0, parse_duration(key, value)
 
 
-def check_size(key: str, value: Any) -> tuple[int, int]:
-    """A positive int or an ``[h, w]`` pair of positive ints."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != 2:
-            raise ConfigError(f"{key}={list(value)!r}: expected a size, an integer > 0 or [height, width]")
-        return check_int(key, value[0], 1), check_int(key, value[1], 1)
-    try:
-        n = check_int(key, value, 1)
-    except ConfigError:
-        raise ConfigError(f"{key}={value!r}: expected a size, an integer > 0 or [height, width]") from None
-    return n, n
-
-
-# ---------------------------------------------------------------------------------------------
-# options with their bounds: declared once, beside the default, read by ``read_settings``
-# ---------------------------------------------------------------------------------------------
-Check = Callable[[str, Any], Any]
-
-
-def option(default: Any, check: Check) -> Any:
-    """A settings field: its default and the check (type and bounds, from the option's meaning)."""
-    return field(default=default, metadata={"check": check})
-
-
-def integer(minimum: int | None = None, maximum: int | None = None) -> Check:
-    def check(key: str, value: Any) -> int:
-        n = check_int(key, value, minimum)
-        if maximum is not None and n > maximum:
-            raise ConfigError(f"{key}={value!r}: expected an integer in [{minimum}, {maximum}]")
-        return n
-    return check
-
-
-def number(minimum: float | None = None, maximum: float | None = None, exclusive: bool = False) -> Check:
-    """A finite number; ``exclusive`` makes the lower bound strict (a learning rate > 0, a std > 0)."""
-    def check(key: str, value: Any) -> float:
-        if maximum is None:
-            return check_number(key, value, minimum, exclusive)
-        low = "(" if exclusive else "["
-        expected = f"a number in {low}{minimum:g}, {maximum:g}]"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key}={value!r}: expected {expected}")
-        if (value <= minimum if exclusive else value < minimum) or value > maximum:
-            raise ConfigError(f"{key}={value!r}: expected {expected}")
-        return float(value)
-    return check
-
-
-#: a probability or a share: a number in [0, 1]
-probability = number(0.0, 1.0)
-
-
-def boolean(key: str, value: Any) -> bool:
-    return check_bool(key, value)
-
-
-def text(key: str, value: Any) -> str:
-    if isinstance(value, (dict, list, tuple)) or value is None:
-        raise ConfigError(f"{key}={value!r}: expected a text value")
-    return str(value)
-
-
-def choice(*values: str) -> Check:
-    def check(key: str, value: Any) -> str:
-        if not isinstance(value, str) or value not in values:
-            expected = " or ".join(values) if len(values) < 3 else "one of " + ", ".join(values)
-            raise ConfigError(f"{key}={value!r}: expected {expected}")
-        return value
-    return check
-
-
-def optional(inner: Check) -> Check:
-    """null, or what ``inner`` accepts."""
-    def check(key: str, value: Any) -> Any:
-        return None if value is None else inner(key, value)
-    return check
-
-
-def auto_or(inner: Check) -> Check:
-    """``auto``, or what ``inner`` accepts (its message then mentions auto)."""
-    def check(key: str, value: Any) -> Any:
-        if value == "auto":
-            return "auto"
-        try:
-            return inner(key, value)
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace(": expected ", ": expected auto or ", 1)) from None
-    return check
-
-
-def text_list(key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}={value!r}: expected a list of names, e.g. [mypkg.models.]")
-    return tuple(value)
-
-
-def read_settings(cls: type, node: Any, prefix: str = "", error: type[ConfigError] = ConfigError, **given: Any) -> Any:
-    """``cls`` (a dataclass of ``option`` fields) from a config node: every field read and checked,
-    a missing key taking the default; ``given`` fields are passed as they are. A bad value is one
-    ``error`` line: ``<prefix><key>=<value>: expected ...``."""
-    values: dict[str, Any] = dict(given)
-    with reraise_as(error):
-        for f in fields(cls):
-            if f.name in given or "check" not in f.metadata:
-                continue
-            default = f.default if f.default is not MISSING else None
-            raw = _plain(node.get(f.name, default)) if node is not None else default
-            values[f.name] = f.metadata["check"](f"{prefix}{f.name}", raw)
-    return cls(**values)
-
-
 @dataclass(frozen=True)
 class PredictSettings:
     """How validation, ``segrun.eval``, ``segrun.infer`` and export checks turn images into class scores
@@ -220,9 +107,9 @@ class PredictSettings:
         fallback = fallback or {}
 
         def get(key: str, default: Any = None) -> Any:
-            value = _plain(pcfg.get(key)) if hasattr(pcfg, "get") else None
+            value = plain_value(pcfg.get(key)) if hasattr(pcfg, "get") else None
             if value is None:
-                value = _plain(fallback.get(key))
+                value = plain_value(fallback.get(key))
             return default if value is None else value
 
         def name(key: str) -> str:
@@ -233,7 +120,7 @@ class PredictSettings:
             if mode not in ("whole", "slide"):
                 raise ConfigError(f"{name('mode')}={mode!r}: expected whole or slide")
             crop = get("crop_size")
-            crop = _size_as_given(name("crop_size"), crop if crop is not None else _plain(crop_fallback))
+            crop = _size_as_given(name("crop_size"), crop if crop is not None else plain_value(crop_fallback))
             if mode == "slide" and crop is None:
                 raise ConfigError(f"{name('mode')}=slide needs {name('crop_size')} (the window size)")
             stride = _size_as_given(name("stride"), get("stride"))
@@ -262,28 +149,8 @@ def _size_as_given(key: str, value: Any) -> int | tuple[int, int] | None:
     """A window or stride: null, one positive side, or ``[height, width]`` (kept in the form given)."""
     if value is None:
         return None
-    pair = check_size(key, value)
-    return pair if isinstance(value, (list, tuple)) else pair[0]
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers as plain lists and dicts."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-@contextlib.contextmanager
-def reraise_as(error: type[Exception]):
-    """A tool's ``ConfigError`` as the tool's own error class (``InferError``...), same one-line message."""
-    try:
-        yield
-    except ConfigError as exc:
-        if error is ConfigError or isinstance(exc, error):
-            raise
-        raise error(str(exc)) from None
+    hw = check_size(key, value)
+    return hw if isinstance(value, (list, tuple)) else hw[0]
 
 
 @dataclass(frozen=True)
@@ -299,7 +166,6 @@ class TrainSettings:
     resume: str | None = None
     log_every: int = 10
     vis_samples: int = 4
-    tensorboard: bool = True
     progress: bool = True
     precision: str = "fp32"
     grad_clip: float | None = None
@@ -317,6 +183,9 @@ class TrainSettings:
     checkpoint_every_s: float = 0.0
     keep_last: int = 0
     dist_timeout_s: float = 300.0
+    sync_bn: bool = True
+    find_unused_parameters: bool = False
+    dist_backend: str = "auto"
     predict: PredictSettings = field(default_factory=PredictSettings)
 
     @classmethod
@@ -326,9 +195,9 @@ class TrainSettings:
         precision = str(t.get("precision", "fp32"))
         if precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if t.get("amp"):
-            log.warning("trainer.amp=true is deprecated: use trainer.precision=fp16 (bf16 on recent GPUs and CPUs)")
-            precision = "fp16" if precision == "fp32" else precision
+        for key, instead in REMOVED_KEYS.items():
+            if t.get(key) is not None:
+                raise ConfigError(f"trainer.{key}={t.get(key)!r}: removed; use {instead}")
         parse_monitor(t.monitor)
         every = parse_every("trainer.checkpoint_every", t.get("checkpoint_every"))
         return cls(
@@ -341,7 +210,6 @@ class TrainSettings:
             resume=None if t.resume in (None, "") else str(t.resume),
             log_every=check_int("trainer.log_every", t.log_every, 1),
             vis_samples=check_int("trainer.vis_samples", t.vis_samples, 0),
-            tensorboard=check_bool("trainer.tensorboard", t.tensorboard),
             progress=check_bool("trainer.progress", t.progress),
             precision=precision,
             grad_clip=None if t.grad_clip is None else check_number("trainer.grad_clip", t.grad_clip, 0.0, exclusive=True),
@@ -359,6 +227,9 @@ class TrainSettings:
             checkpoint_every_s=every[1],
             keep_last=check_int("trainer.keep_last", t.get("keep_last", 0) or 0, 0),
             dist_timeout_s=parse_duration("trainer.dist_timeout", t.get("dist_timeout", "5min")),
+            sync_bn=check_bool("trainer.sync_bn", t.get("sync_bn", True)),
+            find_unused_parameters=check_bool("trainer.find_unused_parameters", t.get("find_unused_parameters", False)),
+            dist_backend=DIST_BACKENDS_CHECK("trainer.dist_backend", t.get("dist_backend", "auto")),
             predict=PredictSettings.from_config(cfg.predict),
         )
 
@@ -403,7 +274,7 @@ def _optional_int(key: str, value: Any) -> int | None:
 def trust_targets(cfg: Any) -> tuple[str, ...]:
     """``trust.targets``: extra module prefixes a checkpoint may name."""
     trust = cfg.get("trust") if cfg is not None else None
-    return text_list("trust.targets", _plain(trust.get("targets", [])) if trust is not None else [])
+    return text_list("trust.targets", plain_value(trust.get("targets", [])) if trust is not None else [])
 
 
 @dataclass(frozen=True)
@@ -418,7 +289,7 @@ class InferSettings:
     overlay: bool = option(True, boolean)
     overlay_alpha: float = option(0.5, probability)  # weight of the colour mask
     batch_size: int = option(1, integer(1))
-    num_workers: int | str = option("auto", auto_or(integer(0)))
+    num_workers: int | str = option("auto", auto_or(integer(0), "an integer >= 0"))
     threads: int | str = option("auto", threads)
     writers: int = option(2, integer(1))
     progress: bool = option(True, boolean)
@@ -438,7 +309,7 @@ class EvalSettings:
     device: str = option("auto", text)
     precision: str | None = option(None, optional(choice(*PRECISIONS)))
     batch_size: int | None = option(None, optional(integer(1)))
-    num_workers: int | str = option("auto", auto_or(integer(0)))
+    num_workers: int | str = option("auto", auto_or(integer(0), "an integer >= 0"))
     threads: int | str = option("auto", threads)
     save_predictions: bool = option(False, boolean)
     plot_max_classes: int = option(30, integer(1))

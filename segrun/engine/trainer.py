@@ -94,8 +94,7 @@ class Trainer:
         self.batches = DevicePrefetcher(self.train_loader, self.device) if prefetch else self.train_loader
         self.ema = (AveragedModel(dist.unwrap(self.model), multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay),
                                   use_buffers=True) if settings.ema_decay else None)
-        self.loggers = loggers or (lambda step: TensorBoard(self.run_dir, resume_step=step,
-                                                            enabled=settings.tensorboard))
+        self.loggers = loggers or (lambda step: TensorBoard(self.run_dir, resume_step=step))
         self.logger: Logger | None = None  # opened by fit (open_logger)
         # state that checkpoints carry
         self.epoch = 0  # epochs completed

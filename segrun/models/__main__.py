@@ -1,4 +1,4 @@
-"""``python -m segrun.models [list] [size=512] [latency_size=256] [classes=21] [markdown=true] [only=a,b]``
+"""``python -m segrun.models [list] [size=512] [latency_size=256] [classes=21] [only=a,b]``
 and ``python -m segrun.models info model=<name> [model.<key>=value ...]`` (e.g. ``model.variant=b5``).
 
 ``list`` builds every ``conf/model/*.yaml`` at its defaults and measures it on the spot: parameters,
@@ -23,7 +23,7 @@ from segrun.errors import ConfigError, report_user_errors
 from segrun.models.cards import CARDS, torchvision_numbers
 from segrun.models.profile import cpu_latency_ms, macs_of, output_stride, parameters_m
 
-DEFAULTS = {"size": 512, "latency_size": 256, "classes": 21, "latency": True, "markdown": False, "only": None,
+DEFAULTS = {"size": 512, "latency_size": 256, "classes": 21, "latency": True, "only": None,
             "model": None}
 
 
@@ -116,6 +116,8 @@ def parse(argv: list[str]) -> tuple[str, dict[str, Any]]:
     command = "list"
     opts: dict[str, Any] = dict(DEFAULTS, overrides=[])
     for arg in argv:
+        if arg in ("-h", "--help", "help"):
+            return "help", opts
         if arg in ("list", "info"):
             command = arg
             continue
@@ -145,6 +147,8 @@ def run(argv: list[str]) -> str:
 
 def _run(argv: list[str]) -> str:
     command, opts = parse(argv)
+    if command == "help":
+        return (__doc__ or "").strip()
     if command == "info":
         if not opts["model"]:
             raise ConfigError("info needs model=<name>; one of " + ", ".join(model_names()))

@@ -22,13 +22,10 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from segrun.errors import ConfigError
+from segrun.models.names import BACKBONES, DENSENETS, MOBILENETS, RESNETS  # noqa: F401  (re-exported)
 from segrun.models.pretrained import load_pretrained, read_state_dict, resolve_pretrained
 
 FEATURE_NAMES = ("c1", "c2", "c3", "c4", "c5")
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-MOBILENETS = ("mobilenet_v3_large",)
-DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
-BACKBONES = RESNETS + MOBILENETS + DENSENETS
 
 
 def replace_first_conv(module: nn.Module, in_channels: int) -> str:

@@ -203,7 +203,7 @@ def load_pretrained(
             ("shape mismatches", shapes), ("missing", missing), ("unexpected", unexpected)) if keys)
         raise ConfigError(f"model.pretrained: '{path}' fills only {len(to_load)}/{len(target)} tensors of "
                           f"{type(module).__name__} (wrong file for this backbone?): {mismatched or 'no key matches'}")
-    module.load_state_dict(to_load, strict=False)
+    nn.Module.load_state_dict(module, to_load, strict=False)  # past overrides without `strict` (smp MiT)
     logger.info("pretrained %s: loaded %d/%d tensors into %s", path, len(to_load), len(target), type(module).__name__)
     if missing:
         logger.warning("pretrained %s: %d missing keys (left randomly initialised): %s", path, len(missing), missing)

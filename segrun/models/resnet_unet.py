@@ -67,6 +67,10 @@ class ResNetUNet(BackboneSegModel):
         if len(dec) != 5 or any(c < 1 for c in dec):
             raise ConfigError(f"model.decoder_channels must be 5 positive ints (deepest first), got {dec}")
         chans = self.backbone.channels
+        if any(name not in chans for name in FEATURE_NAMES):
+            raise ConfigError(f"model.backbone='{backbone}' gives levels {sorted(chans)}; the U-Net decoder needs "
+                              f"skips from all of {FEATURE_NAMES} (a stride-2 level too): use a ResNet, MobileNet, "
+                              "DenseNet or a timm network with five levels (resnet50, efficientnet_b0, ...)")
         skips = [chans[n] for n in reversed(FEATURE_NAMES[:-1])] + [0]  # c4, c3, c2, c1, none
         ins = [chans["c5"]] + dec[:-1]
         self.blocks = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(ins, skips, dec))

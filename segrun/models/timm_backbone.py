@@ -39,7 +39,7 @@ def _timm(name: str):
     try:
         return require("timm", "models", f"model.backbone='{name}' (a timm model)")
     except ImportError:
-        from segrun.models.backbones import BACKBONES
+        from segrun.models.names import BACKBONES
 
         raise ConfigError(f"model.backbone='{name}' is not one of segrun's backbones {BACKBONES}; other names are "
                           "timm models, which need the optional package timm: "

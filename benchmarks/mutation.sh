@@ -29,7 +29,7 @@ if [ ${#MODULES[@]} -eq 0 ]; then
              segrun.data.ade20k segrun.data.transforms segrun.losses
              segrun.engine.trainer segrun.engine.settings segrun.build segrun.job segrun.engine.status segrun.sweep
              segrun.report segrun.engine.trust segrun.eval segrun.export segrun.engine.preempt segrun.class_weights
-             segrun.data.bad_samples)
+             segrun.data.bad_samples segrun.checks)
 fi
 mkdir -p mutants
 if [ "${REPORT_ONLY:-0}" != 1 ]; then
@@ -165,7 +165,7 @@ PY
 #     POSIX); export.summary's / 1000001.0 (equal at two decimals); status._checkpoints' is_dir-or-True
 #     (glob of a missing folder is empty), pid_alive's PermissionError -> False (tests run as root: never
 #     raised); trust override_key_parts' lstrip("XX+~XX") (no key starts with X).
-# Import-time code: settings' option factories (integer, number, choice, optional, auto_or) run when
+# Import-time code: the option factories (integer, number, choice, optional, auto_or; now segrun/checks.py) run when
 #   the tools' settings classes are defined, before mutmut activates a mutant; tests/test_settings.py
 #   calls them directly so their mutants are reachable.
 

@@ -20,11 +20,11 @@ def clean():
     preempt.uninstall()
 
 
-def test_the_stop_signals_are_term_int_and_usr1():
-    assert set(preempt.SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+def test_the_stop_signals_are_term_int_usr1_and_usr2():  # docs/long-runs.md "Preemption"
+    assert set(preempt.SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2])
 def test_the_first_signal_is_a_request_the_second_stops(sig, caplog):
     before = {s: signal.getsignal(s) for s in preempt.SIGNALS}
     assert preempt.requested() is None

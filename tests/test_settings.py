@@ -252,10 +252,10 @@ def test_optional_and_auto_options():
     opt = optional(integer(1))
     assert opt("k", None) is None and opt("k", 3) == 3
     assert _error(opt, "k", 0) == "k=0: expected an integer >= 1"
-    auto = auto_or(integer(0))
+    auto = auto_or(integer(0), "an integer >= 0")
     assert auto("k", "auto") == "auto" and auto("k", 2) == 2
-    assert _error(auto, "k", -1) == "k=-1: expected auto or an integer >= 0"
-    assert _error(auto, "k", "many") == "k='many': expected auto or an integer >= 0"
+    assert _error(auto, "k", -1) == "k=-1: expected an integer >= 0 or auto"
+    assert _error(auto, "k", "many") == "k='many': expected an integer >= 0 or auto"
 
 
 def test_read_settings_checks_every_declared_field():
@@ -302,7 +302,7 @@ def test_the_tools_declared_defaults_and_bounds():
     for cls, key, value, message in [
         (EvalSettings, "precision", "fp8", "precision='fp8': expected one of fp32, bf16, fp16"),
         (EvalSettings, "plot_max_classes", 0, "plot_max_classes=0: expected an integer >= 1"),
-        (EvalSettings, "num_workers", -1, "num_workers=-1: expected auto or an integer >= 0"),
+        (EvalSettings, "num_workers", -1, "num_workers=-1: expected an integer >= 0 or auto"),
         (ExportSettings, "opset", 6, "opset=6: expected an integer >= 7"),
         (ExportSettings, "check_size", [0, 5], "check_size=0: expected an integer >= 1"),
         (InferSettings, "overlay_alpha", 2, "overlay_alpha=2: expected a number in [0, 1]"),

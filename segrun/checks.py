@@ -131,7 +131,7 @@ def auto_or(inner: Check, expected: str) -> Check:
         try:
             return inner(key, value)
         except ConfigError:
-            raise ConfigError(f"{key}={value!r}: expected auto or {expected}") from None
+            raise ConfigError(f"{key}={value!r}: expected {expected} or auto") from None
     return check
 
 
@@ -212,21 +212,19 @@ def mapping(inner: Check, example: str) -> Check:
 
 
 def numbers(minimum: float, maximum: float | None = None, exclusive: bool = False) -> Check:
-    """A non-empty list of numbers in the given bounds (one per image channel)."""
-    each = number(minimum, maximum, exclusive)
-    if maximum is None:
-        bounds = f" {'>' if exclusive else '>='} {minimum:g}"
-    else:
-        bounds = f" in {'(' if exclusive else '['}{minimum:g}, {maximum:g}]"
+    """One number per image channel, each within the bounds; a bad one is named by its own value."""
+    bounds = f"{'>' if exclusive else '>='} {minimum:g}" + ("" if maximum is None else f" and <= {maximum:g}")
 
     def check(key: str, value: Any) -> tuple[float, ...]:
-        try:
-            if not isinstance(value, (list, tuple)) or not value:
-                raise ConfigError(key)
-            return tuple(each(key, v) for v in value)
-        except ConfigError:
-            raise ConfigError(f"{key}={plain_value(value)!r}: expected a list of numbers{bounds}, one per image "
-                              "channel") from None
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{key}={plain_value(value)!r}: expected one number per image channel")
+        out = []
+        for v in value:
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            if not ok or (v <= minimum if exclusive else v < minimum) or (maximum is not None and v > maximum):
+                raise ConfigError(f"{key}={v!r}: expected a number {bounds}, one per image channel")
+            out.append(float(v))
+        return tuple(out)
     return check
 
 
@@ -240,7 +238,7 @@ class LoaderSettings:
     batch_size: int = option(8, integer(1))  # per process
     val_batch_size: int = option(1, integer(1))
     num_workers: int | str = option("auto", auto_or(integer(0), "an integer >= 0"))
-    pin_memory: bool | str = option("auto", auto_or(boolean, "true or false"))
+    pin_memory: bool | str = option("auto", auto_or(boolean, "true, false"))
     persistent_workers: bool = option(True, boolean)
     prefetch_factor: int | None = option(None, optional(integer(1)))
     drop_last: bool = option(True, boolean)

@@ -31,13 +31,13 @@ def _train(overrides):
     (["scheduler.warmup_ratio=5"], "scheduler.warmup_ratio=5: expected a number in [0, 1]"),
     (["augment.train.hflip=1.5"], "augment.train.hflip=1.5: expected a number in [0, 1]"),
     (["augment.train.blur=-0.1"], "augment.train.blur=-0.1: expected a number in [0, 1]"),
-    (["loader.pin_memory=maybe"], "loader.pin_memory='maybe': expected auto or true or false"),
-    (["loader.num_workers=-1"], "loader.num_workers=-1: expected auto or an integer >= 0"),
-    (["dataset.mean=[1,2]"], "dataset.mean=[1, 2]: expected a list of numbers in [0, 1], one per image channel"),
+    (["loader.pin_memory=maybe"], "loader.pin_memory='maybe': expected true, false or auto"),
+    (["loader.num_workers=-1"], "loader.num_workers=-1: expected an integer >= 0 or auto"),
+    (["dataset.mean=[1,2]"], "dataset.mean=2: expected a number >= 0 and <= 1, one per image channel"),
     (["dataset.mean=[0.5,0.5]"], "dataset.mean=[0.5, 0.5]: expected 3 numbers, one per input channel of the model "
                                  "(model.in_channels=3)"),
-    (["dataset.std=[0.2,0.0,0.2]"], "dataset.std=[0.2, 0.0, 0.2]: expected a list of numbers in (0, 1], one per "
-                                    "image channel"),
+    (["dataset.std=[0.2,0.0,0.2]"], "dataset.std=0.0: expected a number > 0 and <= 1, one per image "
+                                    "channel"),
     (["model.in_channels=0"], "model.in_channels=0: expected an integer >= 1"),
     (["loss.label_smoothing=2"], "loss.label_smoothing=2: expected a number in [0, 1]"),
     (["loss=ce_dice", "+loss.losses.ce.label_smoothing=3"], "loss.losses.ce.label_smoothing=3: expected a number in [0, 1]"),
@@ -100,7 +100,7 @@ def test_data_tool_values(overrides, line):
     ("infer", ["writers=0"], "writers=0: expected an integer >= 1"),
     ("infer", ["batch_size=abc"], "batch_size='abc': expected an integer >= 1"),
     ("infer", ["window_batch=0"], "window_batch=0: expected an integer >= 1"),
-    ("infer", ["num_workers=-2"], "num_workers=-2: expected auto or an integer >= 0"),
+    ("infer", ["num_workers=-2"], "num_workers=-2: expected an integer >= 0 or auto"),
     ("infer", ["scales=[1.0,-0.5]"], "scales=-0.5: expected a number > 0"),
     ("eval", ["batch_size=0"], "batch_size=0: expected an integer >= 1"),
     ("eval", ["window_batch=abc"], "window_batch='abc': expected an integer >= 1"),

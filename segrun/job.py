@@ -135,8 +135,10 @@ def resolve_resume(cfg: DictConfig, run_dir: Path, multirun: bool = False, notes
 
 
 def resumes(cfg: DictConfig) -> bool:
-    """Whether this launch deliberately continues what its folder holds (decided before the claim)."""
-    return cfg.trainer.resume not in (None, "") or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0")
+    """Whether this launch deliberately continues what its folder holds (decided before the claim): asked for,
+    a requeued SLURM job, or a group torchrun restarted (``--max-restarts``)."""
+    restarted = any(os.environ.get(k, "0") not in ("", "0") for k in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+    return cfg.trainer.resume not in (None, "") or restarted
 
 
 def job_overrides(task_overrides: Any) -> list[str]:
@@ -179,6 +181,17 @@ def write_hydra_dir(run_dir: Path, task_cfg: DictConfig, overrides: Any) -> None
     write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))), folder / "overrides.yaml")
 
 
+def quiet_worker_rank(run_dir: Path) -> None:
+    """A non-zero rank started as a SLURM task (submitit's tasks_per_node) got Hydra's log file too: drop that
+    handler, so only rank 0 writes its run folder (torchrun ranks are kept out by ``train.worker_argv``)."""
+    for name in (None, "segrun"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.absolute():
+                logger.removeHandler(handler)
+                handler.close()
+
+
 def _claim(run_dir: Path, overrides: list[str], job_num: int | None, reuse: bool, log_name: str) -> RunClaim:
     """The claim the launch callback took (single run), else one taken now (a sweep's job). A sweep job's log
     file, opened by Hydra before the job could claim its folder, does not count as someone else's file."""
@@ -203,6 +216,8 @@ def run_job(cfg: DictConfig) -> float | None:
     job_num = int(hc.job.num) if multirun else None
     sweep_dir = Path(str(hc.sweep.dir)) if multirun else None
     is_main = dist.launch_rank() == 0
+    if not is_main:
+        quiet_worker_rank(run_dir)
     task_cfg = copy.deepcopy(cfg) if is_main else None  # what .hydra/config.yaml records: the config as composed
     claim: RunClaim | None = None
     start = time.time()

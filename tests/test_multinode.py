@@ -117,15 +117,17 @@ def test_a_rank_killed_on_one_node_ends_both_agents_within_dist_timeout(netns, t
 
 
 def test_max_restarts_resumes_last_pt_by_itself(netns, tmp_path):
-    """Elastic restart: a rank killed in the first attempt; torchrun restarts the group, which continues
-    last.pt by itself (TORCHELASTIC_RESTART_COUNT > 0 means trainer.resume=auto). One agent: with two agents
-    the restarted group's gloo mesh never connected on this machine (see docs/cluster.md)."""
-    run, log = tmp_path / "run", tmp_path / "agent.log"
-    agent = _agent(netns, ["--standalone", "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5"],
-                   [*RUN, "trainer.epochs=3", "trainer.dist_timeout=30s", f"hydra.run.dir={run}"], log,
-                   env=_fault_env(rank=1, step=5, attempt=0), script=FAULT)
-    assert agent.wait(timeout=400) == 0, log.read_text()[-3000:]
-    assert "restart_count=1" in log.read_text()
+    """Elastic restart: a rank on the second node killed in the first attempt; both agents restart the group,
+    which continues last.pt by itself (TORCHELASTIC_RESTART_COUNT > 0 means trainer.resume=auto)."""
+    run = tmp_path / "run"
+    agents, logs = _two_nodes(netns, [*RUN, "trainer.epochs=3", "trainer.dist_timeout=30s", f"hydra.run.dir={run}"],
+                              tmp_path, extra=["--max-restarts=1"], env=_fault_env(rank=3, step=5, attempt=0), script=FAULT)
+    codes = [a.wait(timeout=400) for a in agents]
+    out = logs[0].read_text() + logs[1].read_text()
+    # the agent that hosted the rendezvous exits 0; the other may report torchrun's own RendezvousConnectionError
+    # when that store closes under it at shutdown, after its workers succeeded
+    assert 0 in codes, out[-3000:]
+    assert "restart_count=1" in out
     text = (run / "train.log").read_text()
     assert "trainer.resume=auto: continuing" in text and "resumed from" in text, text[-2000:]
     assert read_status(run)["state"] == "done"

@@ -109,8 +109,18 @@ def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800) -
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart not in ("", "0") and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # a group torchrun restarted: its agent's store may still hold the dead group's gloo addresses
+            # under the same keys; a prefix per restart keeps the new group from dialling them
+            store = dist.PrefixStore(f"segrun/restart_{restart}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout))
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     except (getattr(dist, "DistNetworkError", RuntimeError), getattr(dist, "DistStoreError", RuntimeError)) as exc:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise RendezvousError(

@@ -168,6 +168,7 @@ TRAIN_CASES = {
 }
 
 
+@pytest.mark.slow  # trains or compiles: a few seconds each, outside the quick unit run
 @pytest.mark.parametrize("name", sorted(TRAIN_CASES))
 def test_short_training_lowers_the_loss(name):
     before, after = _train_lowers_loss(TRAIN_CASES[name](5))
@@ -338,8 +339,8 @@ MODERN_TRAIN_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("dpt") else n
-                                  for n in sorted(MODERN_TRAIN_CASES)])
+@pytest.mark.slow  # trains or compiles: a few seconds each, outside the quick unit run
+@pytest.mark.parametrize("name", sorted(MODERN_TRAIN_CASES))
 def test_modern_short_training_lowers_the_loss(name):
     _needs("timm", "segmentation_models_pytorch")
     before, after = _train_lowers_loss(MODERN_TRAIN_CASES[name](5))
@@ -493,6 +494,7 @@ def test_channels_last_gives_the_same_logits(name):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # trains or compiles: a few seconds each, outside the quick unit run
 @pytest.mark.parametrize("name", ["segformer", "upernet_vit"])
 def test_compiled_model_matches_eager(name):
     # dynamo's graph capture (and AOT autograd) is what differs from model to model; inductor's code
@@ -610,6 +612,7 @@ NEW_CONFIGS = {
 }
 
 
+@pytest.mark.slow  # trains or compiles: a few seconds each, outside the quick unit run
 @pytest.mark.parametrize("name", sorted(NEW_CONFIGS))
 def test_every_new_config_trains_an_epoch_through_the_build_path(name, tmp_path):
     if name in ("segformer", "dpt", "upernet_convnext"):

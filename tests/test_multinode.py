@@ -20,7 +20,7 @@ import torch
 from segrun.engine.checkpoint import load_checkpoint
 from segrun.engine.status import read_status
 
-from helpers.cli import REPO, TINY
+from helpers.cli import REPO, TINY, assert_same_history
 from helpers.netns import NetNamespace, unavailable
 
 pytestmark = [
@@ -80,11 +80,7 @@ def test_two_nodes_train_one_run_equal_to_one_node(netns, tmp_path):
     one = netns.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone", "-m", "segrun",
                      *args, f"hydra.run.dir={ref}"], timeout=400, cwd=REPO, env=ENV)
     assert one.returncode == 0, one.stderr[-3000:]
-    two, four = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
-    keys = ("val/mIoU", "val/loss", "val/pixel_acc", "train/loss")
-    assert len(two["history"]) == len(four["history"]) == 2
-    for a, b in zip(two["history"], four["history"]):
-        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-6)
+    assert_same_history(run, ref, epochs=2)
     a, b = (load_checkpoint(d / "checkpoints" / "last.pt") for d in (run, ref))
     for key in a["model"]:
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key

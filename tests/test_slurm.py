@@ -16,7 +16,7 @@ import pytest
 
 from segrun.engine.status import read_status
 
-from helpers.cli import REPO, TINY
+from helpers.cli import REPO, TINY, assert_same_history
 from helpers.slurm import SlurmCluster, unavailable
 
 pytestmark = pytest.mark.slow
@@ -143,11 +143,7 @@ def test_two_tasks_form_one_run_with_torchruns_metrics(cluster, tmp_path):
     t = cluster.cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "segrun",
                      *args, "seed=0", f"hydra.run.dir={ref}"], timeout=300, cwd=REPO, env={"OMP_NUM_THREADS": "1"})
     assert t.returncode == 0, t.stderr[-3000:]
-    slurm, torchrun = (json.loads((d / "metrics.json").read_text()) for d in (run, ref))
-    keys = ("val/mIoU", "val/loss", "val/pixel_acc", "train/loss")
-    assert len(slurm["history"]) == len(torchrun["history"]) == 2
-    for a, b in zip(slurm["history"], torchrun["history"]):
-        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-6)
+    assert_same_history(run, ref, epochs=2)
 
 
 def test_no_reachable_slurm_is_one_line(tmp_path):

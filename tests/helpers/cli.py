@@ -38,3 +38,17 @@ def make_trainer(run_dir: Path, overrides: list[str] | None = None, tiny: bool =
 
     overrides = [*(TINY if tiny else []), *(overrides or [])]
     return build_trainer(compose_cfg(overrides), run_dir, overrides=overrides)
+
+
+def assert_same_history(run_a: Path, run_b: Path, epochs: int) -> None:
+    """Two run folders trained the same ``epochs`` to the same numbers (``metrics.json`` history): how the
+    engine tests say that one run over several processes or nodes equals its single-launcher twin."""
+    import json
+
+    import pytest
+
+    a, b = (json.loads((d / "metrics.json").read_text())["history"] for d in (run_a, run_b))
+    keys = ("val/mIoU", "val/loss", "val/pixel_acc", "train/loss")
+    assert len(a) == len(b) == epochs
+    for ea, eb in zip(a, b):
+        assert [ea[k] for k in keys] == pytest.approx([eb[k] for k in keys], rel=1e-6)

@@ -478,15 +478,19 @@ def test_onnx_export_agrees_with_predict(name, tmp_path):
     assert result["size"] != (32, 32)  # checked at a size the model was not built for
 
 
+def _seeded_eval_model(name: str) -> torch.nn.Module:
+    """The export case ``name`` built with seed 0, in eval mode: the same weights for both views compared."""
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    return instantiate(compose_cfg([*TINY, *EXPORT_CASES[name]]).model).eval()
+
+
 @pytest.mark.parametrize("name", ["segformer", "upernet_vit", "enet", "segnet"])
 def test_channels_last_gives_the_same_logits(name):
     if name in ("segformer", "upernet_vit"):
         _needs("timm", "segmentation_models_pytorch")
-    from hydra.utils import instantiate
-
-    torch.manual_seed(0)
-    model = instantiate(compose_cfg([*TINY, *EXPORT_CASES[name]]).model).eval()
-    x = batch(size=40)
+    model, x = _seeded_eval_model(name), batch(size=40)
     with torch.no_grad():
         ref = main_output(model(x))
         model = model.to(memory_format=torch.channels_last)
@@ -500,11 +504,7 @@ def test_compiled_model_matches_eager(name):
     # dynamo's graph capture (and AOT autograd) is what differs from model to model; inductor's code
     # generation is the same for all and is covered, at its CPU cost, by tests/test_speed_options.py
     _needs("timm", "segmentation_models_pytorch")
-    from hydra.utils import instantiate
-
-    torch.manual_seed(0)
-    model = instantiate(compose_cfg([*TINY, *EXPORT_CASES[name]]).model).eval()
-    x = batch(size=40)
+    model, x = _seeded_eval_model(name), batch(size=40)
     with torch.no_grad():
         ref = main_output(model(x))
         got = main_output(torch.compile(model, backend="aot_eager")(x))

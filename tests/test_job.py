@@ -356,3 +356,122 @@ def test_a_rank_failure_message_is_bounded(monkeypatch):
     monkeypatch.setattr(dist, "peer_error", lambda: None)
     exc = job._rank_failure(RuntimeError("NCCL " + "x" * 400))
     assert str(exc).endswith("(NCCL " + "x" * 295 + ")")
+
+
+@pytest.fixture
+def torch_threads():
+    """Two torch threads to start from (so that setting 1 or leaving it alone differ); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+class FakeRay:
+    """``sys.modules["ray"]`` as a Ray task sees it: initialised, with the resources Ray assigned to the task."""
+
+    def __init__(self, assigned, initialized=True):
+        self.assigned, self.initialized = assigned, initialized
+
+    def is_initialized(self):
+        return self.initialized
+
+    def get_runtime_context(self):
+        fake = self
+
+        class Context:
+            def get_assigned_resources(self):
+                if fake.assigned is None:
+                    raise RuntimeError("not inside a task")  # what the driver gets
+                return dict(fake.assigned)
+
+        return Context()
+
+
+def test_a_ray_task_uses_its_cpus_as_torch_threads(monkeypatch, caplog, torch_threads):
+    """docs/cluster.md "Ray": the task's CPUs become torch threads, said once (`Ray task: 8.0 CPU(s) -> 8 torch
+    thread(s), 1.0 GPU(s) (CUDA_VISIBLE_DEVICES=0)`); a fraction of a CPU leaves the threads alone."""
+    cases = [({"CPU": 3.0, "GPU": 1.0}, "1", 3, "Ray task: 3.0 CPU(s) -> 3 torch thread(s), 1.0 GPU(s) (CUDA_VISIBLE_DEVICES=1)"),
+             ({"CPU": 1.0}, None, 1, "Ray task: 1.0 CPU(s) -> 1 torch thread(s), 0 GPU(s) (CUDA_VISIBLE_DEVICES=)"),
+             ({"CPU": 0.5}, None, 2, "Ray task: 0.5 CPU(s) -> 2 torch thread(s), 0 GPU(s) (CUDA_VISIBLE_DEVICES=)"),
+             ({"GPU": 2.0}, "0,1", 2, "Ray task: 0 CPU(s) -> 2 torch thread(s), 2.0 GPU(s) (CUDA_VISIBLE_DEVICES=0,1)")]
+    for assigned, visible, threads, line in cases:
+        torch.set_num_threads(2)
+        monkeypatch.setitem(sys.modules, "ray", FakeRay(assigned))
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="segrun"):
+            job.ray_share()
+        assert torch.get_num_threads() == threads, assigned
+        assert caplog.messages == [line]
+
+
+def test_outside_a_ray_task_nothing_changes(monkeypatch, caplog, torch_threads):
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # no hydra/launcher=ray: Ray not even imported
+    for ray in (None, FakeRay({"CPU": 4.0}, initialized=False), FakeRay(None)):  # not started; the driver
+        if ray is not None:
+            monkeypatch.setitem(sys.modules, "ray", ray)
+        with caplog.at_level("INFO", logger="segrun"):
+            job.ray_share()
+        assert torch.get_num_threads() == 2 and caplog.messages == []
+
+
+def _loader_cfg(num_workers, device):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"loader": {"num_workers": num_workers}, "trainer": {"device": device}})
+
+
+def test_a_slurm_task_uses_its_cpus_for_threads_and_loader_workers(monkeypatch, caplog, torch_threads):
+    """docs/cluster.md "CPUs": SLURM_CPUS_PER_TASK torch threads, loader.num_workers=auto gives that many workers on
+    a GPU (8 at most) and none on the CPU; the log says so once (`SLURM job 41: 8 CPU(s) per task ...`)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for num_workers, device, cuda, workers in (("auto", "cpu", False, 0), ("auto", "auto", False, 0), (2, "cpu", False, 2),
+                                               ("auto", "auto", True, 3), ("auto", "cuda", True, 3), (0, "cuda:0", True, 0)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        torch.set_num_threads(2)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="segrun"):
+            job.slurm_share(_loader_cfg(num_workers, device))
+        assert torch.get_num_threads() == 3
+        assert caplog.messages == [f"SLURM job 41: 3 CPU(s) per task (SLURM_CPUS_PER_TASK): 3 torch thread(s), "
+                                   f"{workers} loader worker(s)"], (num_workers, device, cuda)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "12")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="segrun"):
+        job.slurm_share(_loader_cfg("auto", "auto"))
+    assert torch.get_num_threads() == 12
+    assert caplog.messages == ["SLURM job 41: 12 CPU(s) per task (SLURM_CPUS_PER_TASK): 12 torch thread(s), "
+                               "8 loader worker(s)"]
+
+
+def test_a_slurm_task_with_a_wrong_loader_or_device_still_gets_its_threads(monkeypatch, caplog, torch_threads):
+    """The mistake is reported where the run builds the loader; here only the line is left out."""
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for num_workers, device in ((-1, "cpu"), ("many", "cpu"), ("auto", "gpu"), (2, "cuda")):
+        torch.set_num_threads(2)
+        with caplog.at_level("INFO", logger="segrun"):
+            job.slurm_share(_loader_cfg(num_workers, device))
+        assert torch.get_num_threads() == 3 and caplog.messages == [], (num_workers, device)
+
+
+def test_outside_slurm_the_threads_are_left_alone(monkeypatch, caplog, torch_threads):
+    for job_id, cpus in ((None, "3"), ("41", None), ("41", "0"), ("41", "")):
+        for var, value in (("SLURM_JOB_ID", job_id), ("SLURM_CPUS_PER_TASK", cpus)):
+            if value is None:
+                monkeypatch.delenv(var, raising=False)
+            else:
+                monkeypatch.setenv(var, value)
+        with caplog.at_level("INFO", logger="segrun"):
+            job.slurm_share(_loader_cfg("auto", "cpu"))
+        assert torch.get_num_threads() == 2 and caplog.messages == [], (job_id, cpus)

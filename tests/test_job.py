@@ -475,3 +475,143 @@ def test_outside_slurm_the_threads_are_left_alone(monkeypatch, caplog, torch_thr
         with caplog.at_level("INFO", logger="segrun"):
             job.slurm_share(_loader_cfg("auto", "cpu"))
         assert torch.get_num_threads() == 2 and caplog.messages == [], (job_id, cpus)
+
+
+def test_a_group_restarted_by_torchrun_continues_last_pt(hydra_job, monkeypatch):
+    """docs/cluster.md: a restarted group (TORCHELASTIC_RESTART_COUNT > 0) continues last.pt without trainer.resume;
+    a sweep's job does not (its folder is the sweep's, and sweep.resume decides)."""
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    cfg, run_dir, _ = hydra_job()
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    last = str(run_dir / "checkpoints" / "last.pt")
+    for count, resume, multirun, expected in (("1", None, None, last), ("3", None, False, last), ("0", None, None, None),
+                                              ("", None, None, None), ("1", None, True, None),
+                                              ("1", "/given.pt", None, "/given.pt")):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", count)
+        cfg.trainer.resume = resume
+        if multirun is None:  # the default: a single run
+            assert job.resolve_resume(cfg, run_dir) is (expected is not None)
+        else:
+            assert job.resolve_resume(cfg, run_dir, multirun) is (expected is not None)
+        assert cfg.trainer.resume == expected, (count, resume, multirun)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    cfg.trainer.resume = None
+    assert job.resumes(cfg) is True
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert job.resumes(cfg) is False
+
+
+def test_resume_auto_says_what_it_does(hydra_job, monkeypatch, caplog):
+    """Logged at once, or kept in ``notes`` until the folder is claimed."""
+    for var in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    cfg, run_dir, _ = hydra_job(["trainer.resume=auto"])
+    notes = []
+    with caplog.at_level("INFO", logger="segrun"):
+        job.resolve_resume(cfg, run_dir, False, notes)
+        assert caplog.messages == [] and notes == ["trainer.resume=auto: no last.pt, starting fresh"]
+        cfg.trainer.resume = "auto"
+        job.resolve_resume(cfg, run_dir, False)
+        assert caplog.messages == ["trainer.resume=auto: no last.pt, starting fresh"]
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+        caplog.clear()
+        cfg.trainer.resume = "auto"
+        job.resolve_resume(cfg, run_dir, False, notes)
+        cfg.trainer.resume = "auto"
+        job.resolve_resume(cfg, run_dir, False)
+    line = f"trainer.resume=auto: continuing {run_dir}/checkpoints/last.pt"
+    assert notes == ["trainer.resume=auto: no last.pt, starting fresh", line] and caplog.messages == [line]
+
+
+def test_sweep_resume_in_one_call(tmp_path, capsys):
+    """A done job returns its value as a float, or None without one; an empty trainer.resume takes last.pt; a folder
+    of another job is refused with the whole message."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "3"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cfg = OmegaConf.create({"trainer": {"resume": None}})
+    for best, expected in ((None, None), (1, 1.0), (0.5, 0.5)):
+        (run_dir / "status.json").write_text(json.dumps({"state": "done", "best_metric": best, "overrides": ["a=1"]}))
+        value = job.sweep_resume(cfg, run_dir, ["a=1"])
+        assert value == expected and type(value) is type(expected), best
+    assert capsys.readouterr().out == f"[segrun] {run_dir}: already done, skipped (sweep.resume=true)\n" * 3
+    (run_dir / "status.json").write_text(json.dumps({"state": "failed", "overrides": ["a=1"]}))
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    for given, expected in ((None, str(run_dir / "checkpoints" / "last.pt")), ("", str(run_dir / "checkpoints" / "last.pt")),
+                            ("/given.pt", "/given.pt")):
+        cfg.trainer.resume = given
+        assert job.sweep_resume(cfg, run_dir, ["a=1"]) is False
+        assert cfg.trainer.resume == expected, given
+    with pytest.raises(RunFolderError) as exc:
+        job.sweep_resume(cfg, run_dir, ["a=2"])
+    assert str(exc.value) == (f"sweep.resume: {run_dir} ran with ['a=1'] but this job is ['a=2']; resume with the same "
+                              "sweep arguments as the first launch")
+
+
+def test_the_hydra_folder_holds_the_config_hydras_config_and_the_overrides(hydra_job):
+    """docs/outputs.md: ``.hydra/`` holds the composed config, Hydra's config and the command-line overrides."""
+    import yaml
+
+    cfg, run_dir, _ = hydra_job(["seed=5", "trainer.resume=null"])
+    assert job.run_job(cfg) == 0.75
+    folder = run_dir / ".hydra"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert yaml.safe_load((folder / "overrides.yaml").read_text()) == ["seed=5", "trainer.resume=null"]
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["seed"] == 5 and config["trainer"]["resume"] is None and config["trainer"]["device"] == "auto"
+    hydra = yaml.safe_load((folder / "hydra.yaml").read_text())
+    assert hydra["hydra"]["runtime"]["output_dir"] == str(run_dir)
+    assert hydra["hydra"]["overrides"]["task"] == ["seed=5", "trainer.resume=null"]
+
+
+def test_a_sweep_jobs_empty_log_file_does_not_count_as_a_foreign_file(tmp_path):
+    """Hydra opens ``<job>.log`` before the job can claim its folder: empty, it is the job's own; with content it is
+    someone else's (docs/sweeps.md), and the folder is refused."""
+    own = tmp_path / "0"
+    own.mkdir()
+    (own / "train.log").write_text("")
+    claim = job._claim(own, ["seed=0"], 0, False, "train.log")
+    claim.done(0.5)
+    assert read_status(own)["state"] == "done" and read_status(own)["job_num"] == 0
+    for content in ("x", "an older run's log\n"):
+        other = tmp_path / f"other{len(content)}"
+        other.mkdir()
+        (other / "train.log").write_text(content)
+        with pytest.raises(RunFolderError) as exc:
+            job._claim(other, ["seed=0"], 0, False, "train.log")
+        assert str(exc.value) == (f"run folder {other} already holds files segrun did not write (train.log); nothing was "
+                                  "written there: choose another (new or empty) hydra.run.dir")
+        assert sorted(p.name for p in other.iterdir()) == ["train.log"]
+    stray = tmp_path / "1"
+    stray.mkdir()
+    (stray / "notes.log").write_text("")  # another name: not the job's log
+    with pytest.raises(RunFolderError, match=r"\(notes.log\)"):
+        job._claim(stray, ["seed=1"], 1, False, "train.log")
+
+
+def test_a_worker_rank_drops_only_the_log_files_inside_the_run_folder(tmp_path):
+    import logging
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    mine_root = logging.FileHandler(run_dir / "train.log", delay=True)
+    mine_segrun = logging.FileHandler(run_dir / "segrun.log", delay=True)
+    elsewhere = logging.FileHandler(tmp_path / "other.log", delay=True)
+    console = logging.StreamHandler()
+    root, segrun_log = logging.getLogger(), logging.getLogger("segrun")
+    added = [(root, mine_root), (root, elsewhere), (root, console), (segrun_log, mine_segrun)]
+    for logger, handler in added:
+        logger.addHandler(handler)
+    mine_root.stream = mine_root._open()  # an open file, as Hydra's is: closed when dropped
+    try:
+        job.quiet_worker_rank(run_dir)
+        assert mine_root not in root.handlers and mine_segrun not in segrun_log.handlers
+        assert elsewhere in root.handlers and console in root.handlers
+        assert mine_root.stream is None  # closed
+    finally:
+        for logger, handler in added:
+            logger.removeHandler(handler)
+            handler.close()

@@ -615,3 +615,39 @@ def test_a_worker_rank_drops_only_the_log_files_inside_the_run_folder(tmp_path):
         for logger, handler in added:
             logger.removeHandler(handler)
             handler.close()
+
+
+def test_parallel_jobs_say_what_they_share(hydra_job, monkeypatch, tmp_path, caplog):
+    """One line per job: its GPU, or the CPUs the parallel jobs share; joblib's negative n_jobs counts from the
+    cores (-1: all 8, -8: one job, fewer than that still one job); no launcher section: a single job."""
+    from omegaconf import OmegaConf
+
+    from segrun.engine import runtime
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    for var in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(runtime, "CGROUP_CPU_MAX", tmp_path / "no-cgroup")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        for num, n_jobs, jobs, threads in ((0, 4, 4, 2), (3, -1, 8, 1), (1, -8, 1, 8), (2, -20, 1, 8)):
+            runtime.share_cpus(1)
+            cfg, _, _ = hydra_job(multirun=True, num=num, launcher={"n_jobs": n_jobs})
+            caplog.clear()
+            with caplog.at_level("INFO", logger="segrun"):
+                job.share_resources(cfg, HydraConfig.get())
+            assert caplog.messages == [f"job {num} ({jobs} jobs run in parallel): sharing 8 CPU(s)"], n_jobs
+            assert runtime.decide_threads("auto", busy=0.0)[0] == threads, n_jobs
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        cfg, _, _ = hydra_job(multirun=True, num=5, launcher={"n_jobs": 2})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="segrun"):
+            job.share_resources(cfg, HydraConfig.get())
+        assert caplog.messages == ["job 5 (2 jobs run in parallel): GPU 1"] and cfg.trainer.device == "cuda:1"
+        runtime.share_cpus(1)
+        caplog.clear()
+        job.share_resources(cfg, OmegaConf.create({"job": {"num": 0}}))  # a launcher without a section of its own
+        assert caplog.messages == [] and runtime.decide_threads("auto", busy=0.0)[0] == 8
+    finally:
+        runtime.share_cpus(1)

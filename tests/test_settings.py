@@ -118,6 +118,35 @@ def test_prediction_settings():
     assert _error(PredictSettings.from_config, _predict(crop_size=-3)).startswith("predict.crop_size=-3: expected a size")
 
 
+def test_prediction_settings_fall_back_and_name_keys_without_a_prefix():
+    stored = {"mode": "slide", "crop_size": [24, 32], "stride": 16, "scales": [0.5, 1.0], "flip": True}
+    nulls = OmegaConf.create(dict.fromkeys(("mode", "crop_size", "stride", "scales", "flip", "window_batch")))
+    assert PredictSettings.from_config(nulls, prefix="", fallback=stored) == \
+        PredictSettings("slide", (24, 32), 16, (0.5, 1.0), True, None)  # nulls take the checkpoint's values
+    given = PredictSettings.from_config(OmegaConf.create({"mode": "whole", "flip": False, "window_batch": 2}), prefix="",
+                                        fallback=stored)
+    assert (given.mode, given.flip, given.window_batch, given.crop_size, given.stride) == ("whole", False, 2, (24, 32), 16)
+    assert PredictSettings.from_config(OmegaConf.create({"mode": "slide"}), prefix="", crop_fallback=40).crop_size == 40
+    assert PredictSettings.from_config(OmegaConf.create({"crop_size": 8}), crop_fallback=40).crop_size == 8
+    assert PredictSettings.from_config(None) == PredictSettings()
+    assert PredictSettings.from_config(_predict(scales=2)).scales == (2.0,)  # one number: one scale
+
+    class ToolError(ConfigError):
+        pass
+
+    with pytest.raises(ToolError) as exc:
+        PredictSettings.from_config(OmegaConf.create({"mode": "tiles"}), prefix="", error=ToolError)
+    assert str(exc.value) == "mode='tiles': expected whole or slide"
+    assert _error(PredictSettings.from_config, OmegaConf.create({"mode": "slide"}), prefix="") == \
+        "mode=slide needs crop_size (the window size)"
+    assert _error(PredictSettings.from_config, _predict(window_batch=0)) == "predict.window_batch=0: expected an integer >= 1"
+    for bad in ("big", True):
+        assert _error(PredictSettings.from_config, _predict(scales=bad)) == \
+            f"predict.scales={bad!r}: expected a list of positive numbers, e.g. [0.75, 1.0, 1.25]"
+    assert PredictSettings("slide", (24, 32), (8, 8), (0.5, 1.0), True, 2).as_dict() == \
+        {"mode": "slide", "crop_size": [24, 32], "stride": [8, 8], "scales": [0.5, 1.0], "flip": True, "window_batch": 2}
+
+
 def _settings(*overrides):
     return TrainSettings.from_config(compose_cfg(list(overrides)))
 

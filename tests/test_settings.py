@@ -215,6 +215,7 @@ def test_train_settings_defaults_are_the_documented_ones():
     ("trainer.epochs=0", "trainer.epochs=0: expected an integer >= 1"),
     ("trainer.val_every=0", "trainer.val_every=0: expected an integer >= 1"),
     ("trainer.threads=0", "trainer.threads=0: expected auto, torch or an integer >= 1"),
+    ("trainer.threads=true", "trainer.threads=True: expected auto, torch or an integer >= 1"),
     ("trainer.sync_bn=1", "trainer.sync_bn=1: expected true or false"),
     ("trainer.find_unused_parameters=1", "trainer.find_unused_parameters=1: expected true or false"),
     ("trainer.dist_backend=tcp", "trainer.dist_backend='tcp': expected one of auto, nccl, gloo, mpi, ucc"),
@@ -351,3 +352,14 @@ def test_the_tools_declared_defaults_and_bounds():
         (InferSettings, "writers", 0, "writers=0: expected an integer >= 1"),
     ]:
         assert _error(read_settings, cls, OmegaConf.create({key: value})).startswith(message), key
+
+
+def test_trust_targets_are_an_optional_list_of_names():
+    from segrun.engine.settings import trust_targets
+
+    assert trust_targets(None) == trust_targets(OmegaConf.create({})) == trust_targets(OmegaConf.create({"trust": {}})) == ()
+    assert trust_targets(OmegaConf.create({"trust": {"targets": ["mypkg.models.", "lab."]}})) == ("mypkg.models.", "lab.")
+    assert _error(trust_targets, OmegaConf.create({"trust": {"targets": "mypkg"}})) == \
+        "trust.targets='mypkg': expected a list of names, e.g. [mypkg.models.]"
+    assert _error(trust_targets, OmegaConf.create({"trust": {"targets": ["a", 1]}})) == \
+        "trust.targets=['a', 1]: expected a list of names, e.g. [mypkg.models.]"

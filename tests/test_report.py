@@ -483,3 +483,12 @@ def test_report_csv_is_rfc4180_with_crlf_line_ends(sweep):
     assert data.startswith(b"best,job,optimizer.lr,state,monitor,best_epoch,best_metric,val_mIoU,val_pixel_acc,"
                            b"val_mean_acc,epochs,wall_s,error\r\n")
     assert data.endswith(b',"first line\nsecond line"\r\n') and data.count(b"\r\n") == 5
+
+
+def test_a_report_file_that_cannot_be_written_is_one_line_naming_it(sweep, capsys):
+    """The same form as every failed write (docs/long-runs.md: ``cannot write checkpoint PATH: cause``)."""
+    (sweep / "report.md").mkdir()  # a folder where the table should go
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(sweep)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write report {sweep / 'report.md'}: Is a directory\n"

@@ -5,6 +5,7 @@ tests/test_export.py."""
 from __future__ import annotations
 
 import json
+import zipfile
 
 import pytest
 import torch
@@ -106,6 +107,8 @@ def test_summary_text():
     result.update(output="scores", max_score_diff=1.5e-6)
     assert summary(result).endswith("99.988% of pixels agree with predict(), largest score difference 1.50e-06")
     assert "class scores out" in summary(result)
+    result.update(bytes=1_005_001)  # 1.005001 MB: rounds up to 1.01 (a megabyte is 10**6 bytes)
+    assert summary(result).startswith("wrote /m.onnx (onnx, UNet, 1.01 MB): ")
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +130,12 @@ def test_torchscript_export_by_default_next_to_the_checkpoint(ckpt):
     assert (result["format"], result["output"], result["size"], result["model"]) == ("torchscript", "labels", (21, 34),
                                                                                      "UNet")
     assert result["agreement"] >= 0.999 and result["max_score_diff"] is None
+    extra = {"segrun.json": ""}  # docs/inference.md: the metadata travels as the extra file segrun.json
+    torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
+    meta = json.loads(extra["segrun.json"])
+    assert meta["output"] == "class indices (N, H, W)" and meta["num_classes"] == 5 and len(meta["palette"]) == 5
+    with zipfile.ZipFile(out) as archive:  # the name as stored, for readers other than torch's (case-blind) one
+        assert [n.split("/", 1)[1] for n in archive.namelist() if "/extra/" in n] == ["extra/segrun.json"]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -394,3 +394,92 @@ def test_the_picture_without_keys_or_monitor_and_with_many_runs(tmp_path, monkey
     ax = figures[-1].axes[0]
     assert ax.get_ylabel() == "monitored metric" and ax.get_legend() is None  # more than 12 runs: no legend
     assert ax.get_lines()[-1].get_label() == "12 (best)" and len(ax.get_lines()) == 13  # named by job without keys
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """Every figure ``report.plot`` closes, kept for inspection (its Axes are still readable)."""
+    import matplotlib.pyplot as plt
+
+    figures: list = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    return figures
+
+
+def test_the_pictures_labels_name_every_varying_key_and_a_missing_one_stays_empty(tmp_path, monkeypatch):
+    """Line labels read like the table's columns: ``key=value`` for each varying key, space-separated; a key
+    a job did not set shows nothing after its ``=`` (the table's empty cell)."""
+    pytest.importorskip("matplotlib")
+    figures = _drawn_figures(monkeypatch)
+    write_run(tmp_path / "0", [epoch(1, 0.3, 0.5), epoch(2, 0.5, 0.4)], overrides=["optimizer.lr=0.1", "seed=1"])
+    write_run(tmp_path / "1", [epoch(1, 0.2, 0.5)], overrides=["optimizer.lr=0.2", "seed=2", "model.width=8"])
+    write_report(tmp_path, quiet=True)
+    lines = figures[-1].axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["optimizer.lr=0.2 seed=2 model.width=8",
+                                                    "optimizer.lr=0.1 seed=1 model.width= (best)"]
+
+
+def test_every_run_shows_as_points_even_with_a_single_validation(tmp_path, monkeypatch):
+    """A job validated once is one point: without a marker its line would draw nothing."""
+    pytest.importorskip("matplotlib")
+    figures = _drawn_figures(monkeypatch)
+    for i, miou in enumerate((0.5, 0.3, 0.4)):
+        write_run(tmp_path / str(i), [epoch(1, miou, 0.5)], overrides=[f"k={i}"])
+    write_report(tmp_path, quiet=True)
+    lines = figures[-1].axes[0].get_lines()
+    assert len(lines) == 3 and [len(line.get_xdata()) for line in lines] == [1, 1, 1]
+    for line in lines:
+        assert line.get_marker() not in (None, "", " ", "None", "none") and line.get_markersize() > 0
+
+
+def test_up_to_twelve_runs_get_a_legend(tmp_path, monkeypatch):
+    """docs/sweeps.md: a legend names every job of a sweep of up to 12 jobs (13 would crowd the picture)."""
+    pytest.importorskip("matplotlib")
+    figures = _drawn_figures(monkeypatch)
+    for i in range(12):
+        write_run(tmp_path / str(i), [epoch(1, 0.1 + i / 100, 0.5)], overrides=[f"k={i}"])
+    write_report(tmp_path, quiet=True)
+    legend = figures[-1].axes[0].get_legend()
+    assert legend is not None and len(legend.get_texts()) == 12
+    assert legend.get_texts()[-1].get_text() == "k=11 (best)"
+
+
+def test_the_pictures_size_does_not_follow_a_users_figure_dpi(sweep, monkeypatch):
+    """A matplotlibrc with another ``figure.dpi`` (common on HiDPI desktops) leaves report.png 640x360 px."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    from PIL import Image
+
+    monkeypatch.setitem(matplotlib.rcParams, "figure.dpi", 50.0)
+    write_report(sweep, quiet=True)
+    with Image.open(sweep / "report.png") as im:
+        assert im.size == (640, 360)
+
+
+def test_without_matplotlib_the_note_is_one_exact_line(sweep, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(report, "_PLOT_NOTE_SHOWN", False)
+    write_report(sweep, quiet=True)
+    write_report(sweep, quiet=True)
+    assert capsys.readouterr().err == "report.png skipped: matplotlib is not installed (pip install matplotlib)\n"
+    assert not (sweep / "report.png").exists() and (sweep / "report.csv").is_file()
+
+
+def test_report_csv_is_rfc4180_with_crlf_line_ends(sweep):
+    """report.csv ends its records with CRLF (RFC 4180, what spreadsheets expect) and keeps a line break inside
+    a quoted cell as it is."""
+    write_run(sweep / "3", [], state="failed", error="first line\nsecond line", overrides=["optimizer.lr=9", "seed=0"])
+    write_report(sweep, quiet=True)
+    data = (sweep / "report.csv").read_bytes()
+    assert data.startswith(b"best,job,optimizer.lr,state,monitor,best_epoch,best_metric,val_mIoU,val_pixel_acc,"
+                           b"val_mean_acc,epochs,wall_s,error\r\n")
+    assert data.endswith(b',"first line\nsecond line"\r\n') and data.count(b"\r\n") == 5

@@ -133,3 +133,38 @@ def test_fp16_needs_cuda():
         build.build_parts(cfg, check_config(cfg))
     assert str(exc.value) == ("trainer.precision=fp16 needs a CUDA device (this run uses cpu); use "
                               "trainer.precision=bf16 or fp32")
+
+
+NO_DYNAMO = "trainer.compile: torch.compile is not supported with this Python/torch build; set trainer.compile=false"
+NO_COMPILER = ("trainer.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
+               "install one or set trainer.compile=false")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_without_dynamo_is_one_line(monkeypatch, device):
+    import shutil
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(ConfigError) as exc:
+        build.check_compile_support(torch.device(device))
+    assert str(exc.value) == NO_DYNAMO
+
+
+@pytest.mark.parametrize("compiler", ["g++", "c++", "clang++", None])
+def test_compile_on_the_cpu_needs_a_cxx_compiler(monkeypatch, compiler):
+    import shutil
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: True)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == compiler else None)
+    build.check_compile_support(torch.device("cuda"))  # a GPU compiles with Triton: no C++ compiler needed
+    if compiler is None:
+        with pytest.raises(ConfigError) as exc:
+            build.check_compile_support(torch.device("cpu"))
+        assert str(exc.value) == NO_COMPILER
+    else:
+        build.check_compile_support(torch.device("cpu"))  # any one of them will do

@@ -301,6 +301,53 @@ def test_optional_and_auto_options():
     assert _error(auto, "k", "many") == "k='many': expected an integer >= 0 or auto"
 
 
+def test_range_pair_options():
+    """``pair``: ``[low, high]`` above a bound (``augment.train.scale``, ``blur_sigma``); a bad element is named
+    by its own value, a bad shape or order by the whole value."""
+    from segrun.checks import pair
+
+    inclusive, strict = pair(0.0), pair(0.0, exclusive=True)
+    assert inclusive("s", [0, 1]) == (0.0, 1.0) and inclusive("s", (0.5, 0.5)) == (0.5, 0.5)  # low == high is a range
+    assert strict("s", [0.25, 2]) == (0.25, 2.0)
+    assert _error(strict, "s", [0, 1]) == "s=0: expected a number > 0"
+    assert _error(inclusive, "s", [-1, 2]) == "s=-1: expected a number >= 0"
+    assert _error(pair(0.5), "s", [1, 0.25]) == "s=0.25: expected a number >= 0.5"
+    assert _error(inclusive, "s", [2, 1]) == "s=[2, 1]: expected a range [low, high] of numbers >= 0, low <= high"
+    assert _error(strict, "s", [2, 1]) == "s=[2, 1]: expected a range [low, high] of numbers > 0, low <= high"
+    for bad in ([1, 2, 3], [1], 1.5, "1,2"):
+        assert _error(inclusive, "s", bad) == f"s={bad!r}: expected a range [low, high] of numbers >= 0, low <= high"
+
+
+def test_per_channel_numbers_options():
+    """``numbers``: one per image channel (``dataset.mean`` in [0, 1], ``dataset.std`` in (0, 1])."""
+    from segrun.checks import numbers
+
+    mean, std, positive = numbers(0.0, 1.0), numbers(0.0, 1.0, exclusive=True), numbers(0.0)
+    assert mean("m", [0, 0.5, 1]) == (0.0, 0.5, 1.0) and std("m", (1,)) == (1.0,) and positive("m", [7.5]) == (7.5,)
+    assert mean("m", [0.0]) == (0.0,)
+    assert _error(mean, "m", [0.5, 1.5]) == "m=1.5: expected a number >= 0 and <= 1, one per image channel"
+    assert _error(mean, "m", [-0.5, 0.5]) == "m=-0.5: expected a number >= 0 and <= 1, one per image channel"
+    assert _error(std, "m", [0.5, 0.0]) == "m=0.0: expected a number > 0 and <= 1, one per image channel"
+    assert _error(positive, "m", [3, -1]) == "m=-1: expected a number >= 0, one per image channel"
+    assert _error(numbers(1.0, exclusive=True), "m", [1]) == "m=1: expected a number > 1, one per image channel"
+    for bad in (True, "0.5", None, math.nan, math.inf):
+        assert _error(mean, "m", [0.5, bad]) == f"m={bad!r}: expected a number >= 0 and <= 1, one per image channel"
+    for bad in ([], (), 0.5, "0.5", None):
+        assert _error(mean, "m", bad) == f"m={bad!r}: expected one number per image channel"
+    assert _error(mean, "m", OmegaConf.create({"r": 0.5})) == "m={'r': 0.5}: expected one number per image channel"
+
+
+def test_mapping_options():
+    """``mapping``: ``dataset.sizes={train: 600, val: 100}``; a bad value is named by its dotted key."""
+    from segrun.checks import integer, mapping
+
+    sizes = mapping(integer(0), "{train: 600, val: 100}")
+    assert sizes("d", {"train": 6, 1: 0.0}) == {"train": 6, "1": 0}
+    assert _error(sizes, "d", {"train": 6, "val": -3}) == "d.val=-3: expected an integer >= 0"
+    for bad in ("train:4", [6, 1], None):
+        assert _error(sizes, "d", bad) == f"d={bad!r}: expected a mapping such as {{train: 600, val: 100}}"
+
+
 def test_read_settings_checks_every_declared_field():
     from dataclasses import dataclass, field
 

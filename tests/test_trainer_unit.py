@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -90,7 +91,10 @@ def test_a_run_records_each_epoch_and_writes_metrics(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["monitor"] == "max val/mIoU" and metrics["best_metric"] == best
     assert metrics["best_epoch"] in (2, 3) and metrics["epochs_completed"] == 3 and metrics["global_step"] == 12
-    assert metrics["mIoU"] == t.history[metrics["best_epoch"] - 1]["val/mIoU"]
+    best_record = t.history[metrics["best_epoch"] - 1]
+    for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "loss"):
+        assert metrics[key] == best_record[f"val/{key}"], key
+    assert set(metrics["class_acc"]) == {"dark", "bright"} and metrics["segrun_version"] == version("segrun")
     assert set(metrics["class_iou"]) == {"dark", "bright"} and metrics["bad_samples"] == {"train": [], "val": []}
     assert metrics["history"] == json.loads(json.dumps(t.history))
     names = [c[0] for c in log.calls]
@@ -177,11 +181,14 @@ def test_a_restored_state_carries_counters_history_best_val_and_bad_samples(tmp_
     t.history = [{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.5, "val/mIoU": 0.25}]
     t.bad_samples["train"].add(["a.png: truncated", "b.png: not an image"])
     t.bad_samples["val"].add(["c.png: truncated"])
+    t.monitor.update(0.5, 1)
+    t.monitor.update(0.4, 2)  # best 0.5 at epoch 1, one stale validation since
     state = t.state_dict()
     state["bad_samples"]["test"] = ["d.png: truncated"]  # a split this trainer does not have: ignored
     back = trainer(tmp_path / "b", epochs=3)
     back.load_state_dict(state)
     assert (back.epoch, back.global_step) == (2, 8)
+    assert (back.monitor.best, back.monitor.best_epoch, back.monitor.stale) == (0.5, 1, 1)
     assert back.best_val == {"mIoU": 0.25, "loss": 1.5}
     assert back.history == [{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.5, "val/mIoU": 0.25}]
     assert back.bad_samples["train"].as_list() == ["a.png: truncated", "b.png: not an image"]
@@ -377,3 +384,16 @@ def test_a_runs_log_lines_and_pictures(tmp_path, caplog):
     assert (tmp_path / "confusion_matrix.png").is_file()
     csv = (tmp_path / "confusion_matrix.csv").read_text().splitlines()
     assert csv[0].split(",")[1:] == ["dark", "bright"]
+
+
+def test_grad_clip_bounds_the_step(tmp_path):
+    # plain SGD at lr 1: a step moves the weights by exactly the (clipped) gradient, so by at most grad_clip
+    for clip, bound in ((1e-3, 1e-3 + 1e-7), (None, None)):
+        t = trainer(tmp_path / str(clip), epochs=1, sgd={"lr": 1.0}, grad_clip=clip)
+        before = torch.cat([p.detach().flatten().clone() for p in t.model.parameters()])
+        t.run_step(next(iter(t.train_loader)))
+        moved = float((torch.cat([p.detach().flatten() for p in t.model.parameters()]) - before).norm())
+        if bound:
+            assert 0.99e-3 < moved <= bound
+        else:
+            assert moved > 1e-2  # unclipped, the same step is far larger

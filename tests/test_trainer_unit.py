@@ -162,8 +162,11 @@ def test_a_non_finite_loss_names_epoch_and_step(tmp_path):
     t = trainer(tmp_path, epochs=1)
     with pytest.raises(SegrunError) as exc:
         t.check_finite(torch.tensor(7), epoch=3)
-    assert str(exc.value).startswith("loss became non-finite at epoch 3, step 7 (global); stopping without overwriting "
-                                     f"checkpoints in {tmp_path / 'checkpoints'}.")
+    assert str(exc.value) == ("loss became non-finite at epoch 3, step 7 (global); stopping without overwriting "
+                              f"checkpoints in {tmp_path / 'checkpoints'}. Lower optimizer.lr, enable trainer.grad_clip, "
+                              "or check the data")
+    with pytest.raises(SegrunError, match=r"^loss became non-finite at epoch 2, step 5 \(global\)"):
+        t.check_finite(torch.tensor(5), epoch=2, reduced=True)  # already maxed over ranks
     t.check_finite(torch.tensor(-1), epoch=3)  # -1: every loss finite
 
 
@@ -397,3 +400,43 @@ def test_grad_clip_bounds_the_step(tmp_path):
             assert 0.99e-3 < moved <= bound
         else:
             assert moved > 1e-2  # unclipped, the same step is far larger
+
+
+def test_a_log_point_gathers_stop_requests_due_checkpoints_and_the_checks(tmp_path, monkeypatch):
+    from segrun.data.base import DatasetError
+    from segrun.engine import preempt
+
+    t = trainer(tmp_path, epochs=1)
+    assert t.sync_log_point(torch.tensor(-1), 1) == (False, False)
+    monkeypatch.setattr(preempt, "requested", lambda: 15)  # SIGTERM arrived
+    assert t.sync_log_point(torch.tensor(-1), 1) == (True, False)
+    monkeypatch.setattr(t.checkpointer, "time_due", lambda: True)
+    assert t.sync_log_point(torch.tensor(-1), 1) == (True, True)
+    with pytest.raises(SegrunError, match=r"^loss became non-finite at epoch 2, step 6 \(global\)"):
+        t.sync_log_point(torch.tensor(6), 2)
+    t.bad_samples["train"].add(["a.png: truncated"])  # 8 images at the default 1%: none allowed
+    with pytest.raises(DatasetError) as exc:
+        t.sync_log_point(torch.tensor(-1), 1)
+    assert str(exc.value) == ("1 bad samples in the train split, more than dataset.max_bad_samples allows (0): "
+                              "a.png: truncated")
+
+
+def test_the_trainer_wires_its_settings(tmp_path):
+    from segrun.data.prefetch import DevicePrefetcher
+    from segrun.engine.trainer import _bad_limit
+
+    t = trainer(tmp_path, epochs=1, save_period=3, keep_last=2, checkpoint_every_iters=5, checkpoint_every_s=60.0,
+                prefetch="true", channels_last=True, precision="bf16")
+    c = t.checkpointer
+    assert (c.save_period, c.keep_last, c.every_iters, c.every_s, c.batches_per_epoch) == (3, 2, 5, 60.0, 4)
+    assert c.folder == tmp_path / "checkpoints" and t.trial is None
+    assert isinstance(t.batches, DevicePrefetcher) and t.memory_format == torch.channels_last
+    assert t.autocast_dtype == torch.bfloat16 and not t.scaler.is_enabled()
+    plain = trainer(tmp_path / "p", epochs=1)  # prefetch=auto: only on CUDA
+    assert plain.batches is plain.train_loader and plain.memory_format == torch.contiguous_format
+    assert plain.autocast_dtype is None and (plain.bad_samples["train"].limit, plain.bad_samples["val"].limit) == (0, 0)
+
+    class Files(list):
+        max_bad_samples = 0.25
+
+    assert _bad_limit(Files(range(8))) == 2 and _bad_limit(list(range(300))) == 3  # 25% of 8; the default 1% of 300

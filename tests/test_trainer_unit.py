@@ -102,8 +102,20 @@ def test_a_run_records_each_epoch_and_writes_metrics(tmp_path):
     assert [c[1][0] for c in log.calls if c[0] == "scalar" and c[1][0] == "train/loss"] == ["train/loss"] * 6  # 2 a epoch
     steps = [c[1][2] for c in log.calls if c[0] == "scalar" and c[1][0] == "train/loss"]
     assert steps == [2, 4, 6, 8, 10, 12]  # every log_every=2 steps, by global step
+    at_step_2 = [c[1] for c in log.calls if c[0] == "scalar" and c[1][2] == 2]
+    assert [a[0] for a in at_step_2] == ["train/loss", "lr/0", "train/img_per_s"]  # an unnamed group: its index
+    assert at_step_2[1][1] == pytest.approx(0.1 * (1 - 2 / 12) ** 0.9) and at_step_2[2][1] > 0  # poly, power 0.9
+    train_ends = [c[1] for c in log.calls if c[0] == "scalars" and c[1][0] == "train"]
+    assert [a[2] for a in train_ends] == [4, 8, 12]
+    for (_, values, _), h in zip(train_ends, t.history):
+        assert values == {"epoch_loss": h["train/loss"], "mIoU": h["train/mIoU"], "pixel_acc": h["train/pixel_acc"]}
     val_steps = [c[1][2] for c in log.calls if c[0] == "scalars" and c[1][0] == "val"]
     assert val_steps == [8, 12]
+    val_ends = [c[1][1] for c in log.calls if c[0] == "scalars" and c[1][0] == "val"]
+    assert val_ends[0] == {k: t.history[1][f"val/{k}"] for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "loss")}
+    class_iou = [(c[1][0], c[1][2]) for c in log.calls if c[0] == "scalar" and c[1][0].startswith("val_class_iou/")]
+    assert class_iou == [("val_class_iou/dark", 8), ("val_class_iou/bright", 8), ("val_class_iou/dark", 12),
+                         ("val_class_iou/bright", 12)]
     assert (tmp_path / "confusion_matrix.csv").is_file()
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert last["config"] == {"seed": 0, "trainer": {"epochs": 3}} and last["overrides"] == ["seed=0"]

@@ -452,3 +452,24 @@ def test_the_trainer_wires_its_settings(tmp_path):
         max_bad_samples = 0.25
 
     assert _bad_limit(Files(range(8))) == 2 and _bad_limit(list(range(300))) == 3  # 25% of 8; the default 1% of 300
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """docs/long-runs.md: a run stopped inside an epoch and resumed ends as the uninterrupted run does."""
+    from segrun.engine import preempt
+
+    whole = trainer(tmp_path / "whole", epochs=2, limit_train_batches=3)  # 3 of the loader's 4 batches an epoch
+    whole.fit()
+    stopped = trainer(tmp_path / "run", epochs=2, limit_train_batches=3)
+    monkeypatch.setattr(preempt, "requested", lambda: 15 if stopped.global_step >= 2 else None)  # SIGTERM at step 2
+    with pytest.raises(preempt.Preempted, match="at epoch 1, batch 2/3 \\(step 2\\)"):
+        stopped.fit()
+    monkeypatch.setattr(preempt, "requested", lambda: None)
+    resumed = trainer(tmp_path / "run", epochs=2, limit_train_batches=3)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (resumed.epoch, resumed.global_step) == (0, 2)
+    resumed.fit()
+    assert resumed.global_step == whole.global_step == 6
+    assert [h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in whole.history]  # the whole epoch's
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
+        assert torch.equal(a, b)

@@ -319,6 +319,7 @@ def test_every_replayed_override_rule_with_its_words():
         "logger.mlflow.experiment_name=x": "it chooses where segrun writes; give it on the command line yourself if you mean it",
         "~logger.csv.filename": "it chooses where segrun writes; give it on the command line yourself if you mean it",
         "not an override": "it is not a key=value override",
+        "model=../../../tmp/evil": "it picks a config file outside segrun's conf folder",
     }
     for override, why in cases.items():
         with pytest.raises(UntrustedCheckpointError) as exc:
@@ -334,3 +335,29 @@ def test_every_replayed_override_rule_with_its_words():
     assert not chooses_where_segrun_writes("=x")
     assert _value_has_target({"a": [{"b": "_args_"}]}) and not _value_has_target({"a": [1, {"b": "c"}]})
     assert _value_has_target(("x", "_partial_")) and not _value_has_target(5)
+
+
+def test_replayed_override_rules_see_through_packages_quotes_and_nested_groups():
+    """Each rule holds however the override is spelled: a group placed under ``hydra``/``trust`` with ``@``
+    (``_global_`` is the root), an interpolation followed by a space or an ``=`` inside a quoted value, a
+    nested group choice climbing out of ``conf/``; a value that merely holds ``..`` is still a value."""
+    from segrun.engine.trust import override_key_parts
+
+    tail = "; nothing was built. If you trust this checkpoint, pass trust_checkpoint=true"
+    cases = {
+        "model@hydra.run=unet": "it changes Hydra's own settings",
+        "+paths@_global_.hydra.sweep=default": "it changes Hydra's own settings",
+        "+model@_global_.trust=unet": "a checkpoint cannot extend its own trust",
+        "model.tag='${oc.env:HOME} x'": "its value is an interpolation",
+        "model.tag='${oc.env:HOME}=x'": "its value is an interpolation",
+        "+model/encoder=../../../tmp/evil": "it picks a config file outside segrun's conf folder",
+    }
+    for override, why in cases.items():
+        with pytest.raises(UntrustedCheckpointError) as exc:
+            check_overrides([override], source="checkpoint c.pt")
+        assert str(exc.value) == f"checkpoint c.pt: stored override {override!r} refused: {why}{tail}", override
+    check_overrides(["dataset.root=../data", "+experiment@_global_=x", "loss@aux=ce"], source="c")
+    # the key is everything before the first '=' and the first '@', without the leading +/~ (and only those)
+    assert override_key_parts("a.b=c=d") == ["a", "b"]
+    assert override_key_parts("model@a@b=x") == ["model"]
+    assert override_key_parts("+XY.width=3") == ["XY", "width"]

@@ -393,3 +393,69 @@ def test_a_sweep_claim_records_when_and_who(tmp_path):
     with pytest.raises(SweepFolderError) as exc:
         SweepClaim(afile).acquire(resume=False)
     assert str(exc.value) == f"sweep folder {afile} is a file, not a folder; choose another hydra.sweep.dir"
+
+
+def test_a_process_of_another_user_counts_as_alive(monkeypatch):
+    """``kill(pid, 0)`` on another user's live process answers EPERM: that process exists, its claim holds."""
+    def not_yours(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(status.os, "kill", not_yours)
+    assert status.pid_alive(12345) is True
+
+
+def test_probing_a_process_sends_it_no_signal():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert status.pid_alive(sleeper.pid)
+        with pytest.raises(subprocess.TimeoutExpired):  # any real signal (SIGHUP...) would end it within this wait
+            sleeper.wait(timeout=0.5)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_job_record_makes_its_folders_or_says_in_one_warning_why_not(tmp_path, caplog):
+    sweep_dir = tmp_path / "not" / "yet"  # a job may end before the sweep folder exists on its node
+    record_job(sweep_dir, 4, tmp_path / "r4", "refused", "taken")
+    assert json.loads((sweep_dir / ".jobs" / "4.json").read_text()) == {
+        "job_num": 4, "run_dir": str(tmp_path / "r4"), "outcome": "refused", "message": "taken"}
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with caplog.at_level("WARNING", logger="segrun"):
+        record_job(afile, 7, "x", "done")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not record job 7's outcome in {afile / '.jobs'} ([Errno 20] Not a directory: '{afile / '.jobs'}')"]
+
+
+def test_the_sweep_callback_checks_the_launcher_before_claiming(tmp_path, capsys, monkeypatch):
+    """``hydra/launcher=slurm`` where SLURM's tools are missing: one line, exit 2, no sweep folder made."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    folder = tmp_path / "sweep"
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}, "overrides": {"task": ["seed=0,1"]},
+                                      "launcher": {"_target_": "hydra_plugins.hydra_submitit_launcher."
+                                                                "submitit_launcher.SlurmLauncher", "partition": "gpu"}}})
+    with pytest.raises(SystemExit) as exc:
+        sweep.SweepCallback().on_multirun_start(cfg)
+    assert exc.value.code == 2 and not folder.exists()
+    assert capsys.readouterr().err == ("error: hydra/launcher=slurm: no `sbatch`/`sinfo` on PATH: run the sweep on a "
+                                       "SLURM login node (or install SLURM's client tools and point SLURM_CONF at the "
+                                       "cluster's slurm.conf)\n")
+
+
+def test_a_config_without_a_sweep_section_is_not_a_resume(tmp_path, capsys):
+    """A hand-built config (no ``sweep:`` section, basic launcher): the folder is claimed, and a finished
+    sweep there is refused as with ``sweep.resume=false``."""
+    folder = tmp_path / "sweep"
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}, "overrides": {"task": ["seed=0,1"]},
+                                      "launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}}})
+    cb = sweep.SweepCallback()
+    cb.on_multirun_start(cfg)
+    s = json.loads((folder / "sweep.json").read_text())
+    assert (s["state"], s["pid"], s["overrides"]) == ("running", os.getpid(), ["seed=0,1"])
+    cb.claim.end({"done": 2})
+    with pytest.raises(SystemExit) as exc:
+        sweep.SweepCallback().on_multirun_start(cfg)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"error: sweep folder {folder} holds a finished sweep; continue it with "
+                                       "sweep.resume=true or choose another hydra.sweep.dir\n")

@@ -459,3 +459,110 @@ def test_a_config_without_a_sweep_section_is_not_a_resume(tmp_path, capsys):
     assert exc.value.code == 2
     assert capsys.readouterr().err == (f"error: sweep folder {folder} holds a finished sweep; continue it with "
                                        "sweep.resume=true or choose another hydra.sweep.dir\n")
+
+
+def test_a_claim_without_a_usable_pid_is_not_a_live_process(tmp_path):
+    """``kill(0 or -1, 0)`` would probe a process group or every process: no single process answers for it."""
+    assert not status.pid_alive(0) and not status.pid_alive(-1)
+    here = socket.gethostname()
+    assert effective_state({"state": "running", "host": here}) == "killed"
+    assert effective_state({"state": "done", "pid": dead_pid(), "host": here}) == "done"  # only a running claim dies
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    for bad in ({"state": "running", "host": here, "pid": "abc"}, {"state": "running", "host": here},
+                {"state": "done", "counts": {}, "pid": True}):
+        (folder / "sweep.json").write_text(json.dumps(bad))
+        assert SweepClaim(folder).read() == {"state": "invalid"}
+        assert SweepClaim(folder).acquire(resume=False) == {"state": "invalid"}  # a malformed claim is taken over
+        assert json.loads((folder / "sweep.json").read_text())["pid"] == os.getpid()
+
+
+def test_run_folder_refusals_in_full_words(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    here = socket.gethostname()
+    for claim, what in (({"state": "running", "pid": dead_pid(), "host": here}, "that run's process is gone"),
+                        ({"state": "pruned"}, "that run was pruned"),
+                        ({"state": "nonsense"}, "its status.json unknown state 'nonsense' (expected one of running, "
+                                                "done, pruned, failed)")):
+        (run / "status.json").write_text(json.dumps(claim))
+        with pytest.raises(RunFolderError) as exc:
+            check_free(run)
+        assert str(exc.value) == (f"run folder {run} holds a previous run's checkpoints (checkpoints/last.pt; {what}); "
+                                  "continue it with trainer.resume=auto or choose another hydra.run.dir")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / "status.json").write_text(json.dumps({"state": "running", "pid": sleeper.pid, "host": here,
+                                                     "started": "then"}))
+        with pytest.raises(RunFolderError) as exc:
+            check_free(run)
+        assert str(exc.value) == (f"run folder {run} is in use by another run (pid {sleeper.pid} on {here}, started "
+                                  "then); choose another hydra.run.dir or wait for that run to end")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_an_unreadable_status_says_why(tmp_path):
+    (tmp_path / "status.json").mkdir()
+    assert read_status(tmp_path) == {"state": "invalid", "problem": "cannot be read (Is a directory)"}
+    (tmp_path / "status.json").rmdir()
+    (tmp_path / "status.json").write_bytes(b"\xff\xfe")
+    problem = read_status(tmp_path)["problem"]
+    assert problem.startswith("cannot be read (") and "codec can't decode byte 0xff in position 0" in problem
+
+
+def test_a_run_claim_by_default_leaves_a_finished_run_alone_and_ignores_what_it_is_told(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "done"}))
+    with pytest.raises(RunFolderError, match="already holds a finished run"):
+        RunClaim(run).acquire()
+    fresh = tmp_path / "job"
+    fresh.mkdir()
+    (fresh / "train.log").write_text("")  # a launcher's log file, made before the claim
+    RunClaim(fresh).acquire(ignore=["train.log"])
+    assert read_status(fresh)["state"] == "running"
+
+
+def test_taking_over_a_dead_run_is_one_warning(tmp_path, caplog):
+    here = socket.gethostname()
+    gone = dead_pid()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "running", "pid": gone, "host": here, "started": "then"}))
+    with caplog.at_level("WARNING", logger="segrun"):
+        RunClaim(run).acquire()
+        RunClaim(tmp_path / "fresh").acquire()  # nothing to take over: nothing said
+    assert [r.getMessage() for r in caplog.records] == [
+        f"run folder {run} was claimed by a run that is gone (pid {gone} on {here}, started then): taking it over"]
+
+
+def test_claim_times_are_local_iso_seconds_and_wall_time_is_rounded_to_ms(tmp_path, monkeypatch):
+    import re
+
+    claim = RunClaim(tmp_path / "r")
+    claim.start = 100.0
+    claim.acquire()
+    monkeypatch.setattr(status.time, "time", lambda: 112.3456789)
+    claim.done(0.5)
+    s = read_status(tmp_path / "r")
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"
+    assert re.fullmatch(stamp, s["started"]) and re.fullmatch(stamp, s["ended"])
+    assert s["wall_s"] == 12.346 and s["best_metric"] == 0.5
+
+
+def test_a_sweep_claim_that_cannot_be_written_is_one_line(tmp_path):
+    folder = tmp_path / "s"
+    (folder / "sweep.json").mkdir(parents=True)  # stands where the file should be
+    with pytest.raises(RunFolderError) as exc:
+        SweepClaim(folder).acquire(resume=False)
+    assert str(exc.value) == f"cannot write {folder / 'sweep.json'}: Is a directory"
+
+
+def test_one_unreadable_job_record_does_not_hide_the_others(tmp_path):
+    (tmp_path / ".jobs").mkdir()
+    (tmp_path / ".jobs" / "0.json").write_text("{")
+    record_job(tmp_path, 1, tmp_path / "1", "done")
+    assert list(job_records(tmp_path)) == [1]

@@ -200,6 +200,16 @@ def test_find_runs_walks_folders_but_not_into_runs(tmp_path):
     assert report.find_runs(tmp_path / "c") == []
 
 
+def test_run_folders_named_by_numbers_and_by_names_sort_together(tmp_path):
+    """A folder of runs holding ``10``, ``9`` and ``abc``: numbers in numeric order, then names (this once
+    raised TypeError comparing 9 with 'abc')."""
+    for name in ("abc", "10", "9", "b2"):
+        write_run(tmp_path / name, [epoch(1, 0.5, 0.5)])
+    assert [p.name for p in find_runs(tmp_path)] == ["9", "10", "abc", "b2"]
+    rows = write_report(tmp_path, quiet=True)["rows"]
+    assert [r["job"] for r in rows] == ["9", "10", "abc", "b2"]  # a tie: folder order
+
+
 @pytest.mark.parametrize("seconds, shown", [(None, ""), (0.0, "0.0 s"), (59.94, "59.9 s"), (60.0, "1:00"),
                                             (61.4, "1:01"), (3599.0, "59:59"), (3600.0, "1:00:00"),
                                             (3725.0, "1:02:05"), (90061.0, "25:01:01")])
@@ -483,3 +493,101 @@ def test_report_csv_is_rfc4180_with_crlf_line_ends(sweep):
     assert data.startswith(b"best,job,optimizer.lr,state,monitor,best_epoch,best_metric,val_mIoU,val_pixel_acc,"
                            b"val_mean_acc,epochs,wall_s,error\r\n")
     assert data.endswith(b',"first line\nsecond line"\r\n') and data.count(b"\r\n") == 5
+
+
+def test_a_report_file_that_cannot_be_written_is_one_line_naming_it(sweep, capsys):
+    """The same form as every failed write (docs/long-runs.md: ``cannot write checkpoint PATH: cause``)."""
+    (sweep / "report.md").mkdir()  # a folder where the table should go
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(sweep)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write report {sweep / 'report.md'}: Is a directory\n"
+
+
+def _pruned(folder: Path, history: list[dict], overrides: list[str]) -> Path:
+    """A trial its study's pruner stopped: metrics.json as usual, status.json ``pruned`` with a note."""
+    write_run(folder, history, overrides=overrides, state="pruned")
+    status = json.loads((folder / "status.json").read_text())
+    status["note"] = "pruned by the study at epoch 2"
+    (folder / "status.json").write_text(json.dumps(status))
+    return folder
+
+
+def test_a_pruned_trial_is_never_best_nor_a_failure(tmp_path):
+    """docs/sweeps.md: the report shows a pruned trial as ``pruned`` (not failed, never marked best), even
+    when its best value beats every finished trial's; the trial number is the folder's name, not a column."""
+    write_run(tmp_path / "0", [epoch(1, 0.5, 0.5)], overrides=["optimizer.lr=0.1", "sweep.trial=0"])
+    write_run(tmp_path / "1", [epoch(1, 0.6, 0.5)], overrides=["optimizer.lr=0.2", "sweep.trial=1"])
+    _pruned(tmp_path / "2", [epoch(1, 0.7, 0.5), epoch(2, 0.9, 0.5)], ["optimizer.lr=0.3", "sweep.trial=2"])
+    data = write_report(tmp_path, quiet=True)
+    assert [(r["job"], r["state"], r["best"]) for r in data["rows"]] == \
+        [("1", "done", True), ("0", "done", False), ("2", "pruned", False)]
+    assert data["best_job"] == "1" and data["not_done"] == [] and data["failed"] == []
+    assert data["rows"][2]["error"] == "pruned by the study at epoch 2" and data["rows"][2]["best_metric"] == 0.9
+    assert data["varying"] == ["optimizer.lr"] and data["counts"] == {"done": 2, "pruned": 1}
+
+
+def test_a_sweep_whose_only_values_are_pruned_trials_has_no_best(tmp_path):
+    _pruned(tmp_path / "0", [epoch(1, 0.7, 0.5)], ["k=0"])
+    write_run(tmp_path / "1", [], state="failed", error="boom", overrides=["k=1"])
+    data = write_report(tmp_path, quiet=True)
+    assert data["best_job"] is None and [r["best"] for r in data["rows"]] == [False, False]
+    assert [r["job"] for r in data["not_done"]] == ["1"]
+
+
+def _job_record(sweep: Path, num: int, run_dir, outcome: str, message: str | None = None) -> None:
+    """``<sweep>/.jobs/<num>.json``, the sweep's own record of one job (docs/sweeps.md)."""
+    (sweep / ".jobs").mkdir(exist_ok=True)
+    record = {"job_num": num, "run_dir": str(run_dir), "outcome": outcome}
+    if message is not None:
+        record["message"] = message
+    (sweep / ".jobs" / f"{num}.json").write_text(json.dumps(record))
+
+
+def test_the_sweeps_job_records_mark_refused_jobs(sweep):
+    """A job refused because its folder held someone else's finished run shows as refused with the sweep's
+    reason and none of that folder's numbers; a refused job without a reason says ``refused``; a job the
+    sweep recorded under a folder outside it is a row named by that path."""
+    _job_record(sweep, 0, sweep / "0", "done")
+    _job_record(sweep, 1, sweep / "1", "refused", "folder already holds a finished run")
+    _job_record(sweep, 5, sweep / "5", "refused", "")
+    _job_record(sweep, 6, "/elsewhere/6", "refused", "in use by another run (pid 4242)")
+    data = write_report(sweep, quiet=True)
+    rows = {r["job"]: r for r in data["rows"]}
+    assert (rows["0"]["state"], rows["0"]["best"]) == ("done", True)
+    one = rows["1"]
+    assert (one["state"], one["error"]) == ("refused", "folder already holds a finished run")
+    assert (one["best_metric"], one["mIoU"], one["pixel_acc"], one["mean_acc"]) == (None, None, None, None)
+    assert (rows["5"]["state"], rows["5"]["error"]) == ("refused", "refused")
+    assert (rows["/elsewhere/6"]["state"], rows["/elsewhere/6"]["error"]) == ("refused", "in use by another run (pid 4242)")
+    assert data["counts"] == {"done": 1, "failed": 1, "refused": 3}
+
+
+def test_an_unreadable_metrics_file_is_one_warning_naming_the_cause(tmp_path, monkeypatch, capsys):
+    run = write_run(tmp_path / "a", [epoch(1, 0.5, 0.5)], overrides=["k=a"])
+    real_read_text = Path.read_text
+
+    def failing_disk(self, *args, **kwargs):
+        if self.name == "metrics.json":
+            raise OSError(5, "Input/output error")
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", failing_disk)
+    row = report.read_row(run, tmp_path)
+    assert row.best_metric is None and row.state == "done"
+    assert capsys.readouterr().err == f"warning: {run / 'metrics.json'} cannot be read (Input/output error); its row " \
+                                      "shows no metrics\n"
+    monkeypatch.undo()
+    (run / "metrics.json").write_bytes(b"\xff\xfe{}")  # not UTF-8 text
+    assert report.read_row(run, tmp_path).best_metric is None
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {run / 'metrics.json'} cannot be read (") and "can't decode byte 0xff" in err
+
+
+def test_a_picture_that_cannot_be_written_is_one_line_naming_it(sweep, capsys):
+    pytest.importorskip("matplotlib")
+    (sweep / "report.png").mkdir()  # a folder where the picture should go
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(sweep)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write report {sweep / 'report.png'}: Is a directory\n"

@@ -33,7 +33,7 @@ class Recorder:
 def trainer(tmp_path, epochs=2, batch_size=2, logger=None, width=4, sgd=None, **settings) -> Trainer:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, width, 1), torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))
-    s = TrainSettings(epochs=epochs, progress=False, log_every=2, vis_samples=0, **settings)
+    s = TrainSettings(**{"epochs": epochs, "progress": False, "log_every": 2, "vis_samples": 0, **settings})
     steps = epochs * math.ceil(8 // batch_size / s.accumulate)
     parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), **(sgd or {"lr": 0.1})), batch_size, steps)
     return Trainer(parts, s, tmp_path, config={"seed": 0, "trainer": {"epochs": epochs}}, overrides=["seed=0"],
@@ -348,3 +348,32 @@ def test_report_trial_prunes_when_asked_except_at_the_last_epoch(tmp_path, monke
     t.trial = StandInTrial(prune=True)
     t.report_trial(1, 0.25)
     assert t.trial.calls == []
+
+
+def test_a_runs_log_lines_and_pictures(tmp_path, caplog):
+    log = Recorder()
+    t = trainer(tmp_path, epochs=3, logger=log, early_stop=1, vis_samples=1, sgd={"lr": 0.0})  # lr 0: never improves
+    t.bad_samples["train"].limit = 5
+    t.bad_samples["train"].add(["a.png: truncated", "b.png: not an image"])
+    with caplog.at_level(logging.INFO, logger="segrun"):
+        best = t.fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "segrun"]
+    h1, h2 = t.history
+    assert lines[0] == "device cpu, 1 process(es), 4 iterations/epoch, 3 epochs"
+    for h, line in zip(t.history, (lines[1:3], lines[3:5])):
+        assert line == [f"epoch {h['epoch']} train: loss {h['train/loss']:.4f} mIoU {h['train/mIoU']:.4f} "
+                        f"pixel_acc {h['train/pixel_acc']:.4f}",
+                        f"epoch {h['epoch']} val: loss {h['val/loss']:.4f} mIoU {h['val/mIoU']:.4f} pixel_acc "
+                        f"{h['val/pixel_acc']:.4f} mean_acc {h['val/mean_acc']:.4f} fwIoU {h['val/fwIoU']:.4f}"]
+    assert h1["val/mIoU"] == h2["val/mIoU"] == best  # nothing trained: the second validation is no better
+    assert lines[5:8] == ["early stop: val/mIoU did not improve for 1 validations",
+                          "2 bad train sample(s) skipped: a.png: truncated | b.png: not an image",
+                          f"best val/mIoU = {best:.4f} at epoch 1"]
+    assert lines[8].startswith("per-class validation metrics at the best epoch (%):\nclass ")
+    assert "\ndark " in lines[8] and "\nbright " in lines[8] and len(lines) == 9
+    images = [(c[1][0], c[1][1].dtype, c[1][1].shape[0], c[1][2]) for c in log.calls if c[0] == "image"]
+    assert images == [("val/predictions", torch.uint8, 3, 4), ("val/confusion_matrix", torch.uint8, 3, 4),
+                      ("val/predictions", torch.uint8, 3, 8)]  # the confusion matrix at a new best only
+    assert (tmp_path / "confusion_matrix.png").is_file()
+    csv = (tmp_path / "confusion_matrix.csv").read_text().splitlines()
+    assert csv[0].split(",")[1:] == ["dark", "bright"]

@@ -69,8 +69,9 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(runs, key=_natural_key)
 
 
-def _natural_key(path: Path) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in path.parts]
+def _natural_key(path: Path) -> list[tuple[int, Any]]:
+    """Numbers in numeric order (9 before 10), before names: a number is never compared with a name."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in path.parts]
 
 
 #: metrics.json keys the report reads, and the types it accepts (null is always accepted)
@@ -187,7 +188,7 @@ def rank_rows(rows: list[Row]) -> tuple[list[Row], str | None]:
         next((r.monitor for r in rows if r.monitor), None)
     sign = 1.0 if monitor and monitor.split()[0] == "min" else -1.0
 
-    def key(r: Row) -> tuple[int, float, list[Any]]:
+    def key(r: Row) -> tuple[int, float, list[tuple[int, Any]]]:
         ok = _finite(r.best_metric) and r.monitor == monitor and r.state != "pruned"
         return (0 if ok else 1, sign * r.best_metric if ok else 0.0, _natural_key(Path(r.job)))
 

@@ -43,6 +43,10 @@ def _error(overrides, choices=True) -> str:
     (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: expected a number > 0"),
     (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1: expected a number >= 0"),
     (["optimizer.momentum=-0.5"], "optimizer.momentum=-0.5: expected a number >= 0"),
+    (["optimizer.backbone_lr_mult=-1"], "optimizer.backbone_lr_mult=-1: expected a number >= 0"),
+    (["optimizer.layer_decay=0"], "optimizer.layer_decay=0: expected a number > 0"),
+    (["optimizer.layer_decay=1.5"], "optimizer.layer_decay=1.5: expected a factor in (0, 1]"),
+    (["dataset.crop_size=0"], "dataset.crop_size=0: expected a size"),
 ])
 def test_each_checked_key_names_itself(overrides, message):
     assert _error(overrides, choices=False).startswith(message)
@@ -51,7 +55,7 @@ def test_each_checked_key_names_itself(overrides, message):
 def test_accepted_edge_values():
     s = check_config(_composed(["loader.num_workers=0", "loader.prefetch_factor=1", "dataset.mean=[0,0,0]",
                                 "optimizer.weight_decay=0", "optimizer.momentum=0", "dataset.crop_size=[8,16]",
-                                "loader.num_workers=auto"]))
+                                "loader.num_workers=auto", "optimizer.layer_decay=1", "optimizer.backbone_lr_mult=0"]))
     assert isinstance(s, TrainSettings)
     check_config(_composed(["dataset.crop_size=null", "dataset.base_size=null"]))
 
@@ -133,3 +137,38 @@ def test_fp16_needs_cuda():
         build.build_parts(cfg, check_config(cfg))
     assert str(exc.value) == ("trainer.precision=fp16 needs a CUDA device (this run uses cpu); use "
                               "trainer.precision=bf16 or fp32")
+
+
+NO_DYNAMO = "trainer.compile: torch.compile is not supported with this Python/torch build; set trainer.compile=false"
+NO_COMPILER = ("trainer.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
+               "install one or set trainer.compile=false")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_without_dynamo_is_one_line(monkeypatch, device):
+    import shutil
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(ConfigError) as exc:
+        build.check_compile_support(torch.device(device))
+    assert str(exc.value) == NO_DYNAMO
+
+
+@pytest.mark.parametrize("compiler", ["g++", "c++", "clang++", None])
+def test_compile_on_the_cpu_needs_a_cxx_compiler(monkeypatch, compiler):
+    import shutil
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: True)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == compiler else None)
+    build.check_compile_support(torch.device("cuda"))  # a GPU compiles with Triton: no C++ compiler needed
+    if compiler is None:
+        with pytest.raises(ConfigError) as exc:
+            build.check_compile_support(torch.device("cpu"))
+        assert str(exc.value) == NO_COMPILER
+    else:
+        build.check_compile_support(torch.device("cpu"))  # any one of them will do

@@ -5,6 +5,8 @@ The numbers themselves are checked against the trainer's validation in tests/tes
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from omegaconf import OmegaConf
 from segrun.confusion import read_confusion_csv
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segrun.engine.settings import PredictSettings
-from segrun.eval import EvalError, _precision, _safe_name, dataset_argv, dataset_config, eval_dir, run, summary
+from segrun.eval import EvalError, _precision, _safe_name, dataset_argv, dataset_config, eval_dir, main, run, summary
 
 from helpers.cli import TINY, compose_cfg
 from helpers.fixtures import make_checkpoint
@@ -151,3 +153,38 @@ def test_a_checkpoint_without_a_config_or_a_ckpt_is_refused(tmp_path):
     assert OmegaConf.is_missing(cfg, "ckpt")
     with pytest.raises(EvalError, match="^ckpt is required: python -m segrun.eval ckpt=path/to/best.pt$"):
         run(cfg)
+
+
+@pytest.fixture
+def keep_logging():
+    """The entry point runs Hydra, whose logging config (conf/tool/quiet.yaml: ``disabled``) turns every existing
+    logger off and resets the root logger; put them back so later tests' caplog still sees segrun's lines."""
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), {name: lg.disabled for name, lg in root.manager.loggerDict.items()
+                                               if isinstance(lg, logging.Logger)})
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    for name, disabled in saved[2].items():
+        logging.getLogger(name).disabled = disabled
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_the_console_entry_takes_dataset_keys_as_typed(ckpt, tmp_path, monkeypatch, capsys):
+    """``segrun-eval dataset.sizes=...`` (no ``++``, as docs/inference.md writes it) reaches the evaluation,
+    wherever it stands among the arguments."""
+    out = tmp_path / "e"
+    monkeypatch.setattr(sys, "argv", ["segrun-eval", "dataset.sizes={train: 4, val: 2, test: 2}", f"ckpt={ckpt}",
+                                      "progress=false", f"out={out}"])
+    main()
+    assert json.loads((out / "metrics.json").read_text())["images"] == 2  # the checkpoint's val split has 5
+    assert capsys.readouterr().out.endswith(f"wrote metrics.json, confusion_matrix.csv and confusion_matrix.png to {out}\n")
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_the_console_entry_without_arguments_says_what_it_needs(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["segrun-eval"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: ckpt is required: python -m segrun.eval ckpt=path/to/best.pt\n"

@@ -5,6 +5,7 @@ tests/test_export.py."""
 from __future__ import annotations
 
 import json
+import zipfile
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from segrun.export import (
     ExportError,
     _check_size,
     compare,
+    export_onnx,
     metadata,
     onnx_metadata,
     run,
@@ -106,6 +108,8 @@ def test_summary_text():
     result.update(output="scores", max_score_diff=1.5e-6)
     assert summary(result).endswith("99.988% of pixels agree with predict(), largest score difference 1.50e-06")
     assert "class scores out" in summary(result)
+    result.update(bytes=1_005_001)  # 1.005001 MB: rounds up to 1.01 (a megabyte is 10**6 bytes)
+    assert summary(result).startswith("wrote /m.onnx (onnx, UNet, 1.01 MB): ")
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +131,12 @@ def test_torchscript_export_by_default_next_to_the_checkpoint(ckpt):
     assert (result["format"], result["output"], result["size"], result["model"]) == ("torchscript", "labels", (21, 34),
                                                                                      "UNet")
     assert result["agreement"] >= 0.999 and result["max_score_diff"] is None
+    extra = {"segrun.json": ""}  # docs/inference.md: the metadata travels as the extra file segrun.json
+    torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
+    meta = json.loads(extra["segrun.json"])
+    assert meta["output"] == "class indices (N, H, W)" and meta["num_classes"] == 5 and len(meta["palette"]) == 5
+    with zipfile.ZipFile(out) as archive:  # the name as stored, for readers other than torch's (case-blind) one
+        assert [n.split("/", 1)[1] for n in archive.namelist() if "/extra/" in n] == ["extra/segrun.json"]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -164,3 +174,44 @@ def test_an_export_of_the_wrong_shape_fails_and_keeps_the_file(ckpt, tmp_path, m
     assert str(exc.value) == (f"{out}: the exported model returned shape (2, 20, 30) for input (2, 3, 20, 30), expected "
                               "(2, 5, 20, 30); the file is kept for inspection")
     assert out.is_file()
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("labels, output, dims", [(False, "scores", ["batch", 3, "height", "width"]),
+                                                  (True, "labels", ["batch", "height", "width"])])
+def test_the_onnx_graphs_names_and_dynamic_axes(tmp_path, labels, output, dims):
+    """docs/inference.md: input ``images`` (N, 3, H, W), output ``scores`` (N, K, H, W) or ``labels`` (N, H, W),
+    batch, height and width dynamic and named so; opset 17 by default; the metadata as strings."""
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "m.onnx"
+    with torch.no_grad():
+        export_onnx(Deployable(Scale(), [0.5] * 3, [0.25] * 3, labels=labels), sample_input((9, 11)), path, 17,
+                    {"class_names": ["a", "b", "c"], "input": "uint8 RGB"})
+    model = onnx.load(str(path))
+    (images,), (out,) = model.graph.input, model.graph.output
+    assert (images.name, _dims(images)) == ("images", ["batch", 3, "height", "width"])
+    assert (out.name, _dims(out)) == (output, dims)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert {p.key: p.value for p in model.metadata_props} == {"class_names": '["a", "b", "c"]', "input": "uint8 RGB"}
+
+
+def test_onnx_without_the_onnx_package_says_what_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name == "onnx" or name.startswith("onnx."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with pytest.raises(ExportError) as exc:
+        export_onnx(Deployable(Scale(), [0.5] * 3, [0.25] * 3), sample_input((9, 11)), tmp_path / "m.onnx", 17, {})
+    assert str(exc.value) == ("format=onnx needs the onnx package: pip install onnx onnxruntime onnxscript "
+                              "(from a checkout: pip install -e '.[export]')")
+    assert not (tmp_path / "m.onnx").exists()

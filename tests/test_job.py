@@ -356,3 +356,298 @@ def test_a_rank_failure_message_is_bounded(monkeypatch):
     monkeypatch.setattr(dist, "peer_error", lambda: None)
     exc = job._rank_failure(RuntimeError("NCCL " + "x" * 400))
     assert str(exc).endswith("(NCCL " + "x" * 295 + ")")
+
+
+@pytest.fixture
+def torch_threads():
+    """Two torch threads to start from (so that setting 1 or leaving it alone differ); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+class FakeRay:
+    """``sys.modules["ray"]`` as a Ray task sees it: initialised, with the resources Ray assigned to the task."""
+
+    def __init__(self, assigned, initialized=True):
+        self.assigned, self.initialized = assigned, initialized
+
+    def is_initialized(self):
+        return self.initialized
+
+    def get_runtime_context(self):
+        fake = self
+
+        class Context:
+            def get_assigned_resources(self):
+                if fake.assigned is None:
+                    raise RuntimeError("not inside a task")  # what the driver gets
+                return dict(fake.assigned)
+
+        return Context()
+
+
+def test_a_ray_task_uses_its_cpus_as_torch_threads(monkeypatch, caplog, torch_threads):
+    """docs/cluster.md "Ray": the task's CPUs become torch threads, said once (`Ray task: 8.0 CPU(s) -> 8 torch
+    thread(s), 1.0 GPU(s) (CUDA_VISIBLE_DEVICES=0)`); a fraction of a CPU leaves the threads alone."""
+    cases = [({"CPU": 3.0, "GPU": 1.0}, "1", 3, "Ray task: 3.0 CPU(s) -> 3 torch thread(s), 1.0 GPU(s) (CUDA_VISIBLE_DEVICES=1)"),
+             ({"CPU": 1.0}, None, 1, "Ray task: 1.0 CPU(s) -> 1 torch thread(s), 0 GPU(s) (CUDA_VISIBLE_DEVICES=)"),
+             ({"CPU": 0.5}, None, 2, "Ray task: 0.5 CPU(s) -> 2 torch thread(s), 0 GPU(s) (CUDA_VISIBLE_DEVICES=)"),
+             ({"GPU": 2.0}, "0,1", 2, "Ray task: 0 CPU(s) -> 2 torch thread(s), 2.0 GPU(s) (CUDA_VISIBLE_DEVICES=0,1)")]
+    for assigned, visible, threads, line in cases:
+        torch.set_num_threads(2)
+        monkeypatch.setitem(sys.modules, "ray", FakeRay(assigned))
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="segrun"):
+            job.ray_share()
+        assert torch.get_num_threads() == threads, assigned
+        assert caplog.messages == [line]
+
+
+def test_outside_a_ray_task_nothing_changes(monkeypatch, caplog, torch_threads):
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # no hydra/launcher=ray: Ray not even imported
+    for ray in (None, FakeRay({"CPU": 4.0}, initialized=False), FakeRay(None)):  # not started; the driver
+        if ray is not None:
+            monkeypatch.setitem(sys.modules, "ray", ray)
+        with caplog.at_level("INFO", logger="segrun"):
+            job.ray_share()
+        assert torch.get_num_threads() == 2 and caplog.messages == []
+
+
+def _loader_cfg(num_workers, device):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"loader": {"num_workers": num_workers}, "trainer": {"device": device}})
+
+
+def test_a_slurm_task_uses_its_cpus_for_threads_and_loader_workers(monkeypatch, caplog, torch_threads):
+    """docs/cluster.md "CPUs": SLURM_CPUS_PER_TASK torch threads, loader.num_workers=auto gives that many workers on
+    a GPU (8 at most) and none on the CPU; the log says so once (`SLURM job 41: 8 CPU(s) per task ...`)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for num_workers, device, cuda, workers in (("auto", "cpu", False, 0), ("auto", "auto", False, 0), (2, "cpu", False, 2),
+                                               ("auto", "auto", True, 3), ("auto", "cuda", True, 3), (0, "cuda:0", True, 0)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        torch.set_num_threads(2)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="segrun"):
+            job.slurm_share(_loader_cfg(num_workers, device))
+        assert torch.get_num_threads() == 3
+        assert caplog.messages == [f"SLURM job 41: 3 CPU(s) per task (SLURM_CPUS_PER_TASK): 3 torch thread(s), "
+                                   f"{workers} loader worker(s)"], (num_workers, device, cuda)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "12")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="segrun"):
+        job.slurm_share(_loader_cfg("auto", "auto"))
+    assert torch.get_num_threads() == 12
+    assert caplog.messages == ["SLURM job 41: 12 CPU(s) per task (SLURM_CPUS_PER_TASK): 12 torch thread(s), "
+                               "8 loader worker(s)"]
+
+
+def test_a_slurm_task_with_a_wrong_loader_or_device_still_gets_its_threads(monkeypatch, caplog, torch_threads):
+    """The mistake is reported where the run builds the loader; here only the line is left out."""
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for num_workers, device in ((-1, "cpu"), ("many", "cpu"), ("auto", "gpu"), (2, "cuda")):
+        torch.set_num_threads(2)
+        with caplog.at_level("INFO", logger="segrun"):
+            job.slurm_share(_loader_cfg(num_workers, device))
+        assert torch.get_num_threads() == 3 and caplog.messages == [], (num_workers, device)
+
+
+def test_outside_slurm_the_threads_are_left_alone(monkeypatch, caplog, torch_threads):
+    for job_id, cpus in ((None, "3"), ("41", None), ("41", "0"), ("41", "")):
+        for var, value in (("SLURM_JOB_ID", job_id), ("SLURM_CPUS_PER_TASK", cpus)):
+            if value is None:
+                monkeypatch.delenv(var, raising=False)
+            else:
+                monkeypatch.setenv(var, value)
+        with caplog.at_level("INFO", logger="segrun"):
+            job.slurm_share(_loader_cfg("auto", "cpu"))
+        assert torch.get_num_threads() == 2 and caplog.messages == [], (job_id, cpus)
+
+
+def test_a_group_restarted_by_torchrun_continues_last_pt(hydra_job, monkeypatch):
+    """docs/cluster.md: a restarted group (TORCHELASTIC_RESTART_COUNT > 0) continues last.pt without trainer.resume;
+    a sweep's job does not (its folder is the sweep's, and sweep.resume decides)."""
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    cfg, run_dir, _ = hydra_job()
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    last = str(run_dir / "checkpoints" / "last.pt")
+    for count, resume, multirun, expected in (("1", None, None, last), ("3", None, False, last), ("0", None, None, None),
+                                              ("", None, None, None), ("1", None, True, None),
+                                              ("1", "/given.pt", None, "/given.pt")):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", count)
+        cfg.trainer.resume = resume
+        if multirun is None:  # the default: a single run
+            assert job.resolve_resume(cfg, run_dir) is (expected is not None)
+        else:
+            assert job.resolve_resume(cfg, run_dir, multirun) is (expected is not None)
+        assert cfg.trainer.resume == expected, (count, resume, multirun)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    cfg.trainer.resume = None
+    assert job.resumes(cfg) is True
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert job.resumes(cfg) is False
+
+
+def test_resume_auto_says_what_it_does(hydra_job, monkeypatch, caplog):
+    """Logged at once, or kept in ``notes`` until the folder is claimed."""
+    for var in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    cfg, run_dir, _ = hydra_job(["trainer.resume=auto"])
+    notes = []
+    with caplog.at_level("INFO", logger="segrun"):
+        job.resolve_resume(cfg, run_dir, False, notes)
+        assert caplog.messages == [] and notes == ["trainer.resume=auto: no last.pt, starting fresh"]
+        cfg.trainer.resume = "auto"
+        job.resolve_resume(cfg, run_dir, False)
+        assert caplog.messages == ["trainer.resume=auto: no last.pt, starting fresh"]
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+        caplog.clear()
+        cfg.trainer.resume = "auto"
+        job.resolve_resume(cfg, run_dir, False, notes)
+        cfg.trainer.resume = "auto"
+        job.resolve_resume(cfg, run_dir, False)
+    line = f"trainer.resume=auto: continuing {run_dir}/checkpoints/last.pt"
+    assert notes == ["trainer.resume=auto: no last.pt, starting fresh", line] and caplog.messages == [line]
+
+
+def test_sweep_resume_in_one_call(tmp_path, capsys):
+    """A done job returns its value as a float, or None without one; an empty trainer.resume takes last.pt; a folder
+    of another job is refused with the whole message."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "3"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cfg = OmegaConf.create({"trainer": {"resume": None}})
+    for best, expected in ((None, None), (1, 1.0), (0.5, 0.5)):
+        (run_dir / "status.json").write_text(json.dumps({"state": "done", "best_metric": best, "overrides": ["a=1"]}))
+        value = job.sweep_resume(cfg, run_dir, ["a=1"])
+        assert value == expected and type(value) is type(expected), best
+    assert capsys.readouterr().out == f"[segrun] {run_dir}: already done, skipped (sweep.resume=true)\n" * 3
+    (run_dir / "status.json").write_text(json.dumps({"state": "failed", "overrides": ["a=1"]}))
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    for given, expected in ((None, str(run_dir / "checkpoints" / "last.pt")), ("", str(run_dir / "checkpoints" / "last.pt")),
+                            ("/given.pt", "/given.pt")):
+        cfg.trainer.resume = given
+        assert job.sweep_resume(cfg, run_dir, ["a=1"]) is False
+        assert cfg.trainer.resume == expected, given
+    with pytest.raises(RunFolderError) as exc:
+        job.sweep_resume(cfg, run_dir, ["a=2"])
+    assert str(exc.value) == (f"sweep.resume: {run_dir} ran with ['a=1'] but this job is ['a=2']; resume with the same "
+                              "sweep arguments as the first launch")
+
+
+def test_the_hydra_folder_holds_the_config_hydras_config_and_the_overrides(hydra_job):
+    """docs/outputs.md: ``.hydra/`` holds the composed config, Hydra's config and the command-line overrides."""
+    import yaml
+
+    cfg, run_dir, _ = hydra_job(["seed=5", "trainer.resume=null"])
+    assert job.run_job(cfg) == 0.75
+    folder = run_dir / ".hydra"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert yaml.safe_load((folder / "overrides.yaml").read_text()) == ["seed=5", "trainer.resume=null"]
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["seed"] == 5 and config["trainer"]["resume"] is None and config["trainer"]["device"] == "auto"
+    hydra = yaml.safe_load((folder / "hydra.yaml").read_text())
+    assert hydra["hydra"]["runtime"]["output_dir"] == str(run_dir)
+    assert hydra["hydra"]["overrides"]["task"] == ["seed=5", "trainer.resume=null"]
+
+
+def test_a_sweep_jobs_empty_log_file_does_not_count_as_a_foreign_file(tmp_path):
+    """Hydra opens ``<job>.log`` before the job can claim its folder: empty, it is the job's own; with content it is
+    someone else's (docs/sweeps.md), and the folder is refused."""
+    own = tmp_path / "0"
+    own.mkdir()
+    (own / "train.log").write_text("")
+    claim = job._claim(own, ["seed=0"], 0, False, "train.log")
+    claim.done(0.5)
+    assert read_status(own)["state"] == "done" and read_status(own)["job_num"] == 0
+    for content in ("x", "an older run's log\n"):
+        other = tmp_path / f"other{len(content)}"
+        other.mkdir()
+        (other / "train.log").write_text(content)
+        with pytest.raises(RunFolderError) as exc:
+            job._claim(other, ["seed=0"], 0, False, "train.log")
+        assert str(exc.value) == (f"run folder {other} already holds files segrun did not write (train.log); nothing was "
+                                  "written there: choose another (new or empty) hydra.run.dir")
+        assert sorted(p.name for p in other.iterdir()) == ["train.log"]
+    stray = tmp_path / "1"
+    stray.mkdir()
+    (stray / "notes.log").write_text("")  # another name: not the job's log
+    with pytest.raises(RunFolderError, match=r"\(notes.log\)"):
+        job._claim(stray, ["seed=1"], 1, False, "train.log")
+
+
+def test_a_worker_rank_drops_only_the_log_files_inside_the_run_folder(tmp_path):
+    import logging
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    mine_root = logging.FileHandler(run_dir / "train.log", delay=True)
+    mine_segrun = logging.FileHandler(run_dir / "segrun.log", delay=True)
+    elsewhere = logging.FileHandler(tmp_path / "other.log", delay=True)
+    console = logging.StreamHandler()
+    root, segrun_log = logging.getLogger(), logging.getLogger("segrun")
+    added = [(root, mine_root), (root, elsewhere), (root, console), (segrun_log, mine_segrun)]
+    for logger, handler in added:
+        logger.addHandler(handler)
+    mine_root.stream = mine_root._open()  # an open file, as Hydra's is: closed when dropped
+    try:
+        job.quiet_worker_rank(run_dir)
+        assert mine_root not in root.handlers and mine_segrun not in segrun_log.handlers
+        assert elsewhere in root.handlers and console in root.handlers
+        assert mine_root.stream is None  # closed
+    finally:
+        for logger, handler in added:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def test_parallel_jobs_say_what_they_share(hydra_job, monkeypatch, tmp_path, caplog):
+    """One line per job: its GPU, or the CPUs the parallel jobs share; joblib's negative n_jobs counts from the
+    cores (-1: all 8, -8: one job, fewer than that still one job); no launcher section: a single job."""
+    from omegaconf import OmegaConf
+
+    from segrun.engine import runtime
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    for var in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(runtime, "CGROUP_CPU_MAX", tmp_path / "no-cgroup")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        for num, n_jobs, jobs, threads in ((0, 4, 4, 2), (3, -1, 8, 1), (1, -8, 1, 8), (2, -20, 1, 8)):
+            runtime.share_cpus(1)
+            cfg, _, _ = hydra_job(multirun=True, num=num, launcher={"n_jobs": n_jobs})
+            caplog.clear()
+            with caplog.at_level("INFO", logger="segrun"):
+                job.share_resources(cfg, HydraConfig.get())
+            assert caplog.messages == [f"job {num} ({jobs} jobs run in parallel): sharing 8 CPU(s)"], n_jobs
+            assert runtime.decide_threads("auto", busy=0.0)[0] == threads, n_jobs
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        cfg, _, _ = hydra_job(multirun=True, num=5, launcher={"n_jobs": 2})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="segrun"):
+            job.share_resources(cfg, HydraConfig.get())
+        assert caplog.messages == ["job 5 (2 jobs run in parallel): GPU 1"] and cfg.trainer.device == "cuda:1"
+        runtime.share_cpus(1)
+        caplog.clear()
+        job.share_resources(cfg, OmegaConf.create({"job": {"num": 0}}))  # a launcher without a section of its own
+        assert caplog.messages == [] and runtime.decide_threads("auto", busy=0.0)[0] == 8
+    finally:
+        runtime.share_cpus(1)

@@ -80,3 +80,82 @@ def test_only_the_main_thread_installs():
 def test_signal_names():
     assert preempt.signal_name(signal.SIGTERM) == "SIGTERM" and preempt.signal_name(signal.SIGUSR1) == "SIGUSR1"
     assert preempt.signal_name(None) == preempt.signal_name(0) == "another rank's stop signal"
+
+
+class Requeue:
+    """A previous handler that is a callable object, not a function (no ``__qualname__`` of its own)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, signum, frame):
+        self.calls.append((signum, frame))
+
+    def __repr__(self):
+        return "<requeue handler>"
+
+
+def test_hand_over_runs_the_previous_python_handler_once_with_the_signal(caplog):
+    # docs/cluster.md "Time limit": SIGUSR2 stops gracefully, then submitit's own handler requeues the job
+    calls = []
+
+    def checkpoint_and_try_requeue(signum, frame):
+        calls.append((signum, frame))
+
+    before = signal.getsignal(signal.SIGUSR2)
+    signal.signal(signal.SIGUSR2, checkpoint_and_try_requeue)
+    try:
+        assert preempt.install()
+        preempt.hand_over()  # no stop requested yet: nothing to hand over
+        assert calls == []
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert calls == []  # the signal itself is only a request: the previous handler waits for the stop
+        with caplog.at_level(logging.INFO, logger="segrun"):
+            preempt.hand_over()
+        assert calls == [(signal.SIGUSR2, None)]
+        assert caplog.messages == ["received SIGUSR2: finishing the current step, then writing last.pt and exiting "
+                                   "(send it again to stop at once)",
+                                   "handing SIGUSR2 over to the handler it had before segrun's (test_hand_over_runs_the_"
+                                   "previous_python_handler_once_with_the_signal.<locals>.checkpoint_and_try_requeue)"]
+        preempt.uninstall()
+        assert signal.getsignal(signal.SIGUSR2) is checkpoint_and_try_requeue  # restored for the launcher
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_hand_over_names_a_callable_object_by_its_repr(caplog):
+    requeue = Requeue()
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, requeue)
+    try:
+        assert preempt.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        with caplog.at_level(logging.INFO, logger="segrun"):
+            preempt.hand_over()
+        assert requeue.calls == [(signal.SIGTERM, None)]
+        assert caplog.messages[-1] == "handing SIGTERM over to the handler it had before segrun's (<requeue handler>)"
+    finally:
+        preempt.uninstall()
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_hand_over_leaves_python_ctrl_c_and_os_dispositions_alone(caplog):
+    """Python's own Ctrl-C handler would raise KeyboardInterrupt after the graceful stop; SIG_DFL/SIG_IGN are not
+    Python functions: nothing is called, nothing logged."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            assert preempt.install()
+            os.kill(os.getpid(), sig)
+            assert preempt.requested() == sig
+            with caplog.at_level(logging.INFO, logger="segrun"):
+                preempt.hand_over()  # default_int_handler would raise KeyboardInterrupt here
+            preempt.uninstall()
+        assert caplog.messages == [f"received {name}: finishing the current step, then writing last.pt and exiting "
+                                   "(send it again to stop at once)" for name in ("SIGINT", "SIGTERM", "SIGUSR1")]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -200,6 +200,16 @@ def test_find_runs_walks_folders_but_not_into_runs(tmp_path):
     assert report.find_runs(tmp_path / "c") == []
 
 
+def test_run_folders_named_by_numbers_and_by_names_sort_together(tmp_path):
+    """A folder of runs holding ``10``, ``9`` and ``abc``: numbers in numeric order, then names (this once
+    raised TypeError comparing 9 with 'abc')."""
+    for name in ("abc", "10", "9", "b2"):
+        write_run(tmp_path / name, [epoch(1, 0.5, 0.5)])
+    assert [p.name for p in find_runs(tmp_path)] == ["9", "10", "abc", "b2"]
+    rows = write_report(tmp_path, quiet=True)["rows"]
+    assert [r["job"] for r in rows] == ["9", "10", "abc", "b2"]  # a tie: folder order
+
+
 @pytest.mark.parametrize("seconds, shown", [(None, ""), (0.0, "0.0 s"), (59.94, "59.9 s"), (60.0, "1:00"),
                                             (61.4, "1:01"), (3599.0, "59:59"), (3600.0, "1:00:00"),
                                             (3725.0, "1:02:05"), (90061.0, "25:01:01")])
@@ -394,3 +404,190 @@ def test_the_picture_without_keys_or_monitor_and_with_many_runs(tmp_path, monkey
     ax = figures[-1].axes[0]
     assert ax.get_ylabel() == "monitored metric" and ax.get_legend() is None  # more than 12 runs: no legend
     assert ax.get_lines()[-1].get_label() == "12 (best)" and len(ax.get_lines()) == 13  # named by job without keys
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """Every figure ``report.plot`` closes, kept for inspection (its Axes are still readable)."""
+    import matplotlib.pyplot as plt
+
+    figures: list = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    return figures
+
+
+def test_the_pictures_labels_name_every_varying_key_and_a_missing_one_stays_empty(tmp_path, monkeypatch):
+    """Line labels read like the table's columns: ``key=value`` for each varying key, space-separated; a key
+    a job did not set shows nothing after its ``=`` (the table's empty cell)."""
+    pytest.importorskip("matplotlib")
+    figures = _drawn_figures(monkeypatch)
+    write_run(tmp_path / "0", [epoch(1, 0.3, 0.5), epoch(2, 0.5, 0.4)], overrides=["optimizer.lr=0.1", "seed=1"])
+    write_run(tmp_path / "1", [epoch(1, 0.2, 0.5)], overrides=["optimizer.lr=0.2", "seed=2", "model.width=8"])
+    write_report(tmp_path, quiet=True)
+    lines = figures[-1].axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["optimizer.lr=0.2 seed=2 model.width=8",
+                                                    "optimizer.lr=0.1 seed=1 model.width= (best)"]
+
+
+def test_every_run_shows_as_points_even_with_a_single_validation(tmp_path, monkeypatch):
+    """A job validated once is one point: without a marker its line would draw nothing."""
+    pytest.importorskip("matplotlib")
+    figures = _drawn_figures(monkeypatch)
+    for i, miou in enumerate((0.5, 0.3, 0.4)):
+        write_run(tmp_path / str(i), [epoch(1, miou, 0.5)], overrides=[f"k={i}"])
+    write_report(tmp_path, quiet=True)
+    lines = figures[-1].axes[0].get_lines()
+    assert len(lines) == 3 and [len(line.get_xdata()) for line in lines] == [1, 1, 1]
+    for line in lines:
+        assert line.get_marker() not in (None, "", " ", "None", "none") and line.get_markersize() > 0
+
+
+def test_up_to_twelve_runs_get_a_legend(tmp_path, monkeypatch):
+    """docs/sweeps.md: a legend names every job of a sweep of up to 12 jobs (13 would crowd the picture)."""
+    pytest.importorskip("matplotlib")
+    figures = _drawn_figures(monkeypatch)
+    for i in range(12):
+        write_run(tmp_path / str(i), [epoch(1, 0.1 + i / 100, 0.5)], overrides=[f"k={i}"])
+    write_report(tmp_path, quiet=True)
+    legend = figures[-1].axes[0].get_legend()
+    assert legend is not None and len(legend.get_texts()) == 12
+    assert legend.get_texts()[-1].get_text() == "k=11 (best)"
+
+
+def test_the_pictures_size_does_not_follow_a_users_figure_dpi(sweep, monkeypatch):
+    """A matplotlibrc with another ``figure.dpi`` (common on HiDPI desktops) leaves report.png 640x360 px."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    from PIL import Image
+
+    monkeypatch.setitem(matplotlib.rcParams, "figure.dpi", 50.0)
+    write_report(sweep, quiet=True)
+    with Image.open(sweep / "report.png") as im:
+        assert im.size == (640, 360)
+
+
+def test_without_matplotlib_the_note_is_one_exact_line(sweep, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(report, "_PLOT_NOTE_SHOWN", False)
+    write_report(sweep, quiet=True)
+    write_report(sweep, quiet=True)
+    assert capsys.readouterr().err == "report.png skipped: matplotlib is not installed (pip install matplotlib)\n"
+    assert not (sweep / "report.png").exists() and (sweep / "report.csv").is_file()
+
+
+def test_report_csv_is_rfc4180_with_crlf_line_ends(sweep):
+    """report.csv ends its records with CRLF (RFC 4180, what spreadsheets expect) and keeps a line break inside
+    a quoted cell as it is."""
+    write_run(sweep / "3", [], state="failed", error="first line\nsecond line", overrides=["optimizer.lr=9", "seed=0"])
+    write_report(sweep, quiet=True)
+    data = (sweep / "report.csv").read_bytes()
+    assert data.startswith(b"best,job,optimizer.lr,state,monitor,best_epoch,best_metric,val_mIoU,val_pixel_acc,"
+                           b"val_mean_acc,epochs,wall_s,error\r\n")
+    assert data.endswith(b',"first line\nsecond line"\r\n') and data.count(b"\r\n") == 5
+
+
+def test_a_report_file_that_cannot_be_written_is_one_line_naming_it(sweep, capsys):
+    """The same form as every failed write (docs/long-runs.md: ``cannot write checkpoint PATH: cause``)."""
+    (sweep / "report.md").mkdir()  # a folder where the table should go
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(sweep)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write report {sweep / 'report.md'}: Is a directory\n"
+
+
+def _pruned(folder: Path, history: list[dict], overrides: list[str]) -> Path:
+    """A trial its study's pruner stopped: metrics.json as usual, status.json ``pruned`` with a note."""
+    write_run(folder, history, overrides=overrides, state="pruned")
+    status = json.loads((folder / "status.json").read_text())
+    status["note"] = "pruned by the study at epoch 2"
+    (folder / "status.json").write_text(json.dumps(status))
+    return folder
+
+
+def test_a_pruned_trial_is_never_best_nor_a_failure(tmp_path):
+    """docs/sweeps.md: the report shows a pruned trial as ``pruned`` (not failed, never marked best), even
+    when its best value beats every finished trial's; the trial number is the folder's name, not a column."""
+    write_run(tmp_path / "0", [epoch(1, 0.5, 0.5)], overrides=["optimizer.lr=0.1", "sweep.trial=0"])
+    write_run(tmp_path / "1", [epoch(1, 0.6, 0.5)], overrides=["optimizer.lr=0.2", "sweep.trial=1"])
+    _pruned(tmp_path / "2", [epoch(1, 0.7, 0.5), epoch(2, 0.9, 0.5)], ["optimizer.lr=0.3", "sweep.trial=2"])
+    data = write_report(tmp_path, quiet=True)
+    assert [(r["job"], r["state"], r["best"]) for r in data["rows"]] == \
+        [("1", "done", True), ("0", "done", False), ("2", "pruned", False)]
+    assert data["best_job"] == "1" and data["not_done"] == [] and data["failed"] == []
+    assert data["rows"][2]["error"] == "pruned by the study at epoch 2" and data["rows"][2]["best_metric"] == 0.9
+    assert data["varying"] == ["optimizer.lr"] and data["counts"] == {"done": 2, "pruned": 1}
+
+
+def test_a_sweep_whose_only_values_are_pruned_trials_has_no_best(tmp_path):
+    _pruned(tmp_path / "0", [epoch(1, 0.7, 0.5)], ["k=0"])
+    write_run(tmp_path / "1", [], state="failed", error="boom", overrides=["k=1"])
+    data = write_report(tmp_path, quiet=True)
+    assert data["best_job"] is None and [r["best"] for r in data["rows"]] == [False, False]
+    assert [r["job"] for r in data["not_done"]] == ["1"]
+
+
+def _job_record(sweep: Path, num: int, run_dir, outcome: str, message: str | None = None) -> None:
+    """``<sweep>/.jobs/<num>.json``, the sweep's own record of one job (docs/sweeps.md)."""
+    (sweep / ".jobs").mkdir(exist_ok=True)
+    record = {"job_num": num, "run_dir": str(run_dir), "outcome": outcome}
+    if message is not None:
+        record["message"] = message
+    (sweep / ".jobs" / f"{num}.json").write_text(json.dumps(record))
+
+
+def test_the_sweeps_job_records_mark_refused_jobs(sweep):
+    """A job refused because its folder held someone else's finished run shows as refused with the sweep's
+    reason and none of that folder's numbers; a refused job without a reason says ``refused``; a job the
+    sweep recorded under a folder outside it is a row named by that path."""
+    _job_record(sweep, 0, sweep / "0", "done")
+    _job_record(sweep, 1, sweep / "1", "refused", "folder already holds a finished run")
+    _job_record(sweep, 5, sweep / "5", "refused", "")
+    _job_record(sweep, 6, "/elsewhere/6", "refused", "in use by another run (pid 4242)")
+    data = write_report(sweep, quiet=True)
+    rows = {r["job"]: r for r in data["rows"]}
+    assert (rows["0"]["state"], rows["0"]["best"]) == ("done", True)
+    one = rows["1"]
+    assert (one["state"], one["error"]) == ("refused", "folder already holds a finished run")
+    assert (one["best_metric"], one["mIoU"], one["pixel_acc"], one["mean_acc"]) == (None, None, None, None)
+    assert (rows["5"]["state"], rows["5"]["error"]) == ("refused", "refused")
+    assert (rows["/elsewhere/6"]["state"], rows["/elsewhere/6"]["error"]) == ("refused", "in use by another run (pid 4242)")
+    assert data["counts"] == {"done": 1, "failed": 1, "refused": 3}
+
+
+def test_an_unreadable_metrics_file_is_one_warning_naming_the_cause(tmp_path, monkeypatch, capsys):
+    run = write_run(tmp_path / "a", [epoch(1, 0.5, 0.5)], overrides=["k=a"])
+    real_read_text = Path.read_text
+
+    def failing_disk(self, *args, **kwargs):
+        if self.name == "metrics.json":
+            raise OSError(5, "Input/output error")
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", failing_disk)
+    row = report.read_row(run, tmp_path)
+    assert row.best_metric is None and row.state == "done"
+    assert capsys.readouterr().err == f"warning: {run / 'metrics.json'} cannot be read (Input/output error); its row " \
+                                      "shows no metrics\n"
+    monkeypatch.undo()
+    (run / "metrics.json").write_bytes(b"\xff\xfe{}")  # not UTF-8 text
+    assert report.read_row(run, tmp_path).best_metric is None
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {run / 'metrics.json'} cannot be read (") and "can't decode byte 0xff" in err
+
+
+def test_a_picture_that_cannot_be_written_is_one_line_naming_it(sweep, capsys):
+    pytest.importorskip("matplotlib")
+    (sweep / "report.png").mkdir()  # a folder where the picture should go
+    with pytest.raises(SystemExit) as exc:
+        report.main([str(sweep)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"error: cannot write report {sweep / 'report.png'}: Is a directory\n"

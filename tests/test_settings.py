@@ -118,6 +118,35 @@ def test_prediction_settings():
     assert _error(PredictSettings.from_config, _predict(crop_size=-3)).startswith("predict.crop_size=-3: expected a size")
 
 
+def test_prediction_settings_fall_back_and_name_keys_without_a_prefix():
+    stored = {"mode": "slide", "crop_size": [24, 32], "stride": 16, "scales": [0.5, 1.0], "flip": True}
+    nulls = OmegaConf.create(dict.fromkeys(("mode", "crop_size", "stride", "scales", "flip", "window_batch")))
+    assert PredictSettings.from_config(nulls, prefix="", fallback=stored) == \
+        PredictSettings("slide", (24, 32), 16, (0.5, 1.0), True, None)  # nulls take the checkpoint's values
+    given = PredictSettings.from_config(OmegaConf.create({"mode": "whole", "flip": False, "window_batch": 2}), prefix="",
+                                        fallback=stored)
+    assert (given.mode, given.flip, given.window_batch, given.crop_size, given.stride) == ("whole", False, 2, (24, 32), 16)
+    assert PredictSettings.from_config(OmegaConf.create({"mode": "slide"}), prefix="", crop_fallback=40).crop_size == 40
+    assert PredictSettings.from_config(OmegaConf.create({"crop_size": 8}), crop_fallback=40).crop_size == 8
+    assert PredictSettings.from_config(None) == PredictSettings()
+    assert PredictSettings.from_config(_predict(scales=2)).scales == (2.0,)  # one number: one scale
+
+    class ToolError(ConfigError):
+        pass
+
+    with pytest.raises(ToolError) as exc:
+        PredictSettings.from_config(OmegaConf.create({"mode": "tiles"}), prefix="", error=ToolError)
+    assert str(exc.value) == "mode='tiles': expected whole or slide"
+    assert _error(PredictSettings.from_config, OmegaConf.create({"mode": "slide"}), prefix="") == \
+        "mode=slide needs crop_size (the window size)"
+    assert _error(PredictSettings.from_config, _predict(window_batch=0)) == "predict.window_batch=0: expected an integer >= 1"
+    for bad in ("big", True):
+        assert _error(PredictSettings.from_config, _predict(scales=bad)) == \
+            f"predict.scales={bad!r}: expected a list of positive numbers, e.g. [0.75, 1.0, 1.25]"
+    assert PredictSettings("slide", (24, 32), (8, 8), (0.5, 1.0), True, 2).as_dict() == \
+        {"mode": "slide", "crop_size": [24, 32], "stride": [8, 8], "scales": [0.5, 1.0], "flip": True, "window_batch": 2}
+
+
 def _settings(*overrides):
     return TrainSettings.from_config(compose_cfg(list(overrides)))
 
@@ -130,7 +159,8 @@ def test_train_settings_read_every_key():
                   "trainer.accumulate=3", "trainer.ema.decay=0.99", "trainer.prefetch=false", "trainer.device=cpu",
                   "seed=11", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
                   "trainer.checkpoint_every=15min", "trainer.keep_last=2", "trainer.dist_timeout=90s",
-                  "predict.mode=slide", "predict.crop_size=24", "predict.flip=true")
+                  "predict.mode=slide", "predict.crop_size=24", "predict.flip=true", "trainer.threads=3",
+                  "trainer.sync_bn=true", "trainer.find_unused_parameters=true", "trainer.dist_backend=gloo")
     assert (s.epochs, s.val_every, s.monitor, s.early_stop, s.save_period, s.resume) == \
         (3, 2, "min val/loss", 4, 5, "/x/last.pt")
     assert (s.log_every, s.vis_samples, s.progress, s.precision, s.grad_clip) == (7, 0, False, "bf16", 2.0)
@@ -138,11 +168,13 @@ def test_train_settings_read_every_key():
         (True, True, "default", 3, 0.99, "false", "cpu", 11)
     assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s) == (6, 2, 0, 900.0)
     assert (s.keep_last, s.dist_timeout_s) == (2, 90.0)
+    assert (s.threads, s.sync_bn, s.find_unused_parameters, s.dist_backend) == (3, True, True, "gloo")
     assert s.predict == PredictSettings("slide", 24, None, (1.0,), True)
     s = _settings("trainer.checkpoint_every=50", "trainer.compile=max-autotune", "trainer.prefetch=true",
-                  "trainer.resume=null")
+                  "trainer.resume=null", "trainer.threads=torch")
     assert (s.checkpoint_every_iters, s.checkpoint_every_s, s.compile, s.prefetch, s.resume) == (50, 0.0, "max-autotune",
                                                                                                  "true", None)
+    assert s.threads == "torch" and _settings("trainer.resume=''").resume is None
 
 
 def test_train_settings_defaults_are_the_documented_ones():
@@ -153,6 +185,9 @@ def test_train_settings_defaults_are_the_documented_ones():
     assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s, s.keep_last) == \
         (None, None, 0, 0.0, 0)
     assert s.dist_timeout_s == 300.0 and s.predict == PredictSettings(crop_size=64)  # the dataset's crop
+    assert (s.threads, s.sync_bn, s.find_unused_parameters, s.dist_backend, s.device, s.seed) == \
+        ("auto", False, False, "auto", "auto", 0)
+    assert (s.log_every, s.vis_samples, s.progress, s.deterministic, s.channels_last) == (10, 4, True, False, False)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -177,6 +212,14 @@ def test_train_settings_defaults_are_the_documented_ones():
     ("seed=1.5", "seed=1.5: expected an integer"),
     ("trainer.dist_timeout=soon", "trainer.dist_timeout='soon': expected a duration"),
     ("trainer.checkpoint_every=1.5", "trainer.checkpoint_every=1.5: expected a number of iterations or a duration"),
+    ("trainer.epochs=0", "trainer.epochs=0: expected an integer >= 1"),
+    ("trainer.val_every=0", "trainer.val_every=0: expected an integer >= 1"),
+    ("trainer.threads=0", "trainer.threads=0: expected auto, torch or an integer >= 1"),
+    ("trainer.threads=true", "trainer.threads=True: expected auto, torch or an integer >= 1"),
+    ("trainer.sync_bn=1", "trainer.sync_bn=1: expected true or false"),
+    ("trainer.find_unused_parameters=1", "trainer.find_unused_parameters=1: expected true or false"),
+    ("trainer.dist_backend=tcp", "trainer.dist_backend='tcp': expected one of auto, nccl, gloo, mpi, ucc"),
+    ("trainer.monitor=best", "trainer.monitor must look like 'max val/mIoU' or 'min val/loss', got 'best'"),
 ])
 def test_bad_trainer_values_name_their_key(override, message):
     assert _error(TrainSettings.from_config, compose_cfg([override])).startswith(message)
@@ -258,6 +301,53 @@ def test_optional_and_auto_options():
     assert _error(auto, "k", "many") == "k='many': expected an integer >= 0 or auto"
 
 
+def test_range_pair_options():
+    """``pair``: ``[low, high]`` above a bound (``augment.train.scale``, ``blur_sigma``); a bad element is named
+    by its own value, a bad shape or order by the whole value."""
+    from segrun.checks import pair
+
+    inclusive, strict = pair(0.0), pair(0.0, exclusive=True)
+    assert inclusive("s", [0, 1]) == (0.0, 1.0) and inclusive("s", (0.5, 0.5)) == (0.5, 0.5)  # low == high is a range
+    assert strict("s", [0.25, 2]) == (0.25, 2.0)
+    assert _error(strict, "s", [0, 1]) == "s=0: expected a number > 0"
+    assert _error(inclusive, "s", [-1, 2]) == "s=-1: expected a number >= 0"
+    assert _error(pair(0.5), "s", [1, 0.25]) == "s=0.25: expected a number >= 0.5"
+    assert _error(inclusive, "s", [2, 1]) == "s=[2, 1]: expected a range [low, high] of numbers >= 0, low <= high"
+    assert _error(strict, "s", [2, 1]) == "s=[2, 1]: expected a range [low, high] of numbers > 0, low <= high"
+    for bad in ([1, 2, 3], [1], 1.5, "1,2"):
+        assert _error(inclusive, "s", bad) == f"s={bad!r}: expected a range [low, high] of numbers >= 0, low <= high"
+
+
+def test_per_channel_numbers_options():
+    """``numbers``: one per image channel (``dataset.mean`` in [0, 1], ``dataset.std`` in (0, 1])."""
+    from segrun.checks import numbers
+
+    mean, std, positive = numbers(0.0, 1.0), numbers(0.0, 1.0, exclusive=True), numbers(0.0)
+    assert mean("m", [0, 0.5, 1]) == (0.0, 0.5, 1.0) and std("m", (1,)) == (1.0,) and positive("m", [7.5]) == (7.5,)
+    assert mean("m", [0.0]) == (0.0,)
+    assert _error(mean, "m", [0.5, 1.5]) == "m=1.5: expected a number >= 0 and <= 1, one per image channel"
+    assert _error(mean, "m", [-0.5, 0.5]) == "m=-0.5: expected a number >= 0 and <= 1, one per image channel"
+    assert _error(std, "m", [0.5, 0.0]) == "m=0.0: expected a number > 0 and <= 1, one per image channel"
+    assert _error(positive, "m", [3, -1]) == "m=-1: expected a number >= 0, one per image channel"
+    assert _error(numbers(1.0, exclusive=True), "m", [1]) == "m=1: expected a number > 1, one per image channel"
+    for bad in (True, "0.5", None, math.nan, math.inf):
+        assert _error(mean, "m", [0.5, bad]) == f"m={bad!r}: expected a number >= 0 and <= 1, one per image channel"
+    for bad in ([], (), 0.5, "0.5", None):
+        assert _error(mean, "m", bad) == f"m={bad!r}: expected one number per image channel"
+    assert _error(mean, "m", OmegaConf.create({"r": 0.5})) == "m={'r': 0.5}: expected one number per image channel"
+
+
+def test_mapping_options():
+    """``mapping``: ``dataset.sizes={train: 600, val: 100}``; a bad value is named by its dotted key."""
+    from segrun.checks import integer, mapping
+
+    sizes = mapping(integer(0), "{train: 600, val: 100}")
+    assert sizes("d", {"train": 6, 1: 0.0}) == {"train": 6, "1": 0}
+    assert _error(sizes, "d", {"train": 6, "val": -3}) == "d.val=-3: expected an integer >= 0"
+    for bad in ("train:4", [6, 1], None):
+        assert _error(sizes, "d", bad) == f"d={bad!r}: expected a mapping such as {{train: 600, val: 100}}"
+
+
 def test_read_settings_checks_every_declared_field():
     from dataclasses import dataclass, field
 
@@ -309,3 +399,14 @@ def test_the_tools_declared_defaults_and_bounds():
         (InferSettings, "writers", 0, "writers=0: expected an integer >= 1"),
     ]:
         assert _error(read_settings, cls, OmegaConf.create({key: value})).startswith(message), key
+
+
+def test_trust_targets_are_an_optional_list_of_names():
+    from segrun.engine.settings import trust_targets
+
+    assert trust_targets(None) == trust_targets(OmegaConf.create({})) == trust_targets(OmegaConf.create({"trust": {}})) == ()
+    assert trust_targets(OmegaConf.create({"trust": {"targets": ["mypkg.models.", "lab."]}})) == ("mypkg.models.", "lab.")
+    assert _error(trust_targets, OmegaConf.create({"trust": {"targets": "mypkg"}})) == \
+        "trust.targets='mypkg': expected a list of names, e.g. [mypkg.models.]"
+    assert _error(trust_targets, OmegaConf.create({"trust": {"targets": ["a", 1]}})) == \
+        "trust.targets=['a', 1]: expected a list of names, e.g. [mypkg.models.]"

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from segrun.engine.checkpoint import load_checkpoint
+from segrun.engine.checkpoint import load_checkpoint, save_checkpoint
 from segrun.engine.settings import TrainSettings
 from segrun.engine.trainer import Trainer, _config_diff, _LossWindow, _prefixed
 from segrun.errors import SegrunError
@@ -30,12 +30,12 @@ class Recorder:
         return lambda *args, **kwargs: self.calls.append((name, args))
 
 
-def trainer(tmp_path, epochs=2, batch_size=2, logger=None, **settings) -> Trainer:
+def trainer(tmp_path, epochs=2, batch_size=2, logger=None, width=4, sgd=None, **settings) -> Trainer:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
-    s = TrainSettings(epochs=epochs, progress=False, log_every=2, vis_samples=0, **settings)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, width, 1), torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))
+    s = TrainSettings(**{"epochs": epochs, "progress": False, "log_every": 2, "vis_samples": 0, **settings})
     steps = epochs * math.ceil(8 // batch_size / s.accumulate)
-    parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), batch_size, steps)
+    parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), **(sgd or {"lr": 0.1})), batch_size, steps)
     return Trainer(parts, s, tmp_path, config={"seed": 0, "trainer": {"epochs": epochs}}, overrides=["seed=0"],
                    loggers=(lambda step: logger) if logger is not None else None)
 
@@ -69,6 +69,7 @@ def test_config_diff_lists_changed_leaves():
     assert _config_diff(old, old) == {}
     assert _config_diff({"x": {"y": 1}}, {"x": 2}) == {"x": ({"y": 1}, 2)}
     assert list(_config_diff({"b": 1, "a": 1}, {"b": 2, "a": 2})) == ["a", "b"]  # sorted
+    assert _config_diff({"loss": {"X": 1}}, {"loss": {"X": 2}}) == {"loss.X": (1, 2)}  # a key may end in any letter
 
 
 def test_prefixed_keeps_the_scalar_metrics():
@@ -160,3 +161,219 @@ def test_a_non_finite_loss_names_epoch_and_step(tmp_path):
     assert str(exc.value).startswith("loss became non-finite at epoch 3, step 7 (global); stopping without overwriting "
                                      f"checkpoints in {tmp_path / 'checkpoints'}.")
     t.check_finite(torch.tensor(-1), epoch=3)  # -1: every loss finite
+
+
+def _shapes_message(source) -> str:
+    """What a width-4 model's weights in a width-3 model say (shapes worked out by hand)."""
+    return (f"checkpoint {source} does not fit the configured model: 3 shapes differ (checkpoint vs model: "
+            "0.weight [4, 3, 1, 1] vs [3, 3, 1, 1], 0.bias [4] vs [3], 2.weight [2, 4, 1, 1] vs [2, 3, 1, 1]); "
+            "resume with the model options the run was started with")
+
+
+def test_a_restored_state_carries_counters_history_best_val_and_bad_samples(tmp_path):
+    t = trainer(tmp_path / "a", epochs=3)
+    t.epoch, t.global_step = 2, 8
+    t.best_val = {"mIoU": 0.25, "loss": 1.5}
+    t.history = [{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.5, "val/mIoU": 0.25}]
+    t.bad_samples["train"].add(["a.png: truncated", "b.png: not an image"])
+    t.bad_samples["val"].add(["c.png: truncated"])
+    state = t.state_dict()
+    state["bad_samples"]["test"] = ["d.png: truncated"]  # a split this trainer does not have: ignored
+    back = trainer(tmp_path / "b", epochs=3)
+    back.load_state_dict(state)
+    assert (back.epoch, back.global_step) == (2, 8)
+    assert back.best_val == {"mIoU": 0.25, "loss": 1.5}
+    assert back.history == [{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.5, "val/mIoU": 0.25}]
+    assert back.bad_samples["train"].as_list() == ["a.png: truncated", "b.png: not an image"]
+    assert back.bad_samples["val"].as_list() == ["c.png: truncated"]
+    # a state without the optional records (best_val, history, bad_samples) starts them empty
+    for key in ("best_val", "history", "bad_samples"):
+        del state[key]
+    older = trainer(tmp_path / "c", epochs=3)
+    older.load_state_dict(state)
+    assert (older.best_val, older.history, older.epoch) == ({}, [], 2)
+    assert [len(older.bad_samples[s]) for s in ("train", "val")] == [0, 0]
+
+
+def test_ema_weights_come_back_only_from_a_checkpoint_that_has_them(tmp_path):
+    plain = trainer(tmp_path / "plain", epochs=1)
+    with torch.no_grad():
+        for p in plain.model.parameters():
+            p.fill_(0.5)
+    plain_state = plain.state_dict()
+    assert "train_model" not in plain_state
+    ema = trainer(tmp_path / "ema", epochs=2, ema_decay=0.9)
+    ema.load_state_dict(plain_state)  # a run resumed with EMA switched on: the average starts afresh
+    assert all(torch.all(p == 0.5) for p in ema.model.parameters())
+    assert int(ema.ema.n_averaged) == 0  # its first update copies the trained weights
+    # the other way round: an EMA checkpoint resumed without EMA trains on on the raw weights
+    with torch.no_grad():
+        for p in ema.model.parameters():
+            p.fill_(0.25)
+        for p in ema.ema.module.parameters():
+            p.fill_(0.75)
+    ema.ema.n_averaged.fill_(6)
+    ema_state = ema.state_dict()
+    back = trainer(tmp_path / "back", epochs=2)
+    back.load_state_dict(ema_state)
+    assert back.ema is None and all(torch.all(p == 0.25) for p in back.model.parameters())
+    again = trainer(tmp_path / "again", epochs=2, ema_decay=0.9)
+    again.load_state_dict(ema_state)
+    assert int(again.ema.n_averaged) == 6
+    assert all(torch.all(p == 0.25) for p in again.model.parameters())
+    assert all(torch.all(p == 0.75) for p in again.ema.module.parameters())
+
+
+def test_the_grad_scaler_state_is_restored(tmp_path):
+    # fp16's GradScaler is CUDA-only in a run; torch's CPU scaler has the same state and stands in for it
+    t = trainer(tmp_path / "a", epochs=2)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    state = t.state_dict()
+    back = trainer(tmp_path / "b", epochs=2)
+    back.scaler = torch.amp.GradScaler("cpu")  # 65536, every 2000 steps
+    back.load_state_dict(state)
+    assert back.scaler.get_scale() == 512.0 and back.scaler.state_dict()["growth_interval"] == 7
+    # a checkpoint of a run without a scaler (fp32, bf16) leaves this run's fresh scaler as it is
+    fresh = trainer(tmp_path / "c", epochs=2)
+    fresh.scaler = torch.amp.GradScaler("cpu")
+    fresh.load_state_dict(trainer(tmp_path / "d", epochs=2).state_dict())
+    assert fresh.scaler.get_scale() == 65536.0 and fresh.scaler.state_dict()["growth_interval"] == 2000
+
+
+def test_several_ranks_reseed_from_seed_rank_and_epoch(tmp_path, monkeypatch):
+    import random
+
+    import numpy as np
+
+    from segrun.engine import distributed as dist
+
+    t = trainer(tmp_path / "a", epochs=4, seed=11)
+    t.epoch = 3
+    state = t.state_dict()
+    back = trainer(tmp_path / "b", epochs=4, seed=11)
+    monkeypatch.setattr(dist, "own_rng_stream", lambda: False)
+    monkeypatch.setattr(dist, "rank", lambda: 2)
+    back.load_state_dict(state)
+    drawn = torch.rand(3), random.random(), np.random.random()
+    seed = 11 + 2 + 1_000_003 * 3  # seed + rank + 1_000_003 * epoch
+    torch.manual_seed(seed)
+    assert torch.equal(drawn[0], torch.rand(3))
+    assert drawn[1] == random.Random(seed).random() and drawn[2] == np.random.RandomState(seed).random_sample()
+
+
+def test_resume_takes_this_configs_optimizer_options(tmp_path):
+    t = trainer(tmp_path / "a", epochs=2)  # SGD lr 0.1, no momentum, no weight decay
+    state = t.state_dict()
+    back = trainer(tmp_path / "b", epochs=2, sgd={"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4})
+    back.load_state_dict(state)
+    group = back.optimizer.param_groups[0]
+    assert (group["momentum"], group["weight_decay"]) == (0.9, 1e-4)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_names_its_source(tmp_path):
+    t = trainer(tmp_path / "a", epochs=1)
+    path = tmp_path / "a.pt"
+    save_checkpoint(t.checkpoint(), path)
+    narrow = trainer(tmp_path / "b", epochs=1, width=3)
+    with pytest.raises(SegrunError) as exc:
+        narrow.resume(path)
+    assert str(exc.value) == _shapes_message(path)
+    with pytest.raises(SegrunError) as exc:
+        narrow.load_state_dict(t.state_dict())  # no file: the message says "state"
+    assert str(exc.value) == _shapes_message("state")
+
+
+def test_resume_log_lines(tmp_path, caplog):
+    t = trainer(tmp_path, epochs=1)
+    t.epoch, t.global_step = 1, 4
+    path = tmp_path / "done.pt"
+    save_checkpoint(t.checkpoint(), path)
+    again = trainer(tmp_path / "b", epochs=1)
+    with caplog.at_level(logging.INFO, logger="segrun"):
+        again.resume(path)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "segrun"]
+    assert lines == [("WARNING", f"checkpoint {path} already finished 1 of 1 epochs: nothing left to train "
+                                 "(raise trainer.epochs to continue)"),
+                     ("INFO", f"resumed from {path} at epoch 1, step 4")]
+    # a checkpoint without a config: every top-level value of this one is logged as a change
+    ckpt = t.checkpoint()
+    del ckpt["config"]
+    save_checkpoint(ckpt, path)
+    caplog.clear()
+    longer = trainer(tmp_path / "c", epochs=2)
+    with caplog.at_level(logging.WARNING, logger="segrun"):
+        longer.resume(path)
+    assert [r.getMessage() for r in caplog.records if r.name == "segrun"] == [
+        "resuming with seed=0 (checkpoint had None)", "resuming with trainer={'epochs': 2} (checkpoint had None)"]
+
+
+def test_a_bad_sample_is_logged_once_by_split(tmp_path, caplog):
+    t = trainer(tmp_path, epochs=1)
+    with caplog.at_level(logging.WARNING, logger="segrun"):
+        t.note_bad_samples("train", ["x.png: truncated", "x.png: truncated", "y.png: not an image"])
+        t.note_bad_samples("train", ["x.png: truncated"])
+        t.note_bad_samples("val", ["z.png: truncated"])
+    assert [r.getMessage() for r in caplog.records] == ["skipped bad train sample: x.png: truncated",
+                                                        "skipped bad train sample: y.png: not an image",
+                                                        "skipped bad val sample: z.png: truncated"]
+
+
+class StandInTrial:
+    """Records what the trainer reports; ``prune``: what the pruner would answer when asked."""
+
+    def __init__(self, prune: bool) -> None:
+        self.prune, self.calls = prune, []
+
+    def report(self, epoch, value, ask=True):
+        self.calls.append((epoch, value, ask))
+        return ask and self.prune
+
+
+def test_report_trial_prunes_when_asked_except_at_the_last_epoch(tmp_path, monkeypatch):
+    from segrun.engine import distributed as dist
+    from segrun.pruning import TrialPruned
+
+    t = trainer(tmp_path, epochs=3)
+    t.trial = StandInTrial(prune=True)
+    with pytest.raises(TrialPruned) as exc:
+        t.report_trial(2, 0.123456)
+    assert str(exc.value) == "pruned after epoch 2 of 3: val/mIoU = 0.1235 lags the study's other trials"
+    t.report_trial(3, 0.5)  # the last epoch: reported, not asked, never pruned
+    assert t.trial.calls == [(2, 0.123456, True), (3, 0.5, False)]
+    t.trial = StandInTrial(prune=False)
+    t.report_trial(1, 0.25)
+    assert t.trial.calls == [(1, 0.25, True)]
+    # another rank follows rank 0's decision and never talks to the study itself
+    monkeypatch.setattr(dist, "is_main", lambda: False)
+    t.trial = StandInTrial(prune=True)
+    t.report_trial(1, 0.25)
+    assert t.trial.calls == []
+
+
+def test_a_runs_log_lines_and_pictures(tmp_path, caplog):
+    log = Recorder()
+    t = trainer(tmp_path, epochs=3, logger=log, early_stop=1, vis_samples=1, sgd={"lr": 0.0})  # lr 0: never improves
+    t.bad_samples["train"].limit = 5
+    t.bad_samples["train"].add(["a.png: truncated", "b.png: not an image"])
+    with caplog.at_level(logging.INFO, logger="segrun"):
+        best = t.fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "segrun"]
+    h1, h2 = t.history
+    assert lines[0] == "device cpu, 1 process(es), 4 iterations/epoch, 3 epochs"
+    for h, line in zip(t.history, (lines[1:3], lines[3:5])):
+        assert line == [f"epoch {h['epoch']} train: loss {h['train/loss']:.4f} mIoU {h['train/mIoU']:.4f} "
+                        f"pixel_acc {h['train/pixel_acc']:.4f}",
+                        f"epoch {h['epoch']} val: loss {h['val/loss']:.4f} mIoU {h['val/mIoU']:.4f} pixel_acc "
+                        f"{h['val/pixel_acc']:.4f} mean_acc {h['val/mean_acc']:.4f} fwIoU {h['val/fwIoU']:.4f}"]
+    assert h1["val/mIoU"] == h2["val/mIoU"] == best  # nothing trained: the second validation is no better
+    assert lines[5:8] == ["early stop: val/mIoU did not improve for 1 validations",
+                          "2 bad train sample(s) skipped: a.png: truncated | b.png: not an image",
+                          f"best val/mIoU = {best:.4f} at epoch 1"]
+    assert lines[8].startswith("per-class validation metrics at the best epoch (%):\nclass ")
+    assert "\ndark " in lines[8] and "\nbright " in lines[8] and len(lines) == 9
+    images = [(c[1][0], c[1][1].dtype, c[1][1].shape[0], c[1][2]) for c in log.calls if c[0] == "image"]
+    assert images == [("val/predictions", torch.uint8, 3, 4), ("val/confusion_matrix", torch.uint8, 3, 4),
+                      ("val/predictions", torch.uint8, 3, 8)]  # the confusion matrix at a new best only
+    assert (tmp_path / "confusion_matrix.png").is_file()
+    csv = (tmp_path / "confusion_matrix.csv").read_text().splitlines()
+    assert csv[0].split(",")[1:] == ["dark", "bright"]

@@ -5,7 +5,6 @@ The concurrent launches themselves are in tests/test_folders.py (real processes,
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -416,14 +415,7 @@ def test_probing_a_process_sends_it_no_signal():
         sleeper.wait()
 
 
-def _hear_segrun(monkeypatch) -> None:
-    """An in-process entry point run earlier (Hydra's quiet logging config) may have turned segrun's logger off."""
-    monkeypatch.setattr(logging.getLogger("segrun"), "disabled", False)
-    monkeypatch.setattr(logging.getLogger("segrun"), "propagate", True)
-
-
-def test_a_job_record_makes_its_folders_or_says_in_one_warning_why_not(tmp_path, caplog, monkeypatch):
-    _hear_segrun(monkeypatch)
+def test_a_job_record_makes_its_folders_or_says_in_one_warning_why_not(tmp_path, caplog):
     sweep_dir = tmp_path / "not" / "yet"  # a job may end before the sweep folder exists on its node
     record_job(sweep_dir, 4, tmp_path / "r4", "refused", "taken")
     assert json.loads((sweep_dir / ".jobs" / "4.json").read_text()) == {
@@ -534,8 +526,7 @@ def test_a_run_claim_by_default_leaves_a_finished_run_alone_and_ignores_what_it_
     assert read_status(fresh)["state"] == "running"
 
 
-def test_taking_over_a_dead_run_is_one_warning(tmp_path, caplog, monkeypatch):
-    _hear_segrun(monkeypatch)
+def test_taking_over_a_dead_run_is_one_warning(tmp_path, caplog):
     here = socket.gethostname()
     gone = dead_pid()
     run = tmp_path / "run"

@@ -93,6 +93,9 @@ def test_sizes():
     assert _error(check_size, "k", [1, 2, 3]) == "k=[1, 2, 3]: expected a size, an integer > 0 or [height, width]"
     assert _error(check_size, "k", [32]) == "k=[32]: expected a size, an integer > 0 or [height, width]"
     assert _error(check_size, "k", [0, 4]) == "k=0: expected an integer >= 1"
+    assert check_size("k", [4, 1]) == (4, 1)
+    assert _error(check_size, "k", [4, 0]) == "k=0: expected an integer >= 1"
+    assert _error(check_size, "k", [4, "8"]) == "k='8': expected an integer >= 1"
 
 
 def _predict(**values):
@@ -335,6 +338,19 @@ def test_per_channel_numbers_options():
     for bad in ([], (), 0.5, "0.5", None):
         assert _error(mean, "m", bad) == f"m={bad!r}: expected one number per image channel"
     assert _error(mean, "m", OmegaConf.create({"r": 0.5})) == "m={'r': 0.5}: expected one number per image channel"
+
+
+def test_config_nodes_are_checked_as_plain_resolved_values():
+    from segrun.checks import SchedulerKeys, check_present, plain_value
+
+    node = OmegaConf.create({"x": [1, "${y}"], "m": {"a": "${y}"}, "y": 2})
+    assert plain_value(node.x) == [1, 2] and type(plain_value(node.x)) is list
+    assert plain_value(node.m) == {"a": 2} and type(plain_value(node.m)) is dict
+    assert plain_value(7) == 7 and plain_value("auto") == "auto"
+    assert check_present(SchedulerKeys, None, "scheduler.") == {}
+    assert check_present(SchedulerKeys, OmegaConf.create({"power": "${p}", "p": 2}), "s.") == {"power": 2.0}
+    assert _error(check_present, SchedulerKeys, OmegaConf.create({"warmup_iters": -1}), "s.") == \
+        "s.warmup_iters=-1: expected an integer >= 0"
 
 
 def test_mapping_options():

@@ -473,3 +473,40 @@ def test_a_run_stopped_inside_an_epoch_resumes_to_the_uninterrupted_result(tmp_p
     assert [h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in whole.history]  # the whole epoch's
     for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_validation_without_a_usable_pixel_says_why(tmp_path, caplog):
+    from segrun.data.base import DatasetError
+    from segrun.data.loader import build_loader
+
+    from helpers.parts import Pixels
+
+    class Unlabelled(Pixels):
+        def __getitem__(self, key):
+            item = super().__getitem__(key)
+            return {**item, "label": torch.full_like(item["label"], 255)}  # every pixel ignore_index
+
+    t = trainer(tmp_path, epochs=1, logger=Recorder())
+    t.open_logger()
+    with caplog.at_level(logging.WARNING, logger="segrun"):
+        t.validate(1)
+    assert not caplog.records
+    t.bad_samples["val"].limit = 5
+    t.note_bad_samples("val", ["v.png: truncated"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="segrun"):
+        t.validate(2)
+    assert [r.getMessage() for r in caplog.records] == ["epoch 2 val: 1 image(s) could not be read and are not in these "
+                                                        "metrics"]
+    t.val_loader = build_loader(Unlabelled(), 4, train=False)
+    with pytest.raises(DatasetError) as exc:
+        t.validate(3)
+    assert str(exc.value) == ("epoch 3 validation had no usable image: 1 val image(s) could not be read and were skipped; "
+                              "fix the val split (python -m segrun.data checks it) before training")
+    fresh = trainer(tmp_path / "f", epochs=1, logger=Recorder())
+    fresh.open_logger()
+    fresh.val_loader = t.val_loader
+    with pytest.raises(DatasetError) as exc:
+        fresh.validate(1)
+    assert str(exc.value) == ("epoch 1 validation had no usable image: no val pixel carries a label other than "
+                              "ignore_index; fix the val split (python -m segrun.data checks it) before training")

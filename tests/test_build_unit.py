@@ -172,3 +172,23 @@ def test_compile_on_the_cpu_needs_a_cxx_compiler(monkeypatch, compiler):
         assert str(exc.value) == NO_COMPILER
     else:
         build.check_compile_support(torch.device("cpu"))  # any one of them will do
+
+
+def test_the_loaders_follow_the_loader_options():
+    cfg = _composed([*TINY, "loader.num_workers=1", "loader.pin_memory=true", "loader.persistent_workers=false",
+                     "loader.prefetch_factor=3", "loader.drop_last=false", "loader.batch_size=5",
+                     "loader.val_batch_size=2", "seed=7"])
+    samples = list(range(11))
+    train = build.build_data_loader(cfg, samples, True, torch.device("cpu"))
+    assert (train.batch_size, train.num_workers, train.pin_memory, train.persistent_workers) == (5, 1, True, False)
+    assert (train.prefetch_factor, train.drop_last, len(train)) == (3, False, 3)  # 11 samples: 5 + 5 + 1
+    assert train.sampler.shuffle and train.sampler.seed == 7 and train.generator.initial_seed() == 7
+    val = build.build_data_loader(cfg, samples, False, torch.device("cpu"))
+    assert (val.batch_size, val.drop_last, val.sampler.shuffle, len(val)) == (2, False, False, 6)
+    auto = _composed([*TINY, "loader.drop_last=true", "loader.batch_size=5", "loader.num_workers=auto",
+                      "loader.pin_memory=auto"])
+    on_cuda = build.build_data_loader(auto, samples, True, torch.device("cuda"))  # built, never iterated: no GPU needed
+    assert on_cuda.pin_memory is True and on_cuda.num_workers >= 1 and on_cuda.persistent_workers is True
+    assert on_cuda.drop_last is True and len(on_cuda) == 2
+    on_cpu = build.build_data_loader(auto, samples, True, torch.device("cpu"))
+    assert (on_cpu.pin_memory, on_cpu.num_workers) == (False, 0)

@@ -70,6 +70,11 @@ def test_a_value_keeps_the_type_of_its_default():
     assert check_config(cfg, cfg.hydra.runtime.choices).compile == "default"
     cfg = _composed([])
     check_config(cfg, {"model": "no_such_option", "trainer": None})  # unknown options: nothing to compare with
+    cfg = _composed(["trainer.epochs=1.5"])
+    for skipped in ({"dataset": None}, {"model": "no_such_option"}):  # the groups after a skipped one are still checked
+        with pytest.raises(ConfigError) as exc:
+            check_config(cfg, {**cfg.hydra.runtime.choices, **skipped})
+        assert str(exc.value) == "trainer.epochs=1.5: expected an integer (default 8 in conf/trainer/default.yaml)"
 
 
 def test_expected_types_follow_the_default():
@@ -87,6 +92,9 @@ def test_option_defaults_include_the_options_own_defaults(tmp_path, monkeypatch)
     assert OmegaConf.to_container(_option_defaults("model", "child")) == {"width": 16, "depth": 3}
     assert OmegaConf.to_container(_option_defaults("model", "base")) == {"width": 8, "depth": 3}
     assert _option_defaults("model", "none") is None
+    (tmp_path / "model" / "other.yaml").write_text("height: 5\n")
+    (tmp_path / "model" / "both.yaml").write_text("defaults:\n  - base\n  - other\nwidth: 2\n")
+    assert OmegaConf.to_container(_option_defaults("model", "both")) == {"width": 2, "depth": 3, "height": 5}
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,10 @@ def test_a_value_keeps_the_type_of_its_default():
     assert _error(["optimizer.lr=fast"]).startswith("optimizer.lr='fast': expected a number (default ")
     assert _error(["trainer.deterministic=1"]).startswith("trainer.deterministic=1: expected true or false (default False")
     assert check_config(_composed(["trainer.epochs=3.0", "optimizer.lr=1"])).epochs == 3  # 3.0 is an integer, 1 a number
+    assert _error(["trainer.ema.decay=fast"]) == \
+        "trainer.ema.decay='fast': expected a number (default 0.0 in conf/trainer/default.yaml)"  # a nested key
+    cfg = _composed(["trainer.keep_last=null", "trainer.save_period=null"])  # null: "not set", whatever the default
+    assert check_config(cfg, cfg.hydra.runtime.choices).keep_last == 0
     cfg = _composed(["trainer.compile=true"])  # a mixed-type key: its own check, not the default's type
     assert check_config(cfg, cfg.hydra.runtime.choices).compile == "default"
     cfg = _composed([])

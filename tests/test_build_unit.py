@@ -140,7 +140,9 @@ def test_the_model_in_channels_last_and_the_loggers(tmp_path):
     both = build.build_logger(cfg, tmp_path, settings)
     assert [type(x).__name__ for x in both.loggers] == ["TensorBoard", "CSVLogger"]
     one = build.build_logger(_composed([*TINY, "logger=[csv]"]), tmp_path, settings)
-    assert type(one).__name__ == "CSVLogger"
+    assert type(one).__name__ == "CSVLogger" and one.path == tmp_path / "metrics.csv"
+    none = build.build_logger(_composed([*TINY, "logger=[]"]), tmp_path, settings)
+    assert type(none).__name__ == "MultiLogger" and none.loggers == []
 
 
 def test_fp16_needs_cuda():

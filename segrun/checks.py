@@ -326,8 +326,8 @@ def check_groups(cfg: Any) -> None:
     channels = model.get("in_channels", 3)
     for key in ("mean", "std"):
         if key in dataset and len(dataset[key]) != channels:
-            raise ConfigError(f"dataset.{key}={list(dataset[key])!r}: expected {channels} numbers, one per input "
-                              f"channel of the model (model.in_channels={channels})")
+            raise ConfigError(f"dataset.{key}={list(dataset[key])!r}: expected {channels} number{'s' * (channels != 1)}, "
+                              f"one per input channel of the model (model.in_channels={channels})")
     if "min_size" in dataset and "max_size" in dataset and dataset["min_size"] > dataset["max_size"]:
         raise ConfigError(f"dataset.min_size={dataset['min_size']}: expected at most dataset.max_size "
                           f"({dataset['max_size']})")

@@ -43,6 +43,10 @@ def _error(overrides, choices=True) -> str:
     (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: expected a number > 0"),
     (["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1: expected a number >= 0"),
     (["optimizer.momentum=-0.5"], "optimizer.momentum=-0.5: expected a number >= 0"),
+    (["optimizer.backbone_lr_mult=-1"], "optimizer.backbone_lr_mult=-1: expected a number >= 0"),
+    (["optimizer.layer_decay=0"], "optimizer.layer_decay=0: expected a number > 0"),
+    (["optimizer.layer_decay=1.5"], "optimizer.layer_decay=1.5: expected a factor in (0, 1]"),
+    (["dataset.crop_size=0"], "dataset.crop_size=0: expected a size"),
 ])
 def test_each_checked_key_names_itself(overrides, message):
     assert _error(overrides, choices=False).startswith(message)
@@ -51,7 +55,7 @@ def test_each_checked_key_names_itself(overrides, message):
 def test_accepted_edge_values():
     s = check_config(_composed(["loader.num_workers=0", "loader.prefetch_factor=1", "dataset.mean=[0,0,0]",
                                 "optimizer.weight_decay=0", "optimizer.momentum=0", "dataset.crop_size=[8,16]",
-                                "loader.num_workers=auto"]))
+                                "loader.num_workers=auto", "optimizer.layer_decay=1", "optimizer.backbone_lr_mult=0"]))
     assert isinstance(s, TrainSettings)
     check_config(_composed(["dataset.crop_size=null", "dataset.base_size=null"]))
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from segrun.build import check_config
-from segrun.checks import SchedulerKeys, check_present, mapping, numbers, pair, probability
+from segrun.checks import SchedulerKeys, check_groups, check_present, mapping, numbers, pair, probability
 from segrun.config import conf_dir
 from segrun.data.__main__ import read_tool_settings
 from segrun.errors import ConfigError
@@ -71,6 +72,35 @@ def test_the_bound_helpers_at_their_edges():
     assert numbers(0.0, 1.0)("m", [0, 1]) == (0.0, 1.0)
     assert mapping(lambda k, v: v, "{a: 1}")("d", {"a": 1}) == {"a": 1}
     assert check_present(SchedulerKeys, {"min_lr": 0.0, "other": -5}, "scheduler.") == {"min_lr": 0.0}
+
+
+@pytest.mark.parametrize("cfg, line", [
+    ({"scheduler": {"power": 0}}, "scheduler.power=0: expected a number > 0"),
+    ({"augment": {"train": {"rotate": 181}}}, "augment.train.rotate=181: expected a number in [0, 180]"),
+    ({"augment": {"val": {"protocol": "tiles"}}}, "augment.val.protocol='tiles': expected whole or center_crop"),
+    ({"loss": {"gamma": -1}}, "loss.gamma=-1: expected a number >= 0"),
+    ({"loss": {"losses": {"dice": {"smooth": -1}}}}, "loss.losses.dice.smooth=-1: expected a number >= 0"),
+    ({"model": {"width": 0}}, "model.width=0: expected an integer >= 1"),
+    ({"dataset": {"noise": -4}}, "dataset.noise=-4: expected a number >= 0"),
+    ({"dataset": {"mean": [0.5]}}, "dataset.mean=[0.5]: expected 3 numbers, one per input channel of the model "
+                                   "(model.in_channels=3)"),
+    ({"model": {"in_channels": 1}, "dataset": {"mean": [0.5], "std": [0.2, 0.2, 0.2]}},
+     "dataset.std=[0.2, 0.2, 0.2]: expected 1 number, one per input channel of the model (model.in_channels=1)"),
+    ({"dataset": {"min_size": 65, "max_size": 64}}, "dataset.min_size=65: expected at most dataset.max_size (64)"),
+])
+def test_the_group_keys_checked_directly(cfg, line):
+    """``check_groups`` on a hand-written config: each group's key named with its group."""
+    with pytest.raises(ConfigError) as info:
+        check_groups(OmegaConf.create(cfg))
+    assert str(info.value) == line
+
+
+def test_the_group_keys_at_their_edges_pass():
+    for cfg in ({}, {"augment": {}, "loss": None}, {"loss": {"losses": None}},
+                {"model": {"in_channels": 1}, "dataset": {"mean": [0.5], "std": [0.25]}},
+                {"dataset": {"min_size": 64, "max_size": 64}}, {"dataset": {"min_size": 500}},
+                {"dataset": {"max_size": 8}}, {"dataset": {"mean": [0, 0.5, 1]}}):
+        check_groups(OmegaConf.create(cfg))
 
 
 def _data(overrides):

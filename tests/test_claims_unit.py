@@ -393,3 +393,176 @@ def test_a_sweep_claim_records_when_and_who(tmp_path):
     with pytest.raises(SweepFolderError) as exc:
         SweepClaim(afile).acquire(resume=False)
     assert str(exc.value) == f"sweep folder {afile} is a file, not a folder; choose another hydra.sweep.dir"
+
+
+def test_a_process_of_another_user_counts_as_alive(monkeypatch):
+    """``kill(pid, 0)`` on another user's live process answers EPERM: that process exists, its claim holds."""
+    def not_yours(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(status.os, "kill", not_yours)
+    assert status.pid_alive(12345) is True
+
+
+def test_probing_a_process_sends_it_no_signal():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert status.pid_alive(sleeper.pid)
+        with pytest.raises(subprocess.TimeoutExpired):  # any real signal (SIGHUP...) would end it within this wait
+            sleeper.wait(timeout=0.5)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_job_record_makes_its_folders_or_says_in_one_warning_why_not(tmp_path, caplog):
+    sweep_dir = tmp_path / "not" / "yet"  # a job may end before the sweep folder exists on its node
+    record_job(sweep_dir, 4, tmp_path / "r4", "refused", "taken")
+    assert json.loads((sweep_dir / ".jobs" / "4.json").read_text()) == {
+        "job_num": 4, "run_dir": str(tmp_path / "r4"), "outcome": "refused", "message": "taken"}
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with caplog.at_level("WARNING", logger="segrun"):
+        record_job(afile, 7, "x", "done")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not record job 7's outcome in {afile / '.jobs'} ([Errno 20] Not a directory: '{afile / '.jobs'}')"]
+
+
+def test_the_sweep_callback_checks_the_launcher_before_claiming(tmp_path, capsys, monkeypatch):
+    """``hydra/launcher=slurm`` where SLURM's tools are missing: one line, exit 2, no sweep folder made."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    folder = tmp_path / "sweep"
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}, "overrides": {"task": ["seed=0,1"]},
+                                      "launcher": {"_target_": "hydra_plugins.hydra_submitit_launcher."
+                                                                "submitit_launcher.SlurmLauncher", "partition": "gpu"}}})
+    with pytest.raises(SystemExit) as exc:
+        sweep.SweepCallback().on_multirun_start(cfg)
+    assert exc.value.code == 2 and not folder.exists()
+    assert capsys.readouterr().err == ("error: hydra/launcher=slurm: no `sbatch`/`sinfo` on PATH: run the sweep on a "
+                                       "SLURM login node (or install SLURM's client tools and point SLURM_CONF at the "
+                                       "cluster's slurm.conf)\n")
+
+
+def test_a_config_without_a_sweep_section_is_not_a_resume(tmp_path, capsys):
+    """A hand-built config (no ``sweep:`` section, basic launcher): the folder is claimed, and a finished
+    sweep there is refused as with ``sweep.resume=false``."""
+    folder = tmp_path / "sweep"
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}, "overrides": {"task": ["seed=0,1"]},
+                                      "launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}}})
+    cb = sweep.SweepCallback()
+    cb.on_multirun_start(cfg)
+    s = json.loads((folder / "sweep.json").read_text())
+    assert (s["state"], s["pid"], s["overrides"]) == ("running", os.getpid(), ["seed=0,1"])
+    cb.claim.end({"done": 2})
+    with pytest.raises(SystemExit) as exc:
+        sweep.SweepCallback().on_multirun_start(cfg)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"error: sweep folder {folder} holds a finished sweep; continue it with "
+                                       "sweep.resume=true or choose another hydra.sweep.dir\n")
+
+
+def test_a_claim_without_a_usable_pid_is_not_a_live_process(tmp_path):
+    """``kill(0 or -1, 0)`` would probe a process group or every process: no single process answers for it."""
+    assert not status.pid_alive(0) and not status.pid_alive(-1)
+    here = socket.gethostname()
+    assert effective_state({"state": "running", "host": here}) == "killed"
+    assert effective_state({"state": "done", "pid": dead_pid(), "host": here}) == "done"  # only a running claim dies
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    for bad in ({"state": "running", "host": here, "pid": "abc"}, {"state": "running", "host": here},
+                {"state": "done", "counts": {}, "pid": True}):
+        (folder / "sweep.json").write_text(json.dumps(bad))
+        assert SweepClaim(folder).read() == {"state": "invalid"}
+        assert SweepClaim(folder).acquire(resume=False) == {"state": "invalid"}  # a malformed claim is taken over
+        assert json.loads((folder / "sweep.json").read_text())["pid"] == os.getpid()
+
+
+def test_run_folder_refusals_in_full_words(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    here = socket.gethostname()
+    for claim, what in (({"state": "running", "pid": dead_pid(), "host": here}, "that run's process is gone"),
+                        ({"state": "pruned"}, "that run was pruned"),
+                        ({"state": "nonsense"}, "its status.json unknown state 'nonsense' (expected one of running, "
+                                                "done, pruned, failed)")):
+        (run / "status.json").write_text(json.dumps(claim))
+        with pytest.raises(RunFolderError) as exc:
+            check_free(run)
+        assert str(exc.value) == (f"run folder {run} holds a previous run's checkpoints (checkpoints/last.pt; {what}); "
+                                  "continue it with trainer.resume=auto or choose another hydra.run.dir")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / "status.json").write_text(json.dumps({"state": "running", "pid": sleeper.pid, "host": here,
+                                                     "started": "then"}))
+        with pytest.raises(RunFolderError) as exc:
+            check_free(run)
+        assert str(exc.value) == (f"run folder {run} is in use by another run (pid {sleeper.pid} on {here}, started "
+                                  "then); choose another hydra.run.dir or wait for that run to end")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_an_unreadable_status_says_why(tmp_path):
+    (tmp_path / "status.json").mkdir()
+    assert read_status(tmp_path) == {"state": "invalid", "problem": "cannot be read (Is a directory)"}
+    (tmp_path / "status.json").rmdir()
+    (tmp_path / "status.json").write_bytes(b"\xff\xfe")
+    problem = read_status(tmp_path)["problem"]
+    assert problem.startswith("cannot be read (") and "codec can't decode byte 0xff in position 0" in problem
+
+
+def test_a_run_claim_by_default_leaves_a_finished_run_alone_and_ignores_what_it_is_told(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "done"}))
+    with pytest.raises(RunFolderError, match="already holds a finished run"):
+        RunClaim(run).acquire()
+    fresh = tmp_path / "job"
+    fresh.mkdir()
+    (fresh / "train.log").write_text("")  # a launcher's log file, made before the claim
+    RunClaim(fresh).acquire(ignore=["train.log"])
+    assert read_status(fresh)["state"] == "running"
+
+
+def test_taking_over_a_dead_run_is_one_warning(tmp_path, caplog):
+    here = socket.gethostname()
+    gone = dead_pid()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "running", "pid": gone, "host": here, "started": "then"}))
+    with caplog.at_level("WARNING", logger="segrun"):
+        RunClaim(run).acquire()
+        RunClaim(tmp_path / "fresh").acquire()  # nothing to take over: nothing said
+    assert [r.getMessage() for r in caplog.records] == [
+        f"run folder {run} was claimed by a run that is gone (pid {gone} on {here}, started then): taking it over"]
+
+
+def test_claim_times_are_local_iso_seconds_and_wall_time_is_rounded_to_ms(tmp_path, monkeypatch):
+    import re
+
+    claim = RunClaim(tmp_path / "r")
+    claim.start = 100.0
+    claim.acquire()
+    monkeypatch.setattr(status.time, "time", lambda: 112.3456789)
+    claim.done(0.5)
+    s = read_status(tmp_path / "r")
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"
+    assert re.fullmatch(stamp, s["started"]) and re.fullmatch(stamp, s["ended"])
+    assert s["wall_s"] == 12.346 and s["best_metric"] == 0.5
+
+
+def test_a_sweep_claim_that_cannot_be_written_is_one_line(tmp_path):
+    folder = tmp_path / "s"
+    (folder / "sweep.json").mkdir(parents=True)  # stands where the file should be
+    with pytest.raises(RunFolderError) as exc:
+        SweepClaim(folder).acquire(resume=False)
+    assert str(exc.value) == f"cannot write {folder / 'sweep.json'}: Is a directory"
+
+
+def test_one_unreadable_job_record_does_not_hide_the_others(tmp_path):
+    (tmp_path / ".jobs").mkdir()
+    (tmp_path / ".jobs" / "0.json").write_text("{")
+    record_job(tmp_path, 1, tmp_path / "1", "done")
+    assert list(job_records(tmp_path)) == [1]

@@ -81,8 +81,9 @@ def test_auto_weights_closed_form_and_cache(data):
 
 def test_auto_weights_nested_and_errors(data):
     cfg = compose_cfg(_overrides(data, "loss=ce_dice", "loss.losses.ce.weight=auto:median_freq"))
-    resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=3))
+    out = resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=3))
     assert list(cfg.loss.losses.ce.weight) == pytest.approx(MEDIAN_FREQ, abs=1e-6)
+    assert out == {"loss.losses.ce.weight": list(cfg.loss.losses.ce.weight)}
     cfg = compose_cfg(_overrides(data, "loss.weight=auto:median"))
     with pytest.raises(AutoWeightError, match=r"loss.weight=auto:median: unknown weighting 'median'"):
         resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=3))
@@ -302,3 +303,35 @@ def test_the_data_fingerprint_sees_ids_counts_and_files_inside_items(tmp_path):
     st = mask.stat()
     os.utime(mask, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert data_fingerprint(items) != before
+
+
+def test_plain_auto_follows_the_method_setting_and_weights_keep_six_decimals(data, caplog):
+    cfg = compose_cfg(_overrides(data, "loss=focal", "loss.alpha=auto", "class_weights.method=inv_log"))
+    with caplog.at_level(logging.INFO, logger="segrun"):
+        out = resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=3))
+    six = [round(w, 6) for w in INV_LOG]  # written to the run's config and checkpoint with 6 decimals
+    assert list(cfg.loss.alpha) == six and out == {"loss.alpha": six}
+    assert _lines(caplog)[-1] == ("loss.alpha=auto (inverse_log, from 2 of 2 training images): "
+                                  f"class_0 {INV_LOG[0]:.4f}, class_1 {INV_LOG[1]:.4f}, class_2 {INV_LOG[2]:.4f}")
+    cfg = compose_cfg(_overrides(data, "loss.weight=auto:inv_log", "class_weights.method=median"))
+    with pytest.raises(AutoWeightError) as exc:
+        resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=3))
+    assert str(exc.value) == "class_weights.method=median: expected one of ['median_freq', 'inv_log']"
+
+
+def test_an_absent_class_is_named_and_a_stale_cache_is_refused(data, caplog):
+    cfg = compose_cfg(_overrides(data, "loss.weight=auto", "dataset.num_classes=4"))
+    with caplog.at_level(logging.INFO, logger="segrun"):
+        resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=4))
+    # class 3 occurs nowhere: it gets the largest weight, that of the rarest class (f = 0.125)
+    assert list(cfg.loss.weight) == pytest.approx([*MEDIAN_FREQ, 2.0], abs=1e-6)
+    assert ("class_weights: classes ['class_3'] do not occur in the 2 of 2 training images; they get the largest "
+            "weight") in _lines(caplog)
+    # a cache entry of 3 classes read for a dataset of 4 (same config and files) is not used silently
+    cfg = compose_cfg(_overrides(data, "loss.weight=auto"))
+    resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=3))
+    cfg = compose_cfg(_overrides(data, "loss.weight=auto"))
+    with pytest.raises(AutoWeightError) as exc:
+        resolve_auto_weights(cfg, Folder(data / "data", "train", num_classes=4))
+    assert str(exc.value) == (f"class_weights: cached statistics {cache_path(cfg)} have 3 classes but the dataset "
+                              "has 4; delete the file")

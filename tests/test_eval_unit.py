@@ -5,7 +5,6 @@ The numbers themselves are checked against the trainer's validation in tests/tes
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -155,21 +154,6 @@ def test_a_checkpoint_without_a_config_or_a_ckpt_is_refused(tmp_path):
         run(cfg)
 
 
-@pytest.fixture
-def keep_logging():
-    """The entry point runs Hydra, whose logging config (conf/tool/quiet.yaml: ``disabled``) turns every existing
-    logger off and resets the root logger; put them back so later tests' caplog still sees segrun's lines."""
-    root = logging.getLogger()
-    saved = (root.level, list(root.handlers), {name: lg.disabled for name, lg in root.manager.loggerDict.items()
-                                               if isinstance(lg, logging.Logger)})
-    yield
-    root.setLevel(saved[0])
-    root.handlers[:] = saved[1]
-    for name, disabled in saved[2].items():
-        logging.getLogger(name).disabled = disabled
-
-
-@pytest.mark.usefixtures("keep_logging")
 def test_the_console_entry_takes_dataset_keys_as_typed(ckpt, tmp_path, monkeypatch, capsys):
     """``segrun-eval dataset.sizes=...`` (no ``++``, as docs/inference.md writes it) reaches the evaluation,
     wherever it stands among the arguments."""
@@ -181,7 +165,6 @@ def test_the_console_entry_takes_dataset_keys_as_typed(ckpt, tmp_path, monkeypat
     assert capsys.readouterr().out.endswith(f"wrote metrics.json, confusion_matrix.csv and confusion_matrix.png to {out}\n")
 
 
-@pytest.mark.usefixtures("keep_logging")
 def test_the_console_entry_without_arguments_says_what_it_needs(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["segrun-eval"])
     with pytest.raises(SystemExit) as exc:

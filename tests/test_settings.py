@@ -93,6 +93,9 @@ def test_sizes():
     assert _error(check_size, "k", [1, 2, 3]) == "k=[1, 2, 3]: expected a size, an integer > 0 or [height, width]"
     assert _error(check_size, "k", [32]) == "k=[32]: expected a size, an integer > 0 or [height, width]"
     assert _error(check_size, "k", [0, 4]) == "k=0: expected an integer >= 1"
+    assert check_size("k", [4, 1]) == (4, 1)
+    assert _error(check_size, "k", [4, 0]) == "k=0: expected an integer >= 1"
+    assert _error(check_size, "k", [4, "8"]) == "k='8': expected an integer >= 1"
 
 
 def _predict(**values):
@@ -118,6 +121,35 @@ def test_prediction_settings():
     assert _error(PredictSettings.from_config, _predict(crop_size=-3)).startswith("predict.crop_size=-3: expected a size")
 
 
+def test_prediction_settings_fall_back_and_name_keys_without_a_prefix():
+    stored = {"mode": "slide", "crop_size": [24, 32], "stride": 16, "scales": [0.5, 1.0], "flip": True}
+    nulls = OmegaConf.create(dict.fromkeys(("mode", "crop_size", "stride", "scales", "flip", "window_batch")))
+    assert PredictSettings.from_config(nulls, prefix="", fallback=stored) == \
+        PredictSettings("slide", (24, 32), 16, (0.5, 1.0), True, None)  # nulls take the checkpoint's values
+    given = PredictSettings.from_config(OmegaConf.create({"mode": "whole", "flip": False, "window_batch": 2}), prefix="",
+                                        fallback=stored)
+    assert (given.mode, given.flip, given.window_batch, given.crop_size, given.stride) == ("whole", False, 2, (24, 32), 16)
+    assert PredictSettings.from_config(OmegaConf.create({"mode": "slide"}), prefix="", crop_fallback=40).crop_size == 40
+    assert PredictSettings.from_config(OmegaConf.create({"crop_size": 8}), crop_fallback=40).crop_size == 8
+    assert PredictSettings.from_config(None) == PredictSettings()
+    assert PredictSettings.from_config(_predict(scales=2)).scales == (2.0,)  # one number: one scale
+
+    class ToolError(ConfigError):
+        pass
+
+    with pytest.raises(ToolError) as exc:
+        PredictSettings.from_config(OmegaConf.create({"mode": "tiles"}), prefix="", error=ToolError)
+    assert str(exc.value) == "mode='tiles': expected whole or slide"
+    assert _error(PredictSettings.from_config, OmegaConf.create({"mode": "slide"}), prefix="") == \
+        "mode=slide needs crop_size (the window size)"
+    assert _error(PredictSettings.from_config, _predict(window_batch=0)) == "predict.window_batch=0: expected an integer >= 1"
+    for bad in ("big", True):
+        assert _error(PredictSettings.from_config, _predict(scales=bad)) == \
+            f"predict.scales={bad!r}: expected a list of positive numbers, e.g. [0.75, 1.0, 1.25]"
+    assert PredictSettings("slide", (24, 32), (8, 8), (0.5, 1.0), True, 2).as_dict() == \
+        {"mode": "slide", "crop_size": [24, 32], "stride": [8, 8], "scales": [0.5, 1.0], "flip": True, "window_batch": 2}
+
+
 def _settings(*overrides):
     return TrainSettings.from_config(compose_cfg(list(overrides)))
 
@@ -130,7 +162,8 @@ def test_train_settings_read_every_key():
                   "trainer.accumulate=3", "trainer.ema.decay=0.99", "trainer.prefetch=false", "trainer.device=cpu",
                   "seed=11", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
                   "trainer.checkpoint_every=15min", "trainer.keep_last=2", "trainer.dist_timeout=90s",
-                  "predict.mode=slide", "predict.crop_size=24", "predict.flip=true")
+                  "predict.mode=slide", "predict.crop_size=24", "predict.flip=true", "trainer.threads=3",
+                  "trainer.sync_bn=true", "trainer.find_unused_parameters=true", "trainer.dist_backend=gloo")
     assert (s.epochs, s.val_every, s.monitor, s.early_stop, s.save_period, s.resume) == \
         (3, 2, "min val/loss", 4, 5, "/x/last.pt")
     assert (s.log_every, s.vis_samples, s.progress, s.precision, s.grad_clip) == (7, 0, False, "bf16", 2.0)
@@ -138,11 +171,13 @@ def test_train_settings_read_every_key():
         (True, True, "default", 3, 0.99, "false", "cpu", 11)
     assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s) == (6, 2, 0, 900.0)
     assert (s.keep_last, s.dist_timeout_s) == (2, 90.0)
+    assert (s.threads, s.sync_bn, s.find_unused_parameters, s.dist_backend) == (3, True, True, "gloo")
     assert s.predict == PredictSettings("slide", 24, None, (1.0,), True)
     s = _settings("trainer.checkpoint_every=50", "trainer.compile=max-autotune", "trainer.prefetch=true",
-                  "trainer.resume=null")
+                  "trainer.resume=null", "trainer.threads=torch")
     assert (s.checkpoint_every_iters, s.checkpoint_every_s, s.compile, s.prefetch, s.resume) == (50, 0.0, "max-autotune",
                                                                                                  "true", None)
+    assert s.threads == "torch" and _settings("trainer.resume=''").resume is None
 
 
 def test_train_settings_defaults_are_the_documented_ones():
@@ -153,6 +188,9 @@ def test_train_settings_defaults_are_the_documented_ones():
     assert (s.limit_train_batches, s.limit_val_batches, s.checkpoint_every_iters, s.checkpoint_every_s, s.keep_last) == \
         (None, None, 0, 0.0, 0)
     assert s.dist_timeout_s == 300.0 and s.predict == PredictSettings(crop_size=64)  # the dataset's crop
+    assert (s.threads, s.sync_bn, s.find_unused_parameters, s.dist_backend, s.device, s.seed) == \
+        ("auto", False, False, "auto", "auto", 0)
+    assert (s.log_every, s.vis_samples, s.progress, s.deterministic, s.channels_last) == (10, 4, True, False, False)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -177,6 +215,14 @@ def test_train_settings_defaults_are_the_documented_ones():
     ("seed=1.5", "seed=1.5: expected an integer"),
     ("trainer.dist_timeout=soon", "trainer.dist_timeout='soon': expected a duration"),
     ("trainer.checkpoint_every=1.5", "trainer.checkpoint_every=1.5: expected a number of iterations or a duration"),
+    ("trainer.epochs=0", "trainer.epochs=0: expected an integer >= 1"),
+    ("trainer.val_every=0", "trainer.val_every=0: expected an integer >= 1"),
+    ("trainer.threads=0", "trainer.threads=0: expected auto, torch or an integer >= 1"),
+    ("trainer.threads=true", "trainer.threads=True: expected auto, torch or an integer >= 1"),
+    ("trainer.sync_bn=1", "trainer.sync_bn=1: expected true or false"),
+    ("trainer.find_unused_parameters=1", "trainer.find_unused_parameters=1: expected true or false"),
+    ("trainer.dist_backend=tcp", "trainer.dist_backend='tcp': expected one of auto, nccl, gloo, mpi, ucc"),
+    ("trainer.monitor=best", "trainer.monitor must look like 'max val/mIoU' or 'min val/loss', got 'best'"),
 ])
 def test_bad_trainer_values_name_their_key(override, message):
     assert _error(TrainSettings.from_config, compose_cfg([override])).startswith(message)
@@ -294,6 +340,19 @@ def test_per_channel_numbers_options():
     assert _error(mean, "m", OmegaConf.create({"r": 0.5})) == "m={'r': 0.5}: expected one number per image channel"
 
 
+def test_config_nodes_are_checked_as_plain_resolved_values():
+    from segrun.checks import SchedulerKeys, check_present, plain_value
+
+    node = OmegaConf.create({"x": [1, "${y}"], "m": {"a": "${y}"}, "y": 2})
+    assert plain_value(node.x) == [1, 2] and type(plain_value(node.x)) is list
+    assert plain_value(node.m) == {"a": 2} and type(plain_value(node.m)) is dict
+    assert plain_value(7) == 7 and plain_value("auto") == "auto"
+    assert check_present(SchedulerKeys, None, "scheduler.") == {}
+    assert check_present(SchedulerKeys, OmegaConf.create({"power": "${p}", "p": 2}), "s.") == {"power": 2.0}
+    assert _error(check_present, SchedulerKeys, OmegaConf.create({"warmup_iters": -1}), "s.") == \
+        "s.warmup_iters=-1: expected an integer >= 0"
+
+
 def test_mapping_options():
     """``mapping``: ``dataset.sizes={train: 600, val: 100}``; a bad value is named by its dotted key."""
     from segrun.checks import integer, mapping
@@ -356,3 +415,14 @@ def test_the_tools_declared_defaults_and_bounds():
         (InferSettings, "writers", 0, "writers=0: expected an integer >= 1"),
     ]:
         assert _error(read_settings, cls, OmegaConf.create({key: value})).startswith(message), key
+
+
+def test_trust_targets_are_an_optional_list_of_names():
+    from segrun.engine.settings import trust_targets
+
+    assert trust_targets(None) == trust_targets(OmegaConf.create({})) == trust_targets(OmegaConf.create({"trust": {}})) == ()
+    assert trust_targets(OmegaConf.create({"trust": {"targets": ["mypkg.models.", "lab."]}})) == ("mypkg.models.", "lab.")
+    assert _error(trust_targets, OmegaConf.create({"trust": {"targets": "mypkg"}})) == \
+        "trust.targets='mypkg': expected a list of names, e.g. [mypkg.models.]"
+    assert _error(trust_targets, OmegaConf.create({"trust": {"targets": ["a", 1]}})) == \
+        "trust.targets=['a', 1]: expected a list of names, e.g. [mypkg.models.]"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ class Recorder:
 def trainer(tmp_path, epochs=2, batch_size=2, logger=None, width=4, sgd=None, **settings) -> Trainer:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, width, 1), torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))
-    s = TrainSettings(epochs=epochs, progress=False, log_every=2, vis_samples=0, **settings)
+    s = TrainSettings(**{"epochs": epochs, "progress": False, "log_every": 2, "vis_samples": 0, **settings})
     steps = epochs * math.ceil(8 // batch_size / s.accumulate)
     parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), **(sgd or {"lr": 0.1})), batch_size, steps)
     return Trainer(parts, s, tmp_path, config={"seed": 0, "trainer": {"epochs": epochs}}, overrides=["seed=0"],
@@ -90,7 +91,10 @@ def test_a_run_records_each_epoch_and_writes_metrics(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["monitor"] == "max val/mIoU" and metrics["best_metric"] == best
     assert metrics["best_epoch"] in (2, 3) and metrics["epochs_completed"] == 3 and metrics["global_step"] == 12
-    assert metrics["mIoU"] == t.history[metrics["best_epoch"] - 1]["val/mIoU"]
+    best_record = t.history[metrics["best_epoch"] - 1]
+    for key in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "loss"):
+        assert metrics[key] == best_record[f"val/{key}"], key
+    assert set(metrics["class_acc"]) == {"dark", "bright"} and metrics["segrun_version"] == version("segrun")
     assert set(metrics["class_iou"]) == {"dark", "bright"} and metrics["bad_samples"] == {"train": [], "val": []}
     assert metrics["history"] == json.loads(json.dumps(t.history))
     names = [c[0] for c in log.calls]
@@ -98,8 +102,20 @@ def test_a_run_records_each_epoch_and_writes_metrics(tmp_path):
     assert [c[1][0] for c in log.calls if c[0] == "scalar" and c[1][0] == "train/loss"] == ["train/loss"] * 6  # 2 a epoch
     steps = [c[1][2] for c in log.calls if c[0] == "scalar" and c[1][0] == "train/loss"]
     assert steps == [2, 4, 6, 8, 10, 12]  # every log_every=2 steps, by global step
+    at_step_2 = [c[1] for c in log.calls if c[0] == "scalar" and c[1][2] == 2]
+    assert [a[0] for a in at_step_2] == ["train/loss", "lr/0", "train/img_per_s"]  # an unnamed group: its index
+    assert at_step_2[1][1] == pytest.approx(0.1 * (1 - 2 / 12) ** 0.9) and at_step_2[2][1] > 0  # poly, power 0.9
+    train_ends = [c[1] for c in log.calls if c[0] == "scalars" and c[1][0] == "train"]
+    assert [a[2] for a in train_ends] == [4, 8, 12]
+    for (_, values, _), h in zip(train_ends, t.history):
+        assert values == {"epoch_loss": h["train/loss"], "mIoU": h["train/mIoU"], "pixel_acc": h["train/pixel_acc"]}
     val_steps = [c[1][2] for c in log.calls if c[0] == "scalars" and c[1][0] == "val"]
     assert val_steps == [8, 12]
+    val_ends = [c[1][1] for c in log.calls if c[0] == "scalars" and c[1][0] == "val"]
+    assert val_ends[0] == {k: t.history[1][f"val/{k}"] for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "loss")}
+    class_iou = [(c[1][0], c[1][2]) for c in log.calls if c[0] == "scalar" and c[1][0].startswith("val_class_iou/")]
+    assert class_iou == [("val_class_iou/dark", 8), ("val_class_iou/bright", 8), ("val_class_iou/dark", 12),
+                         ("val_class_iou/bright", 12)]
     assert (tmp_path / "confusion_matrix.csv").is_file()
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert last["config"] == {"seed": 0, "trainer": {"epochs": 3}} and last["overrides"] == ["seed=0"]
@@ -158,8 +174,11 @@ def test_a_non_finite_loss_names_epoch_and_step(tmp_path):
     t = trainer(tmp_path, epochs=1)
     with pytest.raises(SegrunError) as exc:
         t.check_finite(torch.tensor(7), epoch=3)
-    assert str(exc.value).startswith("loss became non-finite at epoch 3, step 7 (global); stopping without overwriting "
-                                     f"checkpoints in {tmp_path / 'checkpoints'}.")
+    assert str(exc.value) == ("loss became non-finite at epoch 3, step 7 (global); stopping without overwriting "
+                              f"checkpoints in {tmp_path / 'checkpoints'}. Lower optimizer.lr, enable trainer.grad_clip, "
+                              "or check the data")
+    with pytest.raises(SegrunError, match=r"^loss became non-finite at epoch 2, step 5 \(global\)"):
+        t.check_finite(torch.tensor(5), epoch=2, reduced=True)  # already maxed over ranks
     t.check_finite(torch.tensor(-1), epoch=3)  # -1: every loss finite
 
 
@@ -177,11 +196,14 @@ def test_a_restored_state_carries_counters_history_best_val_and_bad_samples(tmp_
     t.history = [{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.5, "val/mIoU": 0.25}]
     t.bad_samples["train"].add(["a.png: truncated", "b.png: not an image"])
     t.bad_samples["val"].add(["c.png: truncated"])
+    t.monitor.update(0.5, 1)
+    t.monitor.update(0.4, 2)  # best 0.5 at epoch 1, one stale validation since
     state = t.state_dict()
     state["bad_samples"]["test"] = ["d.png: truncated"]  # a split this trainer does not have: ignored
     back = trainer(tmp_path / "b", epochs=3)
     back.load_state_dict(state)
     assert (back.epoch, back.global_step) == (2, 8)
+    assert (back.monitor.best, back.monitor.best_epoch, back.monitor.stale) == (0.5, 1, 1)
     assert back.best_val == {"mIoU": 0.25, "loss": 1.5}
     assert back.history == [{"epoch": 1, "train/loss": 2.0}, {"epoch": 2, "train/loss": 1.5, "val/mIoU": 0.25}]
     assert back.bad_samples["train"].as_list() == ["a.png: truncated", "b.png: not an image"]
@@ -348,3 +370,106 @@ def test_report_trial_prunes_when_asked_except_at_the_last_epoch(tmp_path, monke
     t.trial = StandInTrial(prune=True)
     t.report_trial(1, 0.25)
     assert t.trial.calls == []
+
+
+def test_a_runs_log_lines_and_pictures(tmp_path, caplog):
+    log = Recorder()
+    t = trainer(tmp_path, epochs=3, logger=log, early_stop=1, vis_samples=1, sgd={"lr": 0.0})  # lr 0: never improves
+    t.bad_samples["train"].limit = 5
+    t.bad_samples["train"].add(["a.png: truncated", "b.png: not an image"])
+    with caplog.at_level(logging.INFO, logger="segrun"):
+        best = t.fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "segrun"]
+    h1, h2 = t.history
+    assert lines[0] == "device cpu, 1 process(es), 4 iterations/epoch, 3 epochs"
+    for h, line in zip(t.history, (lines[1:3], lines[3:5])):
+        assert line == [f"epoch {h['epoch']} train: loss {h['train/loss']:.4f} mIoU {h['train/mIoU']:.4f} "
+                        f"pixel_acc {h['train/pixel_acc']:.4f}",
+                        f"epoch {h['epoch']} val: loss {h['val/loss']:.4f} mIoU {h['val/mIoU']:.4f} pixel_acc "
+                        f"{h['val/pixel_acc']:.4f} mean_acc {h['val/mean_acc']:.4f} fwIoU {h['val/fwIoU']:.4f}"]
+    assert h1["val/mIoU"] == h2["val/mIoU"] == best  # nothing trained: the second validation is no better
+    assert lines[5:8] == ["early stop: val/mIoU did not improve for 1 validations",
+                          "2 bad train sample(s) skipped: a.png: truncated | b.png: not an image",
+                          f"best val/mIoU = {best:.4f} at epoch 1"]
+    assert lines[8].startswith("per-class validation metrics at the best epoch (%):\nclass ")
+    assert "\ndark " in lines[8] and "\nbright " in lines[8] and len(lines) == 9
+    images = [(c[1][0], c[1][1].dtype, c[1][1].shape[0], c[1][2]) for c in log.calls if c[0] == "image"]
+    assert images == [("val/predictions", torch.uint8, 3, 4), ("val/confusion_matrix", torch.uint8, 3, 4),
+                      ("val/predictions", torch.uint8, 3, 8)]  # the confusion matrix at a new best only
+    assert (tmp_path / "confusion_matrix.png").is_file()
+    csv = (tmp_path / "confusion_matrix.csv").read_text().splitlines()
+    assert csv[0].split(",")[1:] == ["dark", "bright"]
+
+
+def test_grad_clip_bounds_the_step(tmp_path):
+    # plain SGD at lr 1: a step moves the weights by exactly the (clipped) gradient, so by at most grad_clip
+    for clip, bound in ((1e-3, 1e-3 + 1e-7), (None, None)):
+        t = trainer(tmp_path / str(clip), epochs=1, sgd={"lr": 1.0}, grad_clip=clip)
+        before = torch.cat([p.detach().flatten().clone() for p in t.model.parameters()])
+        t.run_step(next(iter(t.train_loader)))
+        moved = float((torch.cat([p.detach().flatten() for p in t.model.parameters()]) - before).norm())
+        if bound:
+            assert 0.99e-3 < moved <= bound
+        else:
+            assert moved > 1e-2  # unclipped, the same step is far larger
+
+
+def test_a_log_point_gathers_stop_requests_due_checkpoints_and_the_checks(tmp_path, monkeypatch):
+    from segrun.data.base import DatasetError
+    from segrun.engine import preempt
+
+    t = trainer(tmp_path, epochs=1)
+    assert t.sync_log_point(torch.tensor(-1), 1) == (False, False)
+    monkeypatch.setattr(preempt, "requested", lambda: 15)  # SIGTERM arrived
+    assert t.sync_log_point(torch.tensor(-1), 1) == (True, False)
+    monkeypatch.setattr(t.checkpointer, "time_due", lambda: True)
+    assert t.sync_log_point(torch.tensor(-1), 1) == (True, True)
+    with pytest.raises(SegrunError, match=r"^loss became non-finite at epoch 2, step 6 \(global\)"):
+        t.sync_log_point(torch.tensor(6), 2)
+    t.bad_samples["train"].add(["a.png: truncated"])  # 8 images at the default 1%: none allowed
+    with pytest.raises(DatasetError) as exc:
+        t.sync_log_point(torch.tensor(-1), 1)
+    assert str(exc.value) == ("1 bad samples in the train split, more than dataset.max_bad_samples allows (0): "
+                              "a.png: truncated")
+
+
+def test_the_trainer_wires_its_settings(tmp_path):
+    from segrun.data.prefetch import DevicePrefetcher
+    from segrun.engine.trainer import _bad_limit
+
+    t = trainer(tmp_path, epochs=1, save_period=3, keep_last=2, checkpoint_every_iters=5, checkpoint_every_s=60.0,
+                prefetch="true", channels_last=True, precision="bf16")
+    c = t.checkpointer
+    assert (c.save_period, c.keep_last, c.every_iters, c.every_s, c.batches_per_epoch) == (3, 2, 5, 60.0, 4)
+    assert c.folder == tmp_path / "checkpoints" and t.trial is None
+    assert isinstance(t.batches, DevicePrefetcher) and t.memory_format == torch.channels_last
+    assert t.autocast_dtype == torch.bfloat16 and not t.scaler.is_enabled()
+    plain = trainer(tmp_path / "p", epochs=1)  # prefetch=auto: only on CUDA
+    assert plain.batches is plain.train_loader and plain.memory_format == torch.contiguous_format
+    assert plain.autocast_dtype is None and (plain.bad_samples["train"].limit, plain.bad_samples["val"].limit) == (0, 0)
+
+    class Files(list):
+        max_bad_samples = 0.25
+
+    assert _bad_limit(Files(range(8))) == 2 and _bad_limit(list(range(300))) == 3  # 25% of 8; the default 1% of 300
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """docs/long-runs.md: a run stopped inside an epoch and resumed ends as the uninterrupted run does."""
+    from segrun.engine import preempt
+
+    whole = trainer(tmp_path / "whole", epochs=2, limit_train_batches=3)  # 3 of the loader's 4 batches an epoch
+    whole.fit()
+    stopped = trainer(tmp_path / "run", epochs=2, limit_train_batches=3)
+    monkeypatch.setattr(preempt, "requested", lambda: 15 if stopped.global_step >= 2 else None)  # SIGTERM at step 2
+    with pytest.raises(preempt.Preempted, match="at epoch 1, batch 2/3 \\(step 2\\)"):
+        stopped.fit()
+    monkeypatch.setattr(preempt, "requested", lambda: None)
+    resumed = trainer(tmp_path / "run", epochs=2, limit_train_batches=3)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (resumed.epoch, resumed.global_step) == (0, 2)
+    resumed.fit()
+    assert resumed.global_step == whole.global_step == 6
+    assert [h["train/loss"] for h in resumed.history] == [h["train/loss"] for h in whole.history]  # the whole epoch's
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
+        assert torch.equal(a, b)

@@ -319,6 +319,7 @@ def test_every_replayed_override_rule_with_its_words():
         "logger.mlflow.experiment_name=x": "it chooses where segrun writes; give it on the command line yourself if you mean it",
         "~logger.csv.filename": "it chooses where segrun writes; give it on the command line yourself if you mean it",
         "not an override": "it is not a key=value override",
+        "model=../../../tmp/evil": "it picks a config file outside segrun's conf folder",
     }
     for override, why in cases.items():
         with pytest.raises(UntrustedCheckpointError) as exc:
@@ -334,3 +335,136 @@ def test_every_replayed_override_rule_with_its_words():
     assert not chooses_where_segrun_writes("=x")
     assert _value_has_target({"a": [{"b": "_args_"}]}) and not _value_has_target({"a": [1, {"b": "c"}]})
     assert _value_has_target(("x", "_partial_")) and not _value_has_target(5)
+
+
+def test_replayed_override_rules_see_through_packages_quotes_and_nested_groups():
+    """Each rule holds however the override is spelled: a group placed under ``hydra``/``trust`` with ``@``
+    (``_global_`` is the root), an interpolation followed by a space or an ``=`` inside a quoted value, a
+    nested group choice climbing out of ``conf/``; a value that merely holds ``..`` is still a value."""
+    from segrun.engine.trust import override_key_parts
+
+    tail = "; nothing was built. If you trust this checkpoint, pass trust_checkpoint=true"
+    cases = {
+        "model@hydra.run=unet": "it changes Hydra's own settings",
+        "+paths@_global_.hydra.sweep=default": "it changes Hydra's own settings",
+        "+model@_global_.trust=unet": "a checkpoint cannot extend its own trust",
+        "model.tag='${oc.env:HOME} x'": "its value is an interpolation",
+        "model.tag='${oc.env:HOME}=x'": "its value is an interpolation",
+        "+model/encoder=../../../tmp/evil": "it picks a config file outside segrun's conf folder",
+    }
+    for override, why in cases.items():
+        with pytest.raises(UntrustedCheckpointError) as exc:
+            check_overrides([override], source="checkpoint c.pt")
+        assert str(exc.value) == f"checkpoint c.pt: stored override {override!r} refused: {why}{tail}", override
+    check_overrides(["dataset.root=../data", "+experiment@_global_=x", "loss@aux=ce"], source="c")
+    # the key is everything before the first '=' and the first '@', without the leading +/~ (and only those)
+    assert override_key_parts("a.b=c=d") == ["a", "b"]
+    assert override_key_parts("model@a@b=x") == ["model"]
+    assert override_key_parts("+XY.width=3") == ["XY", "width"]
+
+
+_PREFIXES = "segrun., torch.nn., torch.optim., torchvision.models., segmentation_models_pytorch."
+
+
+def _how(prefix: str) -> str:
+    return f"if you trust this checkpoint, allow it with trust.targets=[{prefix}] or trust_checkpoint=true"
+
+
+def test_every_target_refusal_in_its_full_words():
+    """One line naming the key, the target and why, then how to allow it (docs/security.md), for every rule."""
+    not_under = f"is not under a trusted prefix ({_PREFIXES}); nothing was built. "
+    cases = [
+        ({"model": {"width": 4, "blocks": [{"_target_": "torch.nn.ReLU"}, {"_target_": "builtins.exec"}]}},
+         f"c: model.blocks[1]._target_=builtins.exec {not_under}" + _how("builtins.")),
+        ({"_target_": 5}, f"c: _target_=5 {not_under}" + _how("5")),
+        ({"_target_": "evil"}, f"c: _target_=evil {not_under}" + _how("evil")),
+        ({"model": {"_target_": "torch.nn.functional.np.load"}},
+         "c: model._target_=torch.nn.functional.np.load refused: torch.nn.functional.np is the module numpy, imported "
+         "into torch.nn.functional; a target may not pass through another module's imports; nothing was built. "
+         + _how("torch.nn.functional.np.")),
+        ({"model": {"_target_": "torch.nn.__builtins__.exec"}},
+         "c: model._target_=torch.nn.__builtins__.exec refused: it is not a plain dotted name (empty or dunder parts); "
+         "nothing was built. " + _how("torch.nn.__builtins__.")),
+        ({"model": {"_target_": "segrun..models.UNet"}},
+         "c: model._target_=segrun..models.UNet refused: it is not a plain dotted name (empty or dunder parts); "
+         "nothing was built. " + _how("segrun..models.")),
+        ({"model": {"_target_": "segrun.models.nothing_here"}},
+         "c: model._target_=segrun.models.nothing_here refused: segrun.models.nothing_here cannot be imported (No module "
+         "named 'segrun.models.nothing_here'); nothing was built. " + _how("segrun.models.")),
+        ({"model": {"_target_": "torch.nn.ReLU.nothing"}},
+         "c: model._target_=torch.nn.ReLU.nothing refused: torch.nn.ReLU has no attribute 'nothing'; nothing was built. "
+         + _how("torch.nn.ReLU.")),
+        ({"model": {"_target_": "segrun.infer.Path"}},
+         "c: model._target_=segrun.infer.Path refused: it is pathlib.Path, defined outside the trusted modules; nothing "
+         "was built. " + _how("segrun.infer.")),
+        ({"optimizer": {"_target_": "segrun.engine.trust.TRUSTED_PREFIXES"}},
+         "c: optimizer._target_=segrun.engine.trust.TRUSTED_PREFIXES refused: it names a tuple object, not a class or a "
+         "function; nothing was built. " + _how("segrun.engine.trust.")),
+        ({"optimizer": {"_target_": "torch.nn.functional"}},
+         "c: optimizer._target_=torch.nn.functional refused: it names a module object, not a class or a function; "
+         "nothing was built. " + _how("torch.nn.")),
+        ({"model": {"_target_": "torchvision.models.ResNet18_Weights"}},  # a class of a factory module, not a model
+         "c: model._target_=torchvision.models.ResNet18_Weights refused: a model section builds torch.nn.Module "
+         "subclasses (or torchvision/smp model factories) only; nothing was built. " + _how("torchvision.models.")),
+        ({"model": {"_target_": "segrun.data.decode.read_image"}},
+         "c: model._target_=segrun.data.decode.read_image refused: a model section builds torch.nn.Module subclasses "
+         "(or torchvision/smp model factories) only; nothing was built. " + _how("segrun.data.decode.")),
+        ({"dataset": {"_target_": "segrun.data.decode.read_image"}},
+         "c: dataset._target_=segrun.data.decode.read_image refused: a dataset section builds torch.utils.data.Dataset "
+         "subclasses only; nothing was built. " + _how("segrun.data.decode.")),
+        ({"optimizer": {"_target_": "torch.nn.init.ones_"}},
+         "c: optimizer._target_=torch.nn.init.ones_ refused: a stored config builds classes only, not functions; "
+         "nothing was built. " + _how("torch.nn.init.")),
+        ({"model": {"_target_": "segrun.models.UNet", "_partial_": True}},
+         "c: model._partial_=True: a stored config may not hand on a half-built callable; nothing was built. " + _how("...")),
+        ({"_partial_": "yes"},
+         "c: _partial_='yes': a stored config may not hand on a half-built callable; nothing was built. " + _how("...")),
+        ({"model": {"root": "${oc.env:HOME}"}},
+         "c: model.root='${oc.env:HOME}' is an interpolation, which a saved config never holds; nothing was built. "
+         + _how("...")),
+    ]
+    for config, message in cases:
+        with pytest.raises(UntrustedCheckpointError) as exc:
+            check_targets(config, source="c")
+        assert str(exc.value) == message
+    from segrun.engine.trust import resolve_target
+
+    with pytest.raises(ValueError) as exc:  # only modules under the prefixes (or above them) are imported
+        resolve_target("numpy.load", ("torch.nn.",))
+    assert str(exc.value) == "importing numpy is outside the trusted modules"
+
+
+def test_what_passes_the_target_check():
+    check_targets({"model": {"_target_": "segrun.models.UNet", "_partial_": False, "width": 4},
+                   "a": {"_partial_": None}, "b": {"_partial_": "false"}, "c": [{"_partial_": "False"}]}, source="c")
+    # functions of a trust.targets module: anywhere, nested in dicts and lists, and as a model factory
+    mine = {"trusted_prefixes": trusted_prefixes(["torch.nn.init"]), "user_prefixes": ("torch.nn.init.",)}
+    check_targets({"optimizer": [{"_target_": "torch.nn.init.ones_"}], "x": {"y": {"_target_": "torch.nn.init.zeros_"}},
+                   "model": {"_target_": "torch.nn.init.ones_"}}, source="c", **mine)
+    assert trusted_prefixes([" mypkg ", "", "other."])[-2:] == ("mypkg.", "other.")  # stripped, blanks skipped, one dot
+
+
+def test_check_checkpoint_checks_the_named_sections_only():
+    from segrun.engine.trust import check_checkpoint
+
+    bad = {"config": {"model": {"_target_": "builtins.exec"}}}
+    with pytest.raises(UntrustedCheckpointError) as exc:
+        check_checkpoint(bad, "c.pt", ("model",))
+    assert str(exc.value) == (f"checkpoint c.pt: model._target_=builtins.exec is not under a trusted prefix ({_PREFIXES}); "
+                              "nothing was built. " + _how("builtins."))
+    with pytest.raises(UntrustedCheckpointError) as exc:
+        check_checkpoint(bad, "c.pt", ("model",), extra_prefixes="mypkg")
+    assert f"({_PREFIXES}, mypkg.)" in str(exc.value)
+    check_checkpoint(bad, "c.pt", ("model",), trust_all=True)  # trusted deliberately
+    check_checkpoint(bad, "c.pt", ("dataset",))  # a section not about to be built
+    for ckpt in ({}, {"config": None}, {"config": {"augment": 5}}):  # no config: the caller says so in its own words
+        check_checkpoint(ckpt, "c.pt", ("augment.val",))
+    with pytest.raises(UntrustedCheckpointError) as exc:
+        check_checkpoint({"config": {"augment": {"val": {"_target_": "segrun.data.decode.read_image"}}}}, "c.pt",
+                         ("augment.val",))
+    assert str(exc.value) == ("checkpoint c.pt: augment.val._target_=segrun.data.decode.read_image refused: a stored "
+                              "config builds classes only, not functions; nothing was built. " + _how("segrun.data.decode."))
+    fn = {"config": {"optimizer": {"_target_": "torch.nn.init.ones_"}}}
+    check_checkpoint(fn, "c.pt", ("optimizer",), extra_prefixes=["torch.nn.init"])
+    with pytest.raises(UntrustedCheckpointError, match="builds classes only"):
+        check_checkpoint(fn, "c.pt", ("optimizer",))

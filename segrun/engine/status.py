@@ -92,8 +92,13 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists: signal 0 probes without signalling. ``pid <= 0`` names no single process
+    (``kill`` would probe a process group, or every process), so a claim holding one is not alive."""
+    pid = int(pid)
+    if pid <= 0:
+        return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
@@ -291,13 +296,14 @@ class SweepClaim:
         self.status: dict[str, Any] = {}
 
     def read(self) -> dict[str, Any] | None:
+        """``sweep.json``, or ``{"state": "invalid"}`` when it cannot be read or is not a well-formed claim."""
         try:
             data = json.loads((self.sweep_dir / SWEEP_FILE).read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return {"state": "invalid"}
-        return data if isinstance(data, dict) else {"state": "invalid"}
+        return data if isinstance(data, dict) and status_problem(data) is None else {"state": "invalid"}
 
     def acquire(self, resume: bool) -> dict[str, Any] | None:
         """Claim the folder; raise ``SweepFolderError`` when a live sweep owns it, or a finished sweep sits there

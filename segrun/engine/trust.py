@@ -232,16 +232,18 @@ def check_overrides(overrides: Sequence[str], *, source: str) -> None:
         else:
             key = ov.key_or_group
             parts = key.replace("/", ".").split(".")
-            package = ov.package or ""
+            # where a group's config lands (group@package): ``_global_`` is the root, so x@_global_.hydra is x@hydra
+            place = [p for p in (ov.package or "").split(".") if p]
+            roots = {parts[0], *(place[1:2] if place[:1] == ["_global_"] else place[:1])}
             if any(p in ("_target_", "_partial_", "_args_") for p in parts) or _value_has_target(ov.value()):
                 why = "it sets a _target_, _partial_ or _args_ (which callable gets built, and how)"
-            elif parts[0] == "hydra" or package.startswith("hydra"):
+            elif "hydra" in roots:
                 why = "it changes Hydra's own settings"
-            elif parts[0] in ("trust", "trust_checkpoint"):
+            elif roots & {"trust", "trust_checkpoint"}:
                 why = "a checkpoint cannot extend its own trust"
             elif "${" in text.split("=", 1)[-1]:
                 why = "its value is an interpolation"
-            elif "/" not in key and "." not in key and ".." in str(ov.value()):
+            elif "." not in key and ".." in str(ov.value()):  # a group choice, nested ones (a/b=..) included
                 why = "it picks a config file outside segrun's conf folder"
             elif chooses_where_segrun_writes(text):
                 why = "it chooses where segrun writes; give it on the command line yourself if you mean it"

@@ -171,3 +171,16 @@ def test_the_console_entry_without_arguments_says_what_it_needs(monkeypatch, cap
         main()
     assert exc.value.code == 2
     assert capsys.readouterr().err == "error: ckpt is required: python -m segrun.eval ckpt=path/to/best.pt\n"
+
+
+def test_slide_on_a_checkpoint_without_a_window_uses_its_datasets_crop(ckpt, tmp_path):
+    """A run validated whole with ``predict.crop_size=null`` has no window of its own: ``mode=slide`` then slides
+    the dataset's crop (32 px in debug=tiny) instead of refusing."""
+    state = load_checkpoint(ckpt)
+    state["config"]["predict"]["crop_size"] = None
+    bare = tmp_path / "checkpoints" / "nowindow.pt"
+    bare.parent.mkdir()
+    save_checkpoint(state, bare)
+    result = run(_cfg(bare, "mode=slide"))
+    assert result["predict"]["mode"] == "slide" and result["predict"]["crop_size"] == 32
+    assert result["out"] == tmp_path / "eval" / "nowindow-val-slide"

@@ -591,3 +591,24 @@ def test_a_picture_that_cannot_be_written_is_one_line_naming_it(sweep, capsys):
         report.main([str(sweep)])
     assert exc.value.code == 2
     assert capsys.readouterr().err == f"error: cannot write report {sweep / 'report.png'}: Is a directory\n"
+
+
+@pytest.mark.parametrize("entry", [{"epoch": True, "val/mIoU": 0.5}, 3, {"val/mIoU": 0.5}])
+def test_a_history_entry_without_an_integer_epoch_leaves_the_row_empty(tmp_path, capsys, entry):
+    run = tmp_path / "a"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"monitor": "max val/mIoU", "best_metric": 0.5, "history": [entry]}))
+    row = report.read_row(run, tmp_path)
+    assert (row.best_metric, row.history, row.state) == (None, [], "missing")
+    assert capsys.readouterr().err == f"warning: {run / 'metrics.json'} history entry {entry!r} has no integer epoch; " \
+                                      "its row shows no metrics\n"
+
+
+def test_an_invalid_status_file_is_a_warning_on_stderr(tmp_path, capsys):
+    run = write_run(tmp_path / "a", [epoch(1, 0.5, 0.5)], overrides=["k=a"])
+    (run / "status.json").write_text("{not json")
+    row = report.read_row(run, tmp_path)
+    assert row.state == "invalid" and row.error.startswith("status.json ")
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"warning: {run / 'status.json'} ") and \
+        err.endswith("; the job counts as not done\n") and err.count("\n") == 1

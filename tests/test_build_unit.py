@@ -206,3 +206,22 @@ def test_the_loaders_follow_the_loader_options():
     assert on_cuda.drop_last is True and len(on_cuda) == 2
     on_cpu = build.build_data_loader(auto, samples, True, torch.device("cpu"))
     assert (on_cpu.pin_memory, on_cpu.num_workers) == (False, 0)
+
+
+def test_build_parts_seeds_the_run_and_logs_what_it_built(caplog):
+    import logging
+
+    def weights(seed):
+        cfg = _composed([*TINY, "trainer.device=cpu", f"seed={seed}"])
+        with caplog.at_level(logging.INFO, logger="segrun"):
+            p = build.build_parts(cfg, check_config(cfg))
+        return p, torch.cat([w.detach().flatten() for w in p.model.parameters()])
+
+    caplog.clear()
+    p, first = weights(3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "segrun"]
+    total = sum(w.numel() for w in p.model.parameters())
+    assert lines[0].startswith("CPU threads: ")  # engine.runtime's line
+    assert lines[1:] == [f"train: {p.train_loader.dataset!r}", f"val:   {p.val_loader.dataset!r}",
+                     f"model {type(p.model).__name__}: {total:,} parameters ({total:,} trainable)"]
+    assert torch.equal(weights(3)[1], first) and not torch.equal(weights(4)[1], first)  # the seed fixes the start

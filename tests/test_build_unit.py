@@ -141,6 +141,9 @@ def test_the_model_in_channels_last_and_the_loggers(tmp_path):
     assert [type(x).__name__ for x in both.loggers] == ["TensorBoard", "CSVLogger"]
     one = build.build_logger(_composed([*TINY, "logger=[csv]"]), tmp_path, settings)
     assert type(one).__name__ == "CSVLogger" and one.path == tmp_path / "metrics.csv"
+    named = build.build_logger(_composed([*TINY, "logger=[csv]", "seed=5", "logger.csv.filename=rows${seed}.csv"]),
+                               tmp_path, settings)
+    assert named.path == tmp_path / "rows5.csv"  # the logger's own options, interpolations resolved
     none = build.build_logger(_composed([*TINY, "logger=[]"]), tmp_path, settings)
     assert type(none).__name__ == "MultiLogger" and none.loggers == []
 
@@ -212,7 +215,7 @@ def test_build_parts_seeds_the_run_and_logs_what_it_built(caplog):
     import logging
 
     def weights(seed):
-        cfg = _composed([*TINY, "trainer.device=cpu", f"seed={seed}"])
+        cfg = _composed([*TINY, "trainer.device=cpu", f"seed={seed}", "trainer.threads=1"])
         with caplog.at_level(logging.INFO, logger="segrun"):
             p = build.build_parts(cfg, check_config(cfg))
         return p, torch.cat([w.detach().flatten() for w in p.model.parameters()])
@@ -221,7 +224,7 @@ def test_build_parts_seeds_the_run_and_logs_what_it_built(caplog):
     p, first = weights(3)
     lines = [r.getMessage() for r in caplog.records if r.name == "segrun"]
     total = sum(w.numel() for w in p.model.parameters())
-    assert lines[0].startswith("CPU threads: ")  # engine.runtime's line
+    assert lines[0] == "CPU threads: 1 (trainer.threads)"  # the setting reaches engine.runtime
     assert lines[1:] == [f"train: {p.train_loader.dataset!r}", f"val:   {p.val_loader.dataset!r}",
                      f"model {type(p.model).__name__}: {total:,} parameters ({total:,} trainable)"]
     assert torch.equal(weights(3)[1], first) and not torch.equal(weights(4)[1], first)  # the seed fixes the start

@@ -14,7 +14,7 @@ from segrun.config import conf_dir
 from segrun.engine.settings import TrainSettings
 from segrun.errors import ConfigError
 
-from helpers.cli import TINY
+from helpers.cli import TINY, compose_cfg
 
 
 def _composed(overrides):
@@ -228,3 +228,28 @@ def test_build_parts_seeds_the_run_and_logs_what_it_built(caplog):
     assert lines[1:] == [f"train: {p.train_loader.dataset!r}", f"val:   {p.val_loader.dataset!r}",
                      f"model {type(p.model).__name__}: {total:,} parameters ({total:,} trainable)"]
     assert torch.equal(weights(3)[1], first) and not torch.equal(weights(4)[1], first)  # the seed fixes the start
+
+
+def test_build_trainer_checks_builds_and_resumes(tmp_path):
+    from segrun.engine.checkpoint import save_checkpoint
+
+    overrides = [*TINY, "trainer.device=cpu", "logger=[csv]", "trainer.epochs=2"]
+    def composed(overrides):  # as a run's task function receives it: no hydra node; the choices apart
+        return compose_cfg(overrides), _composed(overrides).hydra.runtime.choices
+
+    cfg, choices = composed(overrides)
+    t = build.build_trainer(cfg, tmp_path, overrides, choices)
+    assert t.overrides == overrides and t.settings.epochs == 2 and t.run_dir == tmp_path and t.epoch == 0
+    assert t.config["trainer"]["epochs"] == 2 and t.config["predict"]["crop_size"] == 32  # plain, interpolations resolved
+    logger = t.loggers(0)
+    assert type(logger).__name__ == "CSVLogger" and logger.path == tmp_path / "metrics.csv"
+    t.epoch, t.global_step = 1, 12
+    save_checkpoint(t.checkpoint(), tmp_path / "last.pt")
+    again = [*overrides, f"trainer.resume={tmp_path / 'last.pt'}"]
+    cfg, choices = composed(again)
+    back = build.build_trainer(cfg, tmp_path, again, choices)
+    assert (back.epoch, back.global_step) == (1, 12)
+    typo = [*TINY, "+trainer.epoch=3"]
+    cfg, choices = composed(typo)
+    with pytest.raises(ConfigError, match=r"^\+trainer.epoch=3: .* has no key trainer.epoch; did you mean trainer.epochs\?"):
+        build.build_trainer(cfg, tmp_path / "typo", typo, choices)

@@ -225,6 +225,8 @@ def test_build_parts_seeds_the_run_and_logs_what_it_built(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "segrun"]
     total = sum(w.numel() for w in p.model.parameters())
     assert lines[0] == "CPU threads: 1 (trainer.threads)"  # the setting reaches engine.runtime
+    assert lines[1].startswith("train: Shapes(split='train', size=24, classes=5") and "TrainTransform(" in lines[1]
+    assert lines[2].startswith("val:   Shapes(split='val', size=8, classes=5") and "TrainTransform(" not in lines[2]
     assert lines[1:] == [f"train: {p.train_loader.dataset!r}", f"val:   {p.val_loader.dataset!r}",
                      f"model {type(p.model).__name__}: {total:,} parameters ({total:,} trainable)"]
     assert torch.equal(weights(3)[1], first) and not torch.equal(weights(4)[1], first)  # the seed fixes the start

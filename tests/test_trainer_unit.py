@@ -510,3 +510,17 @@ def test_validation_without_a_usable_pixel_says_why(tmp_path, caplog):
         fresh.validate(1)
     assert str(exc.value) == ("epoch 1 validation had no usable image: no val pixel carries a label other than "
                               "ignore_index; fix the val split (python -m segrun.data checks it) before training")
+
+
+def test_one_process_continues_the_checkpoints_random_streams(tmp_path):
+    import random
+
+    import numpy as np
+
+    t = trainer(tmp_path / "a", epochs=2)
+    state = t.state_dict()
+    expected = torch.rand(3), random.random(), np.random.random()  # what the run would have drawn next
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    trainer(tmp_path / "b", epochs=2).load_state_dict(state)
+    drawn = torch.rand(3), random.random(), np.random.random()
+    assert torch.equal(drawn[0], expected[0]) and drawn[1:] == expected[1:]

@@ -14,7 +14,7 @@ from segrun.config import conf_dir
 from segrun.engine.settings import TrainSettings
 from segrun.errors import ConfigError
 
-from helpers.cli import TINY
+from helpers.cli import TINY, compose_cfg
 
 
 def _composed(overrides):
@@ -141,6 +141,9 @@ def test_the_model_in_channels_last_and_the_loggers(tmp_path):
     assert [type(x).__name__ for x in both.loggers] == ["TensorBoard", "CSVLogger"]
     one = build.build_logger(_composed([*TINY, "logger=[csv]"]), tmp_path, settings)
     assert type(one).__name__ == "CSVLogger" and one.path == tmp_path / "metrics.csv"
+    named = build.build_logger(_composed([*TINY, "logger=[csv]", "seed=5", "logger.csv.filename=rows${seed}.csv"]),
+                               tmp_path, settings)
+    assert named.path == tmp_path / "rows5.csv"  # the logger's own options, interpolations resolved
     none = build.build_logger(_composed([*TINY, "logger=[]"]), tmp_path, settings)
     assert type(none).__name__ == "MultiLogger" and none.loggers == []
 
@@ -206,3 +209,49 @@ def test_the_loaders_follow_the_loader_options():
     assert on_cuda.drop_last is True and len(on_cuda) == 2
     on_cpu = build.build_data_loader(auto, samples, True, torch.device("cpu"))
     assert (on_cpu.pin_memory, on_cpu.num_workers) == (False, 0)
+
+
+def test_build_parts_seeds_the_run_and_logs_what_it_built(caplog):
+    import logging
+
+    def weights(seed):
+        cfg = _composed([*TINY, "trainer.device=cpu", f"seed={seed}", "trainer.threads=1"])
+        with caplog.at_level(logging.INFO, logger="segrun"):
+            p = build.build_parts(cfg, check_config(cfg))
+        return p, torch.cat([w.detach().flatten() for w in p.model.parameters()])
+
+    caplog.clear()
+    p, first = weights(3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "segrun"]
+    total = sum(w.numel() for w in p.model.parameters())
+    assert lines[0] == "CPU threads: 1 (trainer.threads)"  # the setting reaches engine.runtime
+    assert lines[1].startswith("train: Shapes(split='train', size=24, classes=5") and "TrainTransform(" in lines[1]
+    assert lines[2].startswith("val:   Shapes(split='val', size=8, classes=5") and "TrainTransform(" not in lines[2]
+    assert lines[1:] == [f"train: {p.train_loader.dataset!r}", f"val:   {p.val_loader.dataset!r}",
+                     f"model {type(p.model).__name__}: {total:,} parameters ({total:,} trainable)"]
+    assert torch.equal(weights(3)[1], first) and not torch.equal(weights(4)[1], first)  # the seed fixes the start
+
+
+def test_build_trainer_checks_builds_and_resumes(tmp_path):
+    from segrun.engine.checkpoint import save_checkpoint
+
+    overrides = [*TINY, "trainer.device=cpu", "logger=[csv]", "trainer.epochs=2"]
+    def composed(overrides):  # as a run's task function receives it: no hydra node; the choices apart
+        return compose_cfg(overrides), _composed(overrides).hydra.runtime.choices
+
+    cfg, choices = composed(overrides)
+    t = build.build_trainer(cfg, tmp_path, overrides, choices)
+    assert t.overrides == overrides and t.settings.epochs == 2 and t.run_dir == tmp_path and t.epoch == 0
+    assert t.config["trainer"]["epochs"] == 2 and t.config["predict"]["crop_size"] == 32  # plain, interpolations resolved
+    logger = t.loggers(0)
+    assert type(logger).__name__ == "CSVLogger" and logger.path == tmp_path / "metrics.csv"
+    t.epoch, t.global_step = 1, 12
+    save_checkpoint(t.checkpoint(), tmp_path / "last.pt")
+    again = [*overrides, f"trainer.resume={tmp_path / 'last.pt'}"]
+    cfg, choices = composed(again)
+    back = build.build_trainer(cfg, tmp_path, again, choices)
+    assert (back.epoch, back.global_step) == (1, 12)
+    typo = [*TINY, "+trainer.epoch=3"]
+    cfg, choices = composed(typo)
+    with pytest.raises(ConfigError, match=r"^\+trainer.epoch=3: .* has no key trainer.epoch; did you mean trainer.epochs\?"):
+        build.build_trainer(cfg, tmp_path / "typo", typo, choices)

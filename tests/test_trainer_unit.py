@@ -510,3 +510,55 @@ def test_validation_without_a_usable_pixel_says_why(tmp_path, caplog):
         fresh.validate(1)
     assert str(exc.value) == ("epoch 1 validation had no usable image: no val pixel carries a label other than "
                               "ignore_index; fix the val split (python -m segrun.data checks it) before training")
+
+
+def test_one_process_continues_the_checkpoints_random_streams(tmp_path):
+    import random
+
+    import numpy as np
+
+    t = trainer(tmp_path / "a", epochs=2)
+    state = t.state_dict()
+    expected = torch.rand(3), random.random(), np.random.random()  # what the run would have drawn next
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    trainer(tmp_path / "b", epochs=2).load_state_dict(state)
+    drawn = torch.rand(3), random.random(), np.random.random()
+    assert torch.equal(drawn[0], expected[0]) and drawn[1:] == expected[1:]
+
+
+def test_a_bad_training_sample_is_logged_once_and_recorded(tmp_path, caplog):
+    from segrun.data.loader import build_loader
+
+    from helpers.parts import Pixels
+
+    class OneBroken(Pixels):
+        def __getitem__(self, key):
+            item = super().__getitem__(key)
+            index = key[0] if isinstance(key, tuple) else key
+            return {**item, "bad": ["broken.png: truncated (replaced by another sample)"]} if index == 0 else item
+
+    t = trainer(tmp_path, epochs=2)
+    t.train_loader = t.batches = build_loader(OneBroken(), 2, train=True)
+    t.bad_samples["train"].limit = 5
+    with caplog.at_level(logging.WARNING, logger="segrun"):
+        t.fit()
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipped bad train sample: broken.png: truncated (replaced by another sample)",  # once, though seen each epoch
+        "1 bad train sample(s) skipped: broken.png: truncated (replaced by another sample)"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["bad_samples"] == {
+        "train": ["broken.png: truncated (replaced by another sample)"], "val": []}
+
+
+def test_the_progress_bar_counts_batches_only_when_asked(tmp_path, capsys):
+    trainer(tmp_path / "quiet", epochs=1).fit()
+    assert "epoch 1/1" not in capsys.readouterr().err
+    trainer(tmp_path / "shown", epochs=1, progress=True).fit()
+    assert "epoch 1/1:   0%|          | 0/4 " in capsys.readouterr().err  # of 4 batches from the start
+
+
+def test_training_autocasts_at_the_configured_precision(tmp_path):
+    a, b = torch.ones(2, 2), torch.ones(2, 2)
+    with trainer(tmp_path / "bf16", epochs=1, precision="bf16").autocast():
+        assert torch.mm(a, b).dtype == torch.bfloat16
+    with trainer(tmp_path / "fp32", epochs=1).autocast():
+        assert torch.mm(a, b).dtype == torch.float32

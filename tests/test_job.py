@@ -48,7 +48,7 @@ def hydra_job(tmp_path, monkeypatch):
     job of ``python -m segrun`` would see it, with ``build_trainer`` returning the stub."""
     built = {}
 
-    def make(overrides=(), multirun=False, num=0, script=lambda: 0.75, run_dir=None, launcher=None):
+    def make(overrides=(), multirun=False, num=0, script=lambda: 0.75, run_dir=None, launcher=None, stub=None, real=False):
         run_dir = Path(run_dir or tmp_path / "run")
         with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
             cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
@@ -57,16 +57,18 @@ def hydra_job(tmp_path, monkeypatch):
             cfg.hydra.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
             cfg.hydra.job.num = num
             cfg.hydra.overrides.task = list(overrides)
+            cfg.hydra.sweep.dir = str(tmp_path / "sweep")  # a sweep's .jobs/ records stay inside the test's folder
             if launcher is not None:
                 cfg.hydra.launcher = launcher
         HydraConfig.instance().set_config(cfg)
-        stub = StubTrainer(script)
+        stub = stub or StubTrainer(script)
 
         def build_trainer(cfg_, run_dir_, overrides_, choices=None):
-            built.update(cfg=cfg_, run_dir=run_dir_, overrides=list(overrides_), resume=cfg_.trainer.resume)
+            built.update(cfg=cfg_, run_dir=run_dir_, overrides=list(overrides_), resume=cfg_.trainer.resume, choices=choices)
             return stub
 
-        monkeypatch.setattr("segrun.build.build_trainer", build_trainer)
+        if not real:  # real=True: the trainer is built from the config, as python -m segrun builds it
+            monkeypatch.setattr("segrun.build.build_trainer", build_trainer)
         return cfg, run_dir, stub
 
     make.built = built
@@ -651,3 +653,181 @@ def test_parallel_jobs_say_what_they_share(hydra_job, monkeypatch, tmp_path, cap
         assert caplog.messages == [] and runtime.decide_threads("auto", busy=0.0)[0] == 8
     finally:
         runtime.share_cpus(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what a job leaves for its sweep (docs/sweeps.md: "<sweep>/.jobs/<num>.json", one record per job), what it
+# says (console and log), and what reaches the trainer
+# ---------------------------------------------------------------------------------------------------------
+
+def _jobs(tmp_path) -> dict[str, dict]:
+    folder = tmp_path / "sweep" / ".jobs"
+    return {p.name: json.loads(p.read_text()) for p in sorted(folder.iterdir())} if folder.is_dir() else {}
+
+
+def test_a_sweep_job_records_started_then_done(hydra_job, tmp_path):
+    seen = []
+    cfg, run_dir, _ = hydra_job(["seed=3"], multirun=True, num=3, run_dir=tmp_path / "sweep" / "3",
+                                script=lambda: seen.append(_jobs(tmp_path)) or 0.5)
+    assert job.run_job(cfg) == 0.5
+    assert seen == [{"3.json": {"job_num": 3, "run_dir": str(run_dir), "outcome": "started", "message": ""}}]
+    assert _jobs(tmp_path) == {"3.json": {"job_num": 3, "run_dir": str(run_dir), "outcome": "done", "message": ""}}
+    status = read_status(run_dir)
+    assert (status["state"], status["best_metric"], status["job_num"]) == ("done", 0.5, 3)
+
+
+def test_a_failed_sweep_job_records_failed_with_its_bounded_line(hydra_job, tmp_path):
+    cfg, run_dir, _ = hydra_job(["seed=4"], multirun=True, num=4, run_dir=tmp_path / "sweep" / "4",
+                                script=_raise(ConfigError("optimizer.lr=-1: expected a number >= 0")))
+    assert job.run_job(cfg) is None
+    assert _jobs(tmp_path) == {"4.json": {"job_num": 4, "run_dir": str(run_dir), "outcome": "failed",
+                                          "message": "optimizer.lr=-1: expected a number >= 0"}}
+    cfg, run_dir, _ = hydra_job(["seed=5"], multirun=True, num=5, run_dir=tmp_path / "sweep" / "5",
+                                script=_raise(RuntimeError("y" * 800)))
+    assert job.run_job(cfg) is None
+    assert _jobs(tmp_path)["5.json"]["message"] == "RuntimeError: " + "y" * (500 - len("RuntimeError: "))
+
+
+def test_a_sweep_job_refused_its_folder_records_refused_and_writes_nothing_there(hydra_job, tmp_path, capsys, caplog):
+    run_dir = tmp_path / "sweep" / "2"
+    run_dir.mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("mine")
+    cfg, _, stub = hydra_job(["seed=2", "trainer.resume=auto"], multirun=True, num=2, run_dir=run_dir)
+    with caplog.at_level("INFO", logger="segrun"):
+        assert job.run_job(cfg) is None and stub.calls == 0
+    line = (f"run folder {run_dir} already holds files segrun did not write (notes.txt); nothing was written there: "
+            "choose another (new or empty) hydra.run.dir")
+    assert _jobs(tmp_path) == {"2.json": {"job_num": 2, "run_dir": str(run_dir), "outcome": "refused", "message": line}}
+    assert capsys.readouterr().err == f"error: job 2 ({run_dir}): {line}\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+    assert caplog.messages == []  # not even the trainer.resume=auto note: it is logged once the folder is claimed
+
+
+def test_a_refused_single_run_logs_nothing_not_even_its_resume_note(hydra_job, tmp_path, capsys, caplog, monkeypatch):
+    for var in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    run_dir = tmp_path / "theirs"
+    run_dir.mkdir()
+    (run_dir / "data.csv").write_text("1,2")
+    cfg, _, stub = hydra_job(["trainer.resume=auto"], run_dir=run_dir)
+    with caplog.at_level("INFO", logger="segrun"), pytest.raises(SystemExit) as exc:
+        job.run_job(cfg)
+    assert exc.value.code == 2 and stub.calls == 0 and caplog.messages == []
+    assert capsys.readouterr().err == (f"error: run folder {run_dir} already holds files segrun did not write (data.csv); "
+                                       "nothing was written there: choose another (new or empty) hydra.run.dir\n")
+
+
+def test_resume_auto_is_logged_once_the_folder_is_claimed(hydra_job, caplog, monkeypatch):
+    for var in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    logged = []
+    cfg, run_dir, _ = hydra_job(["trainer.resume=auto"], script=lambda: logged.extend(caplog.messages) or 0.25)
+    with caplog.at_level("INFO", logger="segrun"):
+        assert job.run_job(cfg) == 0.25
+    assert logged == ["trainer.resume=auto: no last.pt, starting fresh"]
+
+
+def test_an_unreadable_status_is_kept_aside_and_said_in_the_log(hydra_job, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text("{not json")
+    cfg, _, _ = hydra_job(run_dir=run_dir)
+    with caplog.at_level("INFO", logger="segrun"):
+        assert job.run_job(cfg) == 0.75
+    assert (run_dir / "status.json.bad").read_text() == "{not json"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{run_dir}/status.json: is not valid JSON (")
+    assert warnings[0].endswith(f"; the run is treated as not done, its old content is kept as {run_dir}/status.json.bad")
+
+
+def test_sweep_resume_starts_over_a_failed_job_that_left_no_last_pt(hydra_job, tmp_path):
+    """docs/sweeps.md: any other job continues from its last.pt "(or starts over without one)": a best.pt alone
+    does not make the folder someone else's."""
+    run_dir = tmp_path / "sweep" / "1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "best.pt").write_bytes(b"")
+    (run_dir / "status.json").write_text(json.dumps({"state": "failed", "error": "x", "overrides": ["seed=1"],
+                                                     "pid": 1, "host": "elsewhere"}))
+    cfg, _, stub = hydra_job(["seed=1", "sweep.resume=true"], multirun=True, num=1, run_dir=run_dir)
+    assert job.run_job(cfg) == 0.75 and stub.calls == 1 and hydra_job.built["resume"] is None
+    assert read_status(run_dir)["state"] == "done"
+    assert _jobs(tmp_path)["1.json"]["outcome"] == "done"
+
+
+class _Monitor:
+    best = 0.4375
+
+
+class PrunedTrainer:
+    """A trainer whose pruner stops it after its second validation (best value so far 0.4375)."""
+
+    NOTE = "pruned after epoch 2 of 4: val/mIoU = 0.4000 lags the study's other trials"
+
+    def __init__(self):
+        self.monitor = _Monitor()
+        self.trial = None
+
+    def fit(self):
+        from segrun.pruning import TrialPruned
+
+        raise TrialPruned(self.NOTE)
+
+
+def test_a_pruned_job_says_so_and_is_neither_done_nor_failed(hydra_job, tmp_path, capsys, caplog):
+    """docs/sweeps.md "Pruning": status.json says ``state: pruned`` with a note (and the best value so far)."""
+    note = PrunedTrainer.NOTE
+    cfg, run_dir, _ = hydra_job(["seed=1"], multirun=True, num=1, run_dir=tmp_path / "sweep" / "1", stub=PrunedTrainer())
+    with caplog.at_level("INFO", logger="segrun"):
+        assert job.run_job(cfg) is None
+    status = read_status(run_dir)
+    assert (status["state"], status["note"], status["best_metric"]) == ("pruned", note, 0.4375)
+    assert _jobs(tmp_path) == {"1.json": {"job_num": 1, "run_dir": str(run_dir), "outcome": "pruned", "message": note}}
+    assert caplog.messages == [note]
+    out = capsys.readouterr()
+    assert out.out == f"[segrun] job 1 ({run_dir}): {note}\n" and out.err == ""
+
+
+def test_a_pruned_trial_is_marked_pruned_in_its_study(hydra_job, tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    trial = study.ask()
+    cfg, _, stub = hydra_job(["hydra/sweeper=segrun_optuna", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=s",
+                              f"sweep.trial={trial.number}"], multirun=True, num=trial.number, stub=PrunedTrainer())
+    assert job.run_job(cfg) is None
+    assert stub.trial is not None  # the trainer reported its validations to this trial
+    states = {t.number: t.state.name for t in optuna.load_study(study_name="s", storage=storage).trials}
+    assert states == {trial.number: "PRUNED"}
+
+
+def test_the_hydra_group_choices_reach_the_checks(hydra_job, tmp_path, capsys):
+    """README FAQ and docs/config.md: the line names the option file the key's group was composed from."""
+    cfg, _, _ = hydra_job(["+trainer.epoch=3"], real=True)
+    with pytest.raises(SystemExit) as exc:
+        job.run_job(cfg)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith(
+        "error: +trainer.epoch=3: conf/trainer/default.yaml has no key trainer.epoch; did you mean trainer.epochs?")
+    cfg, _, _ = hydra_job(["trainer.epochs=abc"], real=True, run_dir=tmp_path / "run2")
+    with pytest.raises(SystemExit) as exc:
+        job.run_job(cfg)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("error: trainer.epochs='abc': expected an integer "
+                                       "(default 8 in conf/trainer/default.yaml)\n")
+
+
+def test_a_user_error_on_one_rank_is_left_for_the_other_ranks(hydra_job, monkeypatch, capsys):
+    """docs/long-runs.md: a data error on one rank is printed by every rank as the same one line: the failing rank
+    leaves it in the launcher's store (rank 1 of 2 here, a real c10d store, no process group needed)."""
+    from torch.distributed import HashStore
+
+    store = HashStore()
+    monkeypatch.setattr("segrun.engine.distributed._store", lambda: store)
+    monkeypatch.setattr("segrun.engine.distributed.world_size", lambda: 2)
+    monkeypatch.setattr("segrun.engine.distributed.rank", lambda: 1)
+    cfg, _, _ = hydra_job(script=_raise(ConfigError("data/x.png: cannot be read\n(truncated file)")))
+    with pytest.raises(SystemExit) as exc:
+        job.run_job(cfg)
+    assert exc.value.code == 2
+    assert store.get("segrun/error").decode() == "data/x.png: cannot be read (truncated file) (rank 1)"
+    assert capsys.readouterr().err == "error: data/x.png: cannot be read (truncated file)\n"

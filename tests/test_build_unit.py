@@ -191,6 +191,21 @@ def test_compile_on_the_cpu_needs_a_cxx_compiler(monkeypatch, compiler):
         build.check_compile_support(torch.device("cpu"))  # any one of them will do
 
 
+def test_each_process_loads_its_own_shard_and_bad_values_name_their_key(monkeypatch):
+    from segrun.engine import distributed as dist
+
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    shard = build.build_data_loader(_composed([*TINY, "loader.batch_size=2"]), list(range(11)), True, torch.device("cpu"))
+    assert (shard.sampler.rank, shard.sampler.world_size, len(shard.sampler)) == (1, 2, 6)  # 11 over 2 ranks, padded
+    monkeypatch.undo()
+    for override, message in (("loader.batch_size=0", "loader.batch_size=0: expected an integer >= 1"),
+                              ("seed=abc", "seed='abc': expected an integer")):
+        with pytest.raises(ConfigError) as exc:
+            build.build_data_loader(_composed([*TINY, override]), list(range(11)), True, torch.device("cpu"))
+        assert str(exc.value) == message
+
+
 def test_the_loaders_follow_the_loader_options():
     cfg = _composed([*TINY, "loader.num_workers=1", "loader.pin_memory=true", "loader.persistent_workers=false",
                      "loader.prefetch_factor=3", "loader.drop_last=false", "loader.batch_size=5",

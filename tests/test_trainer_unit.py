@@ -448,6 +448,11 @@ def test_the_trainer_wires_its_settings(tmp_path):
     assert plain.batches is plain.train_loader and plain.memory_format == torch.contiguous_format
     assert plain.autocast_dtype is None and (plain.bad_samples["train"].limit, plain.bad_samples["val"].limit) == (0, 0)
 
+    opened = []
+    plain.loggers = lambda step: opened.append(step) or Recorder()
+    plain.global_step = 7
+    assert isinstance(plain.open_logger(), Recorder) and plain.logger is not None and opened == [7]  # at the run's step
+
     class Files(list):
         max_bad_samples = 0.25
 

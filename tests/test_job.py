@@ -831,3 +831,18 @@ def test_a_user_error_on_one_rank_is_left_for_the_other_ranks(hydra_job, monkeyp
     assert exc.value.code == 2
     assert store.get("segrun/error").decode() == "data/x.png: cannot be read (truncated file) (rank 1)"
     assert capsys.readouterr().err == "error: data/x.png: cannot be read (truncated file)\n"
+
+
+def test_a_real_tiny_sweep_job_records_its_best_value_everywhere(hydra_job, tmp_path):
+    """The trainer built from the composed config (debug=tiny, one epoch): the value run_job returns to the
+    sweeper is metrics.json's best_metric, status.json says done with it, and .jobs/0.json says done."""
+    overrides = ["debug=tiny", "trainer.epochs=1", "trainer.device=cpu"]
+    cfg, run_dir, _ = hydra_job(overrides, multirun=True, num=0, run_dir=tmp_path / "sweep" / "0", real=True)
+    best = job.run_job(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert isinstance(best, float) and best == metrics["best_metric"] and len(metrics["history"]) == 1
+    status = read_status(run_dir)
+    assert (status["state"], status["best_metric"], status["job_num"]) == ("done", best, 0)
+    assert status["overrides"] == overrides
+    assert _jobs(tmp_path) == {"0.json": {"job_num": 0, "run_dir": str(run_dir), "outcome": "done", "message": ""}}
+    assert (run_dir / "checkpoints" / "last.pt").is_file()

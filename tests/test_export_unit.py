@@ -215,3 +215,14 @@ def test_onnx_without_the_onnx_package_says_what_to_install(tmp_path, monkeypatc
     assert str(exc.value) == ("format=onnx needs the onnx package: pip install onnx onnxruntime onnxscript "
                               "(from a checkout: pip install -e '.[export]')")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_creates_the_output_folders_and_names_the_check_size_on_disagreement(ckpt, tmp_path, monkeypatch):
+    import segrun.export as export
+
+    out = tmp_path / "a" / "b" / "m.pt"  # neither folder exists yet
+    monkeypatch.setattr(export, "run_exported", lambda fmt, path, x: torch.zeros(x.shape[0], 5, *x.shape[-2:]))
+    with pytest.raises(ExportError, match=r"pixels at 20x30, below min_agreement=0\.999; the file is kept for inspection$"):
+        run(_cfg(f"ckpt={ckpt}", f"out={out}", "format=torchscript", "check_size=[20,30]"))
+    assert out.is_file()

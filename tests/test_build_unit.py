@@ -273,3 +273,14 @@ def test_build_trainer_checks_builds_and_resumes(tmp_path):
     cfg, choices = composed(typo)
     with pytest.raises(ConfigError, match=r"^\+trainer.epoch=3: .* has no key trainer.epoch; did you mean trainer.epochs\?"):
         build.build_trainer(cfg, tmp_path / "typo", typo, choices)
+
+
+def test_a_dataset_config_without_the_bad_sample_keys_takes_their_defaults():
+    from omegaconf import open_dict
+
+    cfg = _composed(TINY)
+    with open_dict(cfg):  # a user's own dataset option file that predates the keys
+        del cfg.dataset.on_bad_sample, cfg.dataset.max_bad_samples
+        del cfg.trainer.precision, cfg.trainer.dist_backend, cfg.trainer.keep_last
+    s = check_config(cfg)
+    assert (s.precision, s.dist_backend, s.keep_last) == ("fp32", "auto", 0)

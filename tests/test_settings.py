@@ -178,6 +178,7 @@ def test_train_settings_read_every_key():
     assert (s.checkpoint_every_iters, s.checkpoint_every_s, s.compile, s.prefetch, s.resume) == (50, 0.0, "max-autotune",
                                                                                                  "true", None)
     assert s.threads == "torch" and _settings("trainer.resume=''").resume is None
+    assert _settings("trainer.threads=1").threads == 1
 
 
 def test_train_settings_defaults_are_the_documented_ones():

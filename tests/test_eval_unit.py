@@ -184,3 +184,9 @@ def test_slide_on_a_checkpoint_without_a_window_uses_its_datasets_crop(ckpt, tmp
     result = run(_cfg(bare, "mode=slide"))
     assert result["predict"]["mode"] == "slide" and result["predict"]["crop_size"] == 32
     assert result["out"] == tmp_path / "eval" / "nowindow-val-slide"
+
+
+def test_a_device_that_is_not_one_is_an_eval_error_naming_the_key(ckpt):
+    with pytest.raises(EvalError) as exc:
+        run(_cfg(ckpt, "device=gpu0"))
+    assert str(exc.value) == "device='gpu0' is not a device; expected auto, cpu, cuda, cuda:N or mps"

@@ -66,19 +66,22 @@ def test_a_value_keeps_the_type_of_its_default():
     assert _error(["optimizer.lr=fast"]).startswith("optimizer.lr='fast': expected a number (default ")
     assert _error(["trainer.deterministic=1"]).startswith("trainer.deterministic=1: expected true or false (default False")
     assert check_config(_composed(["trainer.epochs=3.0", "optimizer.lr=1"])).epochs == 3  # 3.0 is an integer, 1 a number
-    assert _error(["trainer.ema.decay=fast"]) == \
-        "trainer.ema.decay='fast': expected a number (default 0.0 in conf/trainer/default.yaml)"  # a nested key
-    cfg = _composed(["trainer.keep_last=null", "trainer.save_period=null"])  # null: "not set", whatever the default
-    assert check_config(cfg, cfg.hydra.runtime.choices).keep_last == 0
     cfg = _composed(["trainer.compile=true"])  # a mixed-type key: its own check, not the default's type
     assert check_config(cfg, cfg.hydra.runtime.choices).compile == "default"
     cfg = _composed([])
     check_config(cfg, {"model": "no_such_option", "trainer": None})  # unknown options: nothing to compare with
+
+
+def test_the_type_check_goes_into_nested_keys_allows_null_and_skips_only_unknown_groups():
     cfg = _composed(["trainer.epochs=1.5"])
     for skipped in ({"dataset": None}, {"model": "no_such_option"}):  # the groups after a skipped one are still checked
         with pytest.raises(ConfigError) as exc:
             check_config(cfg, {**cfg.hydra.runtime.choices, **skipped})
         assert str(exc.value) == "trainer.epochs=1.5: expected an integer (default 8 in conf/trainer/default.yaml)"
+    assert _error(["trainer.ema.decay=fast"]) == \
+        "trainer.ema.decay='fast': expected a number (default 0.0 in conf/trainer/default.yaml)"  # a nested key
+    cfg = _composed(["trainer.keep_last=null", "trainer.save_period=null"])  # null: "not set", whatever the default
+    assert check_config(cfg, cfg.hydra.runtime.choices).keep_last == 0
 
 
 def test_expected_types_follow_the_default():

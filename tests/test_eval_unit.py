@@ -190,3 +190,8 @@ def test_a_device_that_is_not_one_is_an_eval_error_naming_the_key(ckpt):
     with pytest.raises(EvalError) as exc:
         run(_cfg(ckpt, "device=gpu0"))
     assert str(exc.value) == "device='gpu0' is not a device; expected auto, cpu, cuda, cuda:N or mps"
+
+
+def test_the_progress_bar_names_the_split(ckpt, tmp_path, capsys):
+    run(compose_cfg([f"ckpt={ckpt}", "progress=true", "split=test", f"out={tmp_path / 'e'}"], config_name="eval"))
+    assert "eval test" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from segrun.confusion import read_confusion_csv
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segrun.engine.settings import PredictSettings
+from segrun.engine.trust import UntrustedCheckpointError
 from segrun.eval import EvalError, _precision, _safe_name, dataset_argv, dataset_config, eval_dir, main, run, summary
 
 from helpers.cli import TINY, compose_cfg
@@ -184,3 +185,29 @@ def test_slide_on_a_checkpoint_without_a_window_uses_its_datasets_crop(ckpt, tmp
     result = run(_cfg(bare, "mode=slide"))
     assert result["predict"]["mode"] == "slide" and result["predict"]["crop_size"] == 32
     assert result["out"] == tmp_path / "eval" / "nowindow-val-slide"
+
+
+def test_a_device_that_is_not_one_is_an_eval_error_naming_the_key(ckpt):
+    with pytest.raises(EvalError) as exc:
+        run(_cfg(ckpt, "device=gpu0"))
+    assert str(exc.value) == "device='gpu0' is not a device; expected auto, cpu, cuda, cuda:N or mps"
+
+
+def test_the_progress_bar_names_the_split(ckpt, tmp_path, capsys):
+    run(compose_cfg([f"ckpt={ckpt}", "progress=true", "split=test", f"out={tmp_path / 'e'}"], config_name="eval"))
+    assert "eval test" in capsys.readouterr().err
+
+
+def test_a_target_typed_into_the_checkpoints_dataset_is_refused_before_anything_runs(ckpt, tmp_path):
+    """docs/security.md: the user's ``dataset.*`` values are merged into the checkpoint's dataset config and the
+    result is checked like the checkpoint itself; a ``_target_`` slipped into a merged value is refused in one
+    line and never built."""
+    marker = tmp_path / "ran"
+    cfg = _cfg(ckpt, f"+dataset.sizes={{_target_: os.system, _args_: ['touch {marker}']}}", f"out={tmp_path / 'e'}")
+    with pytest.raises(UntrustedCheckpointError) as exc:
+        run(cfg)
+    assert str(exc.value) == (
+        f"checkpoint {ckpt}: dataset.sizes._target_=os.system is not under a trusted prefix (segrun., torch.nn., "
+        "torch.optim., torchvision.models., segmentation_models_pytorch.); nothing was built. if you trust this "
+        "checkpoint, allow it with trust.targets=[os.] or trust_checkpoint=true")
+    assert not marker.exists() and not (tmp_path / "e").exists()

@@ -14,6 +14,7 @@ from segrun import __version__
 from segrun.engine.checkpoint import CheckpointError, save_checkpoint
 from segrun.engine.evaluate import Predictor
 from segrun.engine.settings import PredictSettings
+from segrun.errors import SegrunError
 from segrun.export import (
     Deployable,
     ExportError,
@@ -226,3 +227,11 @@ def test_export_creates_the_output_folders_and_names_the_check_size_on_disagreem
     with pytest.raises(ExportError, match=r"pixels at 20x30, below min_agreement=0\.999; the file is kept for inspection$"):
         run(_cfg(f"ckpt={ckpt}", f"out={out}", "format=torchscript", "check_size=[20,30]"))
     assert out.is_file()
+
+
+def test_an_export_that_cannot_be_written_is_one_line_naming_it(ckpt, tmp_path):
+    out = tmp_path / "m.pt"
+    out.mkdir()  # a folder where the model file should go
+    with pytest.raises(SegrunError) as exc:
+        run(_cfg(f"ckpt={ckpt}", f"out={out}", "format=torchscript", "check_size=[20,30]"))
+    assert str(exc.value).startswith(f"cannot write export {out}: ")

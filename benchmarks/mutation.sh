@@ -9,12 +9,15 @@
 #   benchmarks/mutation.sh                      every core module (about 2100 mutants: an hour or more)
 #   benchmarks/mutation.sh segrun.metrics ...   only these modules
 #   JOBS=2 benchmarks/mutation.sh               parallel test runs (default 1, niced)
+#   SAMPLE=60 benchmarks/mutation.sh ...        60 random untested mutants per module: a whole-module estimate
+#   RERUN=1 benchmarks/mutation.sh ...          only the survivors not listed as equivalent (after adding tests)
 #   REPORT_ONLY=1 benchmarks/mutation.sh        the table of the results so far, running nothing
 #   mutmut show <mutant name>                   the diff of one survivor
 #
 # It prints, per module and in total: mutants tested, killed (a test failed), timeouts (counted as
 # killed: the mutant hung the code), survivors, mutants no test reaches, and the score
-# (killed + timeouts) / tested.
+# (killed + timeouts) / tested. Survivors judged equivalent (no behaviour tells them apart) are listed with
+# the reason in benchmarks/mutation_equivalents.txt; the table counts them apart from the open ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v mutmut >/dev/null || { echo "error: mutmut is not installed (pip install -e '.[mutation]')" >&2; exit 2; }
@@ -55,6 +58,22 @@ PY
         printf '%s\n' "${TARGETS[@]}" | grep . > mutants/sampled.txt || true
         echo "mutmut run over $(wc -l < mutants/sampled.txt) sampled mutants of ${MODULES[*]} (log: mutants/run.log)" >&2
         mapfile -t TARGETS < mutants/sampled.txt
+    elif [ "${RERUN:-0}" = 1 ]; then
+        mutmut results --all true > mutants/results.txt 2>/dev/null
+        mapfile -t TARGETS < <(python3 - "${MODULES[@]}" <<'PY'
+import re, sys
+modules = sys.argv[1:]
+equivalent = set()
+for line in open("benchmarks/mutation_equivalents.txt", encoding="utf-8"):
+    if not line.startswith("#") and ": " in line:
+        equivalent.update(line.split(": ", 1)[0].split())
+for line in open("mutants/results.txt", encoding="utf-8"):
+    m = re.match(r"\s*(\S+): (survived|no tests)$", line)
+    if m and m.group(1) not in equivalent and any(m.group(1).startswith(mod + ".") for mod in modules):
+        print(m.group(1))
+PY
+)
+        echo "mutmut run over the ${#TARGETS[@]} open survivors of ${MODULES[*]} (log: mutants/run.log)" >&2
     else
         for module in "${MODULES[@]}"; do TARGETS+=("$module.*"); done
         echo "mutmut run over ${MODULES[*]} (log: mutants/run.log)" >&2
@@ -69,6 +88,10 @@ from collections import Counter, defaultdict
 
 modules = sys.argv[1:]
 sampled = set(open("mutants/sampled.txt").read().split()) if os.path.exists("mutants/sampled.txt") else set()
+equivalent = set()
+for line in open("benchmarks/mutation_equivalents.txt", encoding="utf-8"):
+    if not line.startswith("#") and ": " in line:
+        equivalent.update(line.split(": ", 1)[0].split())
 by_module = defaultdict(Counter)
 in_sample = defaultdict(Counter)
 survivors = []
@@ -80,6 +103,8 @@ for line in open("mutants/results.txt", encoding="utf-8"):
     module = next((mod for mod in modules if name.startswith(mod + ".")), None)
     if module is None:
         continue
+    if status == "survived" and name in equivalent:
+        status = "equivalent"
     by_module[module][status] += 1
     if name in sampled:
         in_sample[module][status] += 1
@@ -98,10 +123,10 @@ def row(label, c, s):
         s_caught = s["killed"] + s["timeout"]
         whole = caught - s_caught + s_caught / tested(s) * (tested(s) + c["not checked"])
         estimate = f"{100.0 * whole / (n + c['not checked']):6.1f}%"
-    print(f"{label:28s} {n + c['not checked']:7d} {n:7d} {c['killed']:7d} {c['timeout']:8d} {c['survived']:9d} "
-          f"{c['no tests']:8d} {c['not checked']:8d} {score:6.1f}% {estimate:>9s}")
+    print(f"{label:28s} {n + c['not checked']:7d} {n:7d} {c['killed']:7d} {c['timeout']:8d} {c['equivalent']:10d} "
+          f"{c['survived']:5d} {c['no tests']:8d} {c['not checked']:8d} {score:6.1f}% {estimate:>9s}")
 
-print(f"{'module':28s} {'mutants':>7s} {'tested':>7s} {'killed':>7s} {'timeouts':>8s} {'survivors':>9s} "
+print(f"{'module':28s} {'mutants':>7s} {'tested':>7s} {'killed':>7s} {'timeouts':>8s} {'equivalent':>10s} {'open':>5s} "
       f"{'no tests':>8s} {'untested':>8s} {'score':>7s} {'estimate':>9s}")
 total, total_s = Counter(), Counter()
 for mod in modules:
@@ -111,10 +136,11 @@ for mod in modules:
         total_s.update(in_sample[mod])
 row("total", total, Counter())
 print()
+print("equivalent: survivors listed in benchmarks/mutation_equivalents.txt; open: the other survivors")
 print("score: (killed + timeouts) / tested. estimate: the whole module's score when SAMPLE= drew a random")
 print("sample of the mutants not yet tested (tested part exactly + the sample's rate for the untested rest)")
 print()
-print("survivors and mutants without a fast test (mutmut show <name>):")
+print("open survivors and mutants without a fast test (mutmut show <name>):")
 for name in survivors:
     print("  " + name)
 PY

@@ -427,3 +427,23 @@ def test_trust_targets_are_an_optional_list_of_names():
         "trust.targets='mypkg': expected a list of names, e.g. [mypkg.models.]"
     assert _error(trust_targets, OmegaConf.create({"trust": {"targets": ["a", 1]}})) == \
         "trust.targets=['a', 1]: expected a list of names, e.g. [mypkg.models.]"
+
+
+def test_read_settings_reads_every_option_after_a_given_or_plain_field():
+    """A field passed by the caller, or one without a check, is skipped; the options after it are still read
+    from the config (not left at their defaults)."""
+    from dataclasses import dataclass, field
+
+    from omegaconf import OmegaConf
+
+    from segrun.checks import integer, option, read_settings
+
+    @dataclass
+    class Tool:
+        given: tuple = ()
+        plain: list = field(default_factory=list)
+        workers: int = option(2, integer(0))
+        batch: int = option(1, integer(1))
+
+    s = read_settings(Tool, OmegaConf.create({"workers": 5, "batch": 3}), given=("a.",))
+    assert (s.given, s.plain, s.workers, s.batch) == (("a.",), [], 5, 3)

@@ -468,3 +468,13 @@ def test_check_checkpoint_checks_the_named_sections_only():
     check_checkpoint(fn, "c.pt", ("optimizer",), extra_prefixes=["torch.nn.init"])
     with pytest.raises(UntrustedCheckpointError, match="builds classes only"):
         check_checkpoint(fn, "c.pt", ("optimizer",))
+
+
+def test_a_users_trusted_prefix_holds_inside_lists_too():
+    """trust.targets reaches every depth: a target under the user's prefix inside a list (``_args_``, a list of
+    blocks) passes like one in a dict; the default prefixes alone refuse it with its list index."""
+    cfg = {"loss": {"_target_": "torch.nn.ModuleList", "_args_": [{"_target_": "torch.nn.ReLU"},
+                                                                 {"_target_": "collections.OrderedDict"}]}}
+    check_targets(cfg, trusted_prefixes=(*trusted_prefixes(), "collections."), source="t")
+    with pytest.raises(UntrustedCheckpointError, match=r"^t: loss\._args_\[1\]\._target_=collections\.OrderedDict "):
+        check_targets(cfg, source="t")

@@ -478,3 +478,35 @@ def test_a_users_trusted_prefix_holds_inside_lists_too():
     check_targets(cfg, trusted_prefixes=(*trusted_prefixes(), "collections."), source="t")
     with pytest.raises(UntrustedCheckpointError, match=r"^t: loss\._args_\[1\]\._target_=collections\.OrderedDict "):
         check_targets(cfg, source="t")
+
+
+@pytest.fixture
+def own_model_ckpt(tmp_path, monkeypatch):
+    """A checkpoint whose model is a user's own class (``mynets.Net``, a U-Net subclass in a module on sys.path):
+    untrusted by default, trusted by ``trust.targets=[mynets]`` or ``trust_checkpoint=true``."""
+    (tmp_path / "mynets.py").write_text("from segrun.models import UNet\n\n\nclass Net(UNet):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "run" / "checkpoints" / "best.pt"
+    path.parent.mkdir(parents=True)
+    make_checkpoint(path, TINY, model_target="mynets.Net")
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_eval_and_export_build_a_users_model_only_when_trusted(own_model_ckpt, tmp_path):
+    """docs/security.md: trust.targets and trust_checkpoint=true are the two ways to accept a checkpoint's own
+    classes, for segrun.eval and segrun.export alike (in-process: each tool's run())."""
+    from segrun.eval import run as eval_run
+    from segrun.export import run as export_run
+
+    ckpt = own_model_ckpt
+    refusal = f"checkpoint {ckpt}: model._target_=mynets.Net is not under a trusted prefix"
+    for tool, run, extra in (("eval", eval_run, ["progress=false"]), ("export", export_run, ["format=torchscript"])):
+        with pytest.raises(UntrustedCheckpointError) as exc:
+            run(compose_cfg([f"ckpt={ckpt}", f"out={tmp_path / tool / 'no'}", *extra], config_name=tool))
+        assert str(exc.value).startswith(refusal), tool
+        for i, trust in enumerate(("trust.targets=[mynets]", "trust_checkpoint=true")):
+            out = tmp_path / tool / str(i)
+            run(compose_cfg([f"ckpt={ckpt}", f"out={out}", trust, *extra], config_name=tool))
+            assert out.exists(), (tool, trust)
+        assert not (tmp_path / tool / "no").exists()

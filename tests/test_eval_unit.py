@@ -211,3 +211,21 @@ def test_a_target_typed_into_the_checkpoints_dataset_is_refused_before_anything_
         "torch.optim., torchvision.models., segmentation_models_pytorch.); nothing was built. if you trust this "
         "checkpoint, allow it with trust.targets=[os.] or trust_checkpoint=true")
     assert not marker.exists() and not (tmp_path / "e").exists()
+
+
+def test_eval_scores_at_the_checkpoints_training_precision_unless_told(tmp_path):
+    """docs/inference.md: ``precision`` defaults to the precision the checkpoint trained at (bf16 runs on a CPU)."""
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    make_checkpoint(ckpt, [*TINY, "trainer.precision=bf16", "dataset.sizes={train: 2, val: 2, test: 2}"])
+    assert run(_cfg(ckpt, f"out={tmp_path / 'a'}"))["precision"] == "bf16"
+    assert run(_cfg(ckpt, f"out={tmp_path / 'b'}", "precision=fp32"))["precision"] == "fp32"
+
+
+def test_a_checkpoint_without_a_seed_still_evaluates(tmp_path):
+    """A hand-made or older checkpoint whose config has no top-level seed: the split is built with seed 0."""
+    ckpt = tmp_path / "best.pt"
+    state = make_checkpoint(ckpt, [*TINY, "dataset.sizes={train: 2, val: 2, test: 2}"])
+    del state["config"]["seed"]
+    save_checkpoint(state, ckpt)
+    assert run(_cfg(ckpt, f"out={tmp_path / 'e'}"))["images"] == 2

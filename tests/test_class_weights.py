@@ -303,6 +303,11 @@ def test_the_data_fingerprint_sees_ids_counts_and_files_inside_items(tmp_path):
     st = mask.stat()
     os.utime(mask, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert data_fingerprint(items) != before
+    # a user's dataset whose items are dicts of paths: the files inside count as well (same size, new mtime)
+    records = Items([{"image": "id-0", "mask": str(mask)}])
+    before = data_fingerprint(records)
+    os.utime(mask, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    assert data_fingerprint(records) != before
 
 
 def test_plain_auto_follows_the_method_setting_and_weights_keep_six_decimals(data, caplog):

@@ -235,3 +235,18 @@ def test_an_export_that_cannot_be_written_is_one_line_naming_it(ckpt, tmp_path):
     with pytest.raises(SegrunError) as exc:
         run(_cfg(f"ckpt={ckpt}", f"out={out}", "format=torchscript", "check_size=[20,30]"))
     assert str(exc.value).startswith(f"cannot write export {out}: ")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_the_class_count_is_the_checkpoints_not_its_palettes_length(tmp_path):
+    """A dataset may bring more palette colours than classes (only fewer are refused): the exported metadata
+    still says the model's 5 classes, with the palette as given."""
+    ckpt = tmp_path / "best.pt"
+    colours = [[10 * i, 10 * i, 10 * i] for i in range(7)]
+    make_checkpoint(ckpt, [*TINY, "+dataset.palette=" + json.dumps(colours).replace(" ", "")])
+    out = tmp_path / "m.torchscript.pt"
+    run(_cfg(f"ckpt={ckpt}", "format=torchscript", f"out={out}"))
+    extra = {"segrun.json": ""}
+    torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
+    meta = json.loads(extra["segrun.json"])
+    assert meta["num_classes"] == 5 and meta["palette"] == colours

@@ -250,3 +250,18 @@ def test_the_class_count_is_the_checkpoints_not_its_palettes_length(tmp_path):
     torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
     meta = json.loads(extra["segrun.json"])
     assert meta["num_classes"] == 5 and meta["palette"] == colours
+
+
+def test_a_models_own_warning_still_reaches_the_user_during_export(tmp_path, monkeypatch):
+    """Export silences only the tracers' size-branch and deprecation chatter; a warning the model itself gives
+    while it is traced (here a user's U-Net subclass, trusted with trust_checkpoint=true) is shown."""
+    (tmp_path / "warnnets.py").write_text(
+        "import warnings\n\nimport torch\n\nfrom segrun.models import UNet\n\n\nclass Net(UNet):\n"
+        "    def forward(self, x):\n        if torch.jit.is_tracing():\n"
+        "            warnings.warn('warnnets: fused kernels unavailable', UserWarning)\n"
+        "        return super().forward(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = tmp_path / "best.pt"
+    make_checkpoint(ckpt, TINY, model_target="warnnets.Net")
+    with pytest.warns(UserWarning, match="warnnets: fused kernels unavailable"):
+        run(_cfg(f"ckpt={ckpt}", "format=torchscript", f"out={tmp_path / 'm.pt'}", "trust_checkpoint=true"))

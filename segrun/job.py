@@ -277,10 +277,11 @@ def run_job(cfg: DictConfig) -> float | None:
         print(f"[segrun] job {hc.job.num} ({run_dir}): {exc}", flush=True)
         return None
     except KeyboardInterrupt as exc:  # a second signal (preempt.ForcedStop): stop at once
+        said = str(exc) or "interrupted"  # an exception is always truthy: a bare Ctrl-C has an empty text
         if claim is not None:
-            claim.failed(str(exc) or "interrupted", type(exc).__name__)
-        log.error("%s", exc or "interrupted")
-        print(f"error: {exc or 'interrupted'}", file=sys.stderr)
+            claim.failed(said, type(exc).__name__)
+        log.error("%s", said)
+        print(f"error: {said}", file=sys.stderr)
         raise SystemExit(130) from None
     except BaseException as exc:
         if is_user_error(exc):

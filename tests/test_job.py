@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -846,3 +847,38 @@ def test_a_real_tiny_sweep_job_records_its_best_value_everywhere(hydra_job, tmp_
     assert status["overrides"] == overrides
     assert _jobs(tmp_path) == {"0.json": {"job_num": 0, "run_dir": str(run_dir), "outcome": "done", "message": ""}}
     assert (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_sweep_resume_records_a_done_job_as_skipped(hydra_job, tmp_path):
+    """docs/sweeps.md: each job records what became of it in ``<sweep>/.jobs/<num>.json`` -- a done job
+    passed over by ``sweep.resume=true`` as ``skipped``."""
+    run_dir = tmp_path / "sweep" / "2"
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text(json.dumps({"state": "done", "best_metric": 0.5, "overrides": ["seed=0"]}))
+    cfg, _, stub = hydra_job(["seed=0", "sweep.resume=true"], multirun=True, num=2, run_dir=run_dir)
+    assert job.run_job(cfg) == 0.5 and stub.calls == 0
+    assert _jobs(tmp_path) == {"2.json": {"job_num": 2, "run_dir": str(run_dir), "outcome": "skipped", "message": ""}}
+
+
+def test_an_interrupt_without_text_says_interrupted(hydra_job, capsys, caplog):
+    """A bare KeyboardInterrupt (Ctrl-C) exits 130 and says ``interrupted`` in the log, on the console and in
+    status.json -- never an empty line."""
+    cfg, run_dir, _ = hydra_job(script=_raise(KeyboardInterrupt()))
+    with caplog.at_level("ERROR", logger="segrun"), pytest.raises(SystemExit) as exc:
+        job.run_job(cfg)
+    assert exc.value.code == 130
+    assert [r.getMessage() for r in caplog.records if r.name == "segrun" and r.levelname == "ERROR"] == ["interrupted"]
+    assert capsys.readouterr().err == "error: interrupted\n"
+    status = read_status(run_dir)
+    assert (status["state"], status["error"], status["error_type"]) == ("failed", "interrupted", "KeyboardInterrupt")
+
+
+def test_a_bug_in_a_sweep_job_logs_how_long_the_job_ran(hydra_job, tmp_path, caplog):
+    """A sweep job that fails with a bug logs ``job N failed after X s`` with its traceback, and the sweep goes on."""
+    cfg, _, _ = hydra_job(["seed=6"], multirun=True, num=6, run_dir=tmp_path / "sweep" / "6",
+                          script=_raise(RuntimeError("boom")))
+    with caplog.at_level("ERROR", logger="segrun"):
+        assert job.run_job(cfg) is None
+    lines = [r for r in caplog.records if r.name == "segrun" and r.levelname == "ERROR"]
+    assert len(lines) == 1 and re.fullmatch(r"job 6 failed after \d+\.\d s", lines[0].getMessage())
+    assert lines[0].exc_info is not None and isinstance(lines[0].exc_info[1], RuntimeError)

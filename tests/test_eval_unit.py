@@ -259,3 +259,52 @@ def test_pixels_of_the_ignore_label_are_left_out_of_the_scores(tmp_path):
     del state["config"]["dataset"]["ignore_index"]
     save_checkpoint(state, ckpt)
     assert run(_cfg(ckpt, f"out={tmp_path / 'f'}"))["pixels"] == 128
+
+
+def _stored_val_labels(ckpt: Path) -> list[np.ndarray]:
+    """The val split's label masks, read straight from the checkpoint's stored dataset config (not eval's path)."""
+    stored = load_checkpoint(ckpt)["config"]["dataset"]
+    dataset = instantiate(stored, split="val", transform=None)
+    return [np.asarray(dataset.read(i)[1]) for i in range(len(dataset))]
+
+
+def test_the_users_ignore_index_wins_over_the_checkpoints(tmp_path):
+    """A checkpoint trained with ``dataset.ignore_index=0`` (the background left out); ``dataset.ignore_index=255`` typed
+    at evaluation is merged into its dataset config and wins: every pixel of the split is scored."""
+    ckpt = tmp_path / "best.pt"
+    make_checkpoint(ckpt, [*TINY, "dataset.ignore_index=0", "dataset.sizes={train: 2, val: 3, test: 2}"])
+    labels = _stored_val_labels(ckpt)
+    everything, without_0 = sum(m.size for m in labels), sum(int((m != 0).sum()) for m in labels)
+    assert without_0 < everything  # the split has background pixels, else this would prove nothing
+    assert run(_cfg(ckpt, f"out={tmp_path / 'a'}"))["pixels"] == without_0
+    assert run(_cfg(ckpt, f"out={tmp_path / 'b'}", "++dataset.ignore_index=255"))["pixels"] == everything
+
+
+def test_another_whole_dataset_neither_uses_nor_checks_the_checkpoints_own(tmp_path):
+    """``dataset=shapes`` picks a whole dataset config: the checkpoint's stored dataset section (here one naming
+    ``os.system``) is not built, so it is not refused either -- the model and transform still are checked."""
+    ckpt = tmp_path / "best.pt"
+    state = make_checkpoint(ckpt, [*TINY, "dataset.sizes={train: 2, val: 2, test: 2}"])
+    state["config"]["dataset"]["_target_"] = "os.system"
+    save_checkpoint(state, ckpt)
+    with pytest.raises(UntrustedCheckpointError, match="dataset._target_=os.system is not under a trusted prefix"):
+        run(_cfg(ckpt, f"out={tmp_path / 'no'}"))
+    result = run(_cfg(ckpt, f"out={tmp_path / 'e'}", "dataset=shapes", "dataset.sizes={train: 1, val: 3, test: 1}",
+                      "dataset.min_size=32", "dataset.max_size=32"))
+    assert result["images"] == 3 and result["pixels"] == 3 * 32 * 32
+
+
+def test_a_users_own_dataset_class_with_typed_values_is_rechecked_with_the_users_prefixes(tmp_path, monkeypatch):
+    """A checkpoint whose dataset is the user's own class (``mydata.Mine``): with ``trust.targets=[mydata]`` it
+    evaluates, also when the user types a ``dataset.*`` value (the merged config is checked again, with the
+    same trusted prefixes); without them it is refused."""
+    (tmp_path / "mydata.py").write_text("from segrun.data import Shapes\n\n\nclass Mine(Shapes):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = tmp_path / "best.pt"
+    state = make_checkpoint(ckpt, [*TINY, "dataset.sizes={train: 2, val: 2, test: 2}"])
+    state["config"]["dataset"]["_target_"] = "mydata.Mine"
+    save_checkpoint(state, ckpt)
+    with pytest.raises(UntrustedCheckpointError, match="dataset._target_=mydata.Mine is not under a trusted prefix"):
+        run(_cfg(ckpt, f"out={tmp_path / 'no'}", "++dataset.sizes.val=3"))
+    result = run(_cfg(ckpt, f"out={tmp_path / 'e'}", "trust.targets=[mydata]", "++dataset.sizes.val=3"))
+    assert result["images"] == 3 and result["dataset"]["_target_"] == "mydata.Mine"

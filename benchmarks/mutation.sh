@@ -146,7 +146,7 @@ for name in survivors:
 PY
 
 # ---------------------------------------------------------------------------------------------------
-# NOTES: the last run gives 2661 mutants, 2494 killed, 165 survivors, 2 without tests (93.7%).
+# NOTES (numeric core): the last run gives 2661 mutants, 2494 killed, 165 survivors, 2 without tests (93.7%).
 # Checkpoint and loader were rerun after fast unit tests for checkpoint's write_failure,
 # prune_epoch_checkpoints, _few, load_model_state, all_finite, umask_mode, state_tensors, pad_collate's
 # bad-sample path and EpochSampler's mid-epoch start were added (before, only tests/test_faults.py
@@ -219,17 +219,9 @@ PY
 #     pass; tests/test_predict_reference.py checks the result with share_flip None, True and False,
 #     so these only change speed and memory, which no unit test measures.
 #
-# Issue-20 modules (sweeps, long runs, eval/export), equivalent survivors triaged so far:
-#   print(..., flush=None|False|omitted) in sweep, job and report (when a line appears, not what it says);
-#   sweep SweepCallback._claim's config.get("sweep", {}).get("resume", False) defaults (train.yaml always
-#     has sweep.resume); report: _fmt's isfinite-or-True (f"{nan:.4f}" == str(nan)), monitor.split()[+1]
-#     for [-1] (a monitor is always two words), the sort key's sign +-2.0 and group 2 for 1 (order kept),
-#     write_csv newline=None (Linux line ends) and get(k, None) (csv writes None as empty);
-#   settings auto_or's replace(..., count) (a message holds ": expected " once); bad_samples' salt 7 -> 8
-#     (any constant keeps "fixed by the arguments alone"); eval._safe_name's "/" after os.sep (the same on
-#     POSIX); export.summary's / 1000001.0 (equal at two decimals); status._checkpoints' is_dir-or-True
-#     (glob of a missing folder is empty), pid_alive's PermissionError -> False (tests run as root: never
-#     raised); trust override_key_parts' lstrip("XX+~XX") (no key starts with X).
+# Issue-20 modules (trainer, settings, build, job, status, sweep, report, trust, eval, export, preempt,
+#   class_weights, bad_samples, checks): their equivalent survivors are listed one group per line, with the
+#   reason, in benchmarks/mutation_equivalents.txt, which the table reads; the figures are in docs/testing.md.
 # Import-time code: the option factories (integer, number, choice, optional, auto_or; now segrun/checks.py) run when
 #   the tools' settings classes are defined, before mutmut activates a mutant; tests/test_settings.py
 #   calls them directly so their mutants are reachable.

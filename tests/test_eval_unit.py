@@ -231,6 +231,36 @@ def test_a_checkpoint_without_a_seed_still_evaluates(tmp_path):
     assert run(_cfg(ckpt, f"out={tmp_path / 'e'}"))["images"] == 2
 
 
+def test_pixels_of_the_ignore_label_are_left_out_of_the_scores(tmp_path):
+    """The checkpoint's dataset says which label is ignored (here 2, inside the class range, so leaving it out
+    is the ignore rule's doing and not a range check): eval counts only the 128 other pixels of a 16x16 mask
+    whose lower half is 2 -- the same rule as validation."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for d in ("images", "masks", "splits"):
+        (root / d).mkdir(parents=True)
+    mask = np.full((16, 16), 2, np.uint8)
+    mask[:8] = 1
+    for name in ("a", "b"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            root / "images" / f"{name}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    (root / "splits" / "train.txt").write_text("a\n")
+    (root / "splits" / "val.txt").write_text("b\n")
+    ckpt = tmp_path / "best.pt"
+    make_checkpoint(ckpt, ["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3", "dataset.crop_size=16",
+                           "dataset.base_size=16", "dataset.ignore_index=2", "dataset.class_names=[bg,one,two]",
+                           "dataset.palette=[[0,0,0],[9,9,9],[99,99,99]]", "model.width=4", "model.depth=2"])
+    result = run(_cfg(ckpt, f"out={tmp_path / 'e'}"))
+    assert (result["images"], result["pixels"]) == (1, 128)
+    # a hand-made dataset config without the key: the checkpoint's own ignore_index stands
+    state = load_checkpoint(ckpt)
+    del state["config"]["dataset"]["ignore_index"]
+    save_checkpoint(state, ckpt)
+    assert run(_cfg(ckpt, f"out={tmp_path / 'f'}"))["pixels"] == 128
+
+
 def _stored_val_labels(ckpt: Path) -> list[np.ndarray]:
     """The val split's label masks, read straight from the checkpoint's stored dataset config (not eval's path)."""
     stored = load_checkpoint(ckpt)["config"]["dataset"]

@@ -194,6 +194,20 @@ def test_train_settings_defaults_are_the_documented_ones():
     assert (s.log_every, s.vis_samples, s.progress, s.deterministic, s.channels_last) == (10, 4, True, False, False)
 
 
+def test_a_trainer_node_without_ema_or_prefetch_takes_their_documented_defaults():
+    """A config written before ``trainer.ema`` and ``trainer.prefetch`` existed (or a hand-made one) still
+    reads: no EMA (decay 0.0, conf/trainer/default.yaml "0 = off") and prefetch ``auto`` (docs/speed.md:
+    on with CUDA only), the same as the shipped defaults."""
+    cfg = compose_cfg([])
+    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    del node.trainer["ema"], node.trainer["prefetch"]
+    assert "ema" not in node.trainer and "prefetch" not in node.trainer
+    s = TrainSettings.from_config(node)
+    assert (s.ema_decay, s.prefetch) == (0.0, "auto")
+    node.trainer.ema = {}  # an ema node without its decay: off as well
+    assert TrainSettings.from_config(node).ema_decay == 0.0
+
+
 @pytest.mark.parametrize("override, message", [
     ("trainer.precision=fp8", "trainer.precision='fp8': expected one of fp32, bf16, fp16"),
     ("trainer.compile=fastest", "trainer.compile='fastest': expected false, true or a mode (default, reduce-overhead, "

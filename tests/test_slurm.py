@@ -149,8 +149,9 @@ def test_two_tasks_form_one_run_with_torchruns_metrics(cluster, tmp_path):
 def test_no_reachable_slurm_is_one_line(tmp_path):
     """A slurm.conf whose controller does not run: the sweep stops before submitting, naming what it tried."""
     conf = tmp_path / "slurm.conf"
-    conf.write_text("ClusterName=none\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=1\nNodeName=localhost\n"
-                    "PartitionName=debug Nodes=localhost\n")
+    # MessageTimeout: sinfo's retries against the dead controller last 2 s instead of the default 10
+    conf.write_text("ClusterName=none\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=1\nMessageTimeout=2\n"
+                    "NodeName=localhost\nPartitionName=debug Nodes=localhost\n")
     from helpers.cli import run_cli
 
     r = run_cli([*LAUNCH, *JOB, "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 's'}"],

@@ -31,9 +31,10 @@ class Recorder:
         return lambda *args, **kwargs: self.calls.append((name, args))
 
 
-def trainer(tmp_path, epochs=2, batch_size=2, logger=None, width=4, sgd=None, **settings) -> Trainer:
+def trainer(tmp_path, epochs=2, batch_size=2, logger=None, width=4, sgd=None, model=None, **settings) -> Trainer:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, width, 1), torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))
+    if model is None:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, width, 1), torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))
     s = TrainSettings(**{"epochs": epochs, "progress": False, "log_every": 2, "vis_samples": 0, **settings})
     steps = epochs * math.ceil(8 // batch_size / s.accumulate)
     parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), **(sgd or {"lr": 0.1})), batch_size, steps)
@@ -152,6 +153,28 @@ def test_ema_state_and_inference_model(tmp_path):
     for k, v in back.model.state_dict().items():
         assert torch.equal(v, state["train_model"][k])
         assert torch.equal(back.ema.module.state_dict()[k], state["model"][k])
+
+
+def test_the_ema_averages_the_batchnorm_statistics_too(tmp_path):
+    """Validation and inference use the EMA model, so its BatchNorm running statistics are averaged like its
+    weights: an EMA of the training model's after each optimizer step, neither their initial zeros and ones
+    nor a copy of the training model's latest (what AveragedModel keeps without use_buffers)."""
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), bn, torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    seen = []  # the training model's statistics after each training forward (one per optimizer step here)
+    bn.register_forward_hook(lambda m, i, o: seen.append((m.running_mean.clone(), m.running_var.clone()))
+                             if m.training else None)
+    t = trainer(tmp_path, epochs=1, model=model, ema_decay=0.5)
+    t.fit()
+    assert len(seen) == 4 and int(t.ema.n_averaged) == 4
+    mean, var = seen[0]  # the first update copies, each later one moves halfway (decay 0.5) to the new value
+    for m, v in seen[1:]:
+        mean, var = 0.5 * mean + 0.5 * m, 0.5 * var + 0.5 * v
+    ema_bn = t.ema.module[1]
+    assert not torch.equal(ema_bn.running_mean, torch.zeros(4)) and not torch.equal(ema_bn.running_var, torch.ones(4))
+    assert torch.allclose(ema_bn.running_mean, mean, atol=1e-6) and torch.allclose(ema_bn.running_var, var, atol=1e-6)
+    assert not torch.allclose(ema_bn.running_mean, bn.running_mean)  # not the training model's last value
 
 
 def test_resume_warns_about_every_changed_value(tmp_path, caplog):

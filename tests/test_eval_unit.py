@@ -308,3 +308,22 @@ def test_a_users_own_dataset_class_with_typed_values_is_rechecked_with_the_users
         run(_cfg(ckpt, f"out={tmp_path / 'no'}", "++dataset.sizes.val=3"))
     result = run(_cfg(ckpt, f"out={tmp_path / 'e'}", "trust.targets=[mydata]", "++dataset.sizes.val=3"))
     assert result["images"] == 3 and result["dataset"]["_target_"] == "mydata.Mine"
+
+
+def test_the_split_is_drawn_with_the_checkpoints_seed(tmp_path):
+    """Each sample's transform RNG is keyed by ``(seed, epoch, index)`` with the run's top-level ``seed``; eval
+    rebuilds the split with the checkpoint's seed, so a random validation transform (here the training one)
+    draws what validation drew. Reference: the stored dataset and transform, sampled by hand with seed 3."""
+    ckpt = tmp_path / "best.pt"
+    state = make_checkpoint(ckpt, [*TINY, "seed=3", "dataset.sizes={train: 2, val: 4, test: 2}"])
+    config = state["config"]
+    config["augment"]["val"] = {**config["augment"]["train"], "scale": [0.3, 0.6], "rotate": 30.0}
+    save_checkpoint(state, ckpt)
+    dataset = instantiate(config["dataset"], split="val", transform=instantiate(config["augment"]["val"]))
+    ignore = int(config["dataset"]["ignore_index"])
+
+    def labelled(seed):
+        return sum(int((np.asarray(dataset.sample(i, seed, 0)["label"]) != ignore).sum()) for i in range(len(dataset)))
+
+    assert labelled(3) != labelled(0)  # the seed shows in the scores, else this would prove nothing
+    assert run(_cfg(ckpt, f"out={tmp_path / 'e'}"))["pixels"] == labelled(3)

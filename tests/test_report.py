@@ -243,10 +243,8 @@ def test_cli_prints_the_table_and_writes_the_files(sweep, capsys):
         assert (sweep / name).is_file()
 
 
-def test_plot_draws_every_run_or_says_once_it_cannot(sweep, monkeypatch, capsys):
-    pytest.importorskip("matplotlib")
-    write_report(sweep, quiet=True)
-    assert (sweep / "report.png").stat().st_size > 1000
+def hide_matplotlib(monkeypatch) -> None:
+    """As without the plots extra: importing matplotlib fails, and the once-per-process note is not yet shown."""
     import builtins
 
     real_import = builtins.__import__
@@ -258,6 +256,13 @@ def test_plot_draws_every_run_or_says_once_it_cannot(sweep, monkeypatch, capsys)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     monkeypatch.setattr(report, "_PLOT_NOTE_SHOWN", False)
+
+
+def test_plot_draws_every_run_or_says_once_it_cannot(sweep, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    write_report(sweep, quiet=True)
+    assert (sweep / "report.png").stat().st_size > 1000
+    hide_matplotlib(monkeypatch)
     (sweep / "report.png").unlink()
     rows, monitor = report.rank_rows([report.read_row(d, sweep) for d in find_runs(sweep)])
     assert report.plot(rows, [], monitor, sweep / "report.png") is False
@@ -467,17 +472,7 @@ def test_the_pictures_size_does_not_follow_a_users_figure_dpi(sweep, monkeypatch
 
 
 def test_without_matplotlib_the_note_is_one_exact_line(sweep, monkeypatch, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    monkeypatch.setattr(report, "_PLOT_NOTE_SHOWN", False)
+    hide_matplotlib(monkeypatch)
     write_report(sweep, quiet=True)
     write_report(sweep, quiet=True)
     assert capsys.readouterr().err == "report.png skipped: matplotlib is not installed (pip install matplotlib)\n"

@@ -884,3 +884,29 @@ def test_a_bug_in_a_sweep_job_logs_how_long_the_job_ran(hydra_job, tmp_path, cap
     assert len(lines) == 1 and (m := re.fullmatch(r"job 6 failed after (\d+\.\d) s", lines[0].getMessage()))
     assert 0.0 <= float(m.group(1)) < 60.0  # the job's own duration, a stub that fails at once
     assert lines[0].exc_info is not None and isinstance(lines[0].exc_info[1], RuntimeError)
+
+
+def test_a_user_error_is_written_to_the_run_log_once_and_a_bug_is_not(hydra_job, tmp_path, capsys):
+    """A user mistake's one line goes to the run's log files too (the console gets ``error: ...``), so train.log
+    says why a run stopped; a bug is not written there by run_job (it propagates with its traceback)."""
+    import logging
+
+    log_file = tmp_path / "train.log"
+    handler = logging.FileHandler(log_file)
+    logging.getLogger().addHandler(handler)
+    try:
+        cfg, _, _ = hydra_job(script=_raise(ConfigError("optimizer.lr=-1: expected a number >= 0")))
+        with pytest.raises(SystemExit) as exc:
+            job.run_job(cfg)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err == "error: optimizer.lr=-1: expected a number >= 0\n"
+        handler.flush()
+        assert log_file.read_text().splitlines().count("optimizer.lr=-1: expected a number >= 0") == 1
+        cfg, _, _ = hydra_job(script=_raise(RuntimeError("boom")), run_dir=tmp_path / "second")
+        with pytest.raises(RuntimeError, match="^boom$"):
+            job.run_job(cfg)
+        handler.flush()
+        assert "boom" not in log_file.read_text()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()

@@ -25,6 +25,8 @@ from helpers.netns import NetNamespace, unavailable
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("engines"),  # one worker, one engine at a time (conftest.py)
+    pytest.mark.alone,  # 4 gloo ranks: nothing else on the machine meanwhile
     pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                        reason="needs torch.distributed with gloo"),
 ]

@@ -18,7 +18,7 @@ from segrun.engine.status import read_status
 from helpers.cli import REPO, TINY
 from helpers.netns import NetNamespace, unavailable
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("engines")]  # one worker, one engine at a time (conftest.py)
 pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="hydra-ray-launcher not installed (segrun[ray])")
 
 JOB = ["-m", "hydra/launcher=ray", *TINY, "trainer.epochs=1", "logger=[]", "seed=0,1"]
@@ -71,7 +71,7 @@ def test_sweep_onto_a_running_ray_head(netns, tmp_path):
 
 def test_no_ray_cluster_is_one_line(netns, tmp_path):
     r = netns.run([sys.executable, "-m", "segrun", *JOB, "hydra.launcher.ray.init.address=127.0.0.1:6390",
-                   f"hydra.sweep.dir={tmp_path / 's'}"], timeout=200, cwd=REPO, env={"SEGRUN_LAUNCHER_PROBE_S": "20"})
+                   f"hydra.sweep.dir={tmp_path / 's'}"], timeout=200, cwd=REPO, env={"SEGRUN_LAUNCHER_PROBE_S": "5"})
     assert r.returncode == 2, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "hydra/launcher=ray: no Ray cluster answered at 127.0.0.1:6390" in errors[0], r.stderr[-2000:]

@@ -19,7 +19,7 @@ from segrun.engine.status import read_status
 from helpers.cli import REPO, TINY, assert_same_history
 from helpers.slurm import SlurmCluster, unavailable
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("engines")]  # one worker, one engine at a time (conftest.py)
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed (segrun[sweeps])")
 
 #: one SLURM job per sweep job on the loopback cluster: 1 CPU, 1 GB, a CPU partition

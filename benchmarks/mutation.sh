@@ -14,6 +14,7 @@
 #   REPORT_ONLY=1 benchmarks/mutation.sh        the table of the results so far, running nothing
 #   mutmut show <mutant name>                   the diff of one survivor
 #
+# benchmarks/mutation_results.py reads the results (the sample, the open survivors, the table).
 # It prints, per module and in total: mutants tested, killed (a test failed), timeouts (counted as
 # killed: the mutant hung the code), survivors, mutants no test reaches, and the score
 # (killed + timeouts) / tested. Survivors judged equivalent (no behaviour tells them apart) are listed with
@@ -41,38 +42,13 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
         # up to $SAMPLE mutants per module drawn at random (seeded) from those not tested yet: a whole-module
         # estimate in minutes where every mutant would take hours (needs one earlier run that generated them)
         mutmut results --all true > mutants/results.txt 2>/dev/null
-        mapfile -t TARGETS < <(python3 - "$SAMPLE" "${MODULES[@]}" <<'PY'
-import random, re, sys
-n, modules = int(sys.argv[1]), sys.argv[2:]
-untested = {m: [] for m in modules}
-for line in open("mutants/results.txt", encoding="utf-8"):
-    m = re.match(r"\s*(\S+): not checked$", line)
-    mod = m and next((mod for mod in modules if m.group(1).startswith(mod + ".")), None)
-    if mod:
-        untested[mod].append(m.group(1))
-rng = random.Random(20)
-for mod, names in untested.items():
-    print("\n".join(sorted(rng.sample(sorted(names), min(n, len(names))))))
-PY
-)
+        mapfile -t TARGETS < <(python3 benchmarks/mutation_results.py sample "$SAMPLE" "${MODULES[@]}")
         printf '%s\n' "${TARGETS[@]}" | grep . > mutants/sampled.txt || true
         echo "mutmut run over $(wc -l < mutants/sampled.txt) sampled mutants of ${MODULES[*]} (log: mutants/run.log)" >&2
         mapfile -t TARGETS < mutants/sampled.txt
     elif [ "${RERUN:-0}" = 1 ]; then
         mutmut results --all true > mutants/results.txt 2>/dev/null
-        mapfile -t TARGETS < <(python3 - "${MODULES[@]}" <<'PY'
-import re, sys
-modules = sys.argv[1:]
-equivalent = set()
-for line in open("benchmarks/mutation_equivalents.txt", encoding="utf-8"):
-    if not line.startswith("#") and ": " in line:
-        equivalent.update(line.split(": ", 1)[0].split())
-for line in open("mutants/results.txt", encoding="utf-8"):
-    m = re.match(r"\s*(\S+): (survived|no tests)$", line)
-    if m and m.group(1) not in equivalent and any(m.group(1).startswith(mod + ".") for mod in modules):
-        print(m.group(1))
-PY
-)
+        mapfile -t TARGETS < <(python3 benchmarks/mutation_results.py open "${MODULES[@]}")
         echo "mutmut run over the ${#TARGETS[@]} open survivors of ${MODULES[*]} (log: mutants/run.log)" >&2
     else
         for module in "${MODULES[@]}"; do TARGETS+=("$module.*"); done
@@ -82,68 +58,7 @@ PY
 fi
 
 mutmut results --all true > mutants/results.txt 2>/dev/null
-python3 - "${MODULES[@]}" <<'PY'
-import os, re, sys
-from collections import Counter, defaultdict
-
-modules = sys.argv[1:]
-sampled = set(open("mutants/sampled.txt").read().split()) if os.path.exists("mutants/sampled.txt") else set()
-equivalent = set()
-for line in open("benchmarks/mutation_equivalents.txt", encoding="utf-8"):
-    if not line.startswith("#") and ": " in line:
-        equivalent.update(line.split(": ", 1)[0].split())
-by_module = defaultdict(Counter)
-in_sample = defaultdict(Counter)
-survivors = []
-for line in open("mutants/results.txt", encoding="utf-8"):
-    m = re.match(r"\s*(\S+): (.+)$", line)
-    if not m:
-        continue
-    name, status = m.groups()
-    module = next((mod for mod in modules if name.startswith(mod + ".")), None)
-    if module is None:
-        continue
-    if status == "survived" and name in equivalent:
-        status = "equivalent"
-    by_module[module][status] += 1
-    if name in sampled:
-        in_sample[module][status] += 1
-    if status in ("survived", "no tests"):
-        survivors.append(f"{name} ({status})")
-
-def tested(c):
-    return sum(v for k, v in c.items() if k not in ("not checked", "skipped"))
-
-def row(label, c, s):
-    n, caught = tested(c), c["killed"] + c["timeout"]
-    score = 100.0 * caught / n if n else float("nan")
-    # a sample drawn from the mutants the exhaustive part had not reached stands for all of them
-    estimate = ""
-    if tested(s) and c["not checked"]:
-        s_caught = s["killed"] + s["timeout"]
-        whole = caught - s_caught + s_caught / tested(s) * (tested(s) + c["not checked"])
-        estimate = f"{100.0 * whole / (n + c['not checked']):6.1f}%"
-    print(f"{label:28s} {n + c['not checked']:7d} {n:7d} {c['killed']:7d} {c['timeout']:8d} {c['equivalent']:10d} "
-          f"{c['survived']:5d} {c['no tests']:8d} {c['not checked']:8d} {score:6.1f}% {estimate:>9s}")
-
-print(f"{'module':28s} {'mutants':>7s} {'tested':>7s} {'killed':>7s} {'timeouts':>8s} {'equivalent':>10s} {'open':>5s} "
-      f"{'no tests':>8s} {'untested':>8s} {'score':>7s} {'estimate':>9s}")
-total, total_s = Counter(), Counter()
-for mod in modules:
-    if by_module[mod]:
-        row(mod, by_module[mod], in_sample[mod])
-        total.update(by_module[mod])
-        total_s.update(in_sample[mod])
-row("total", total, Counter())
-print()
-print("equivalent: survivors listed in benchmarks/mutation_equivalents.txt; open: the other survivors")
-print("score: (killed + timeouts) / tested. estimate: the whole module's score when SAMPLE= drew a random")
-print("sample of the mutants not yet tested (tested part exactly + the sample's rate for the untested rest)")
-print()
-print("open survivors and mutants without a fast test (mutmut show <name>):")
-for name in survivors:
-    print("  " + name)
-PY
+python3 benchmarks/mutation_results.py table "${MODULES[@]}"
 
 # ---------------------------------------------------------------------------------------------------
 # NOTES (numeric core): the last run gives 2661 mutants, 2494 killed, 165 survivors, 2 without tests (93.7%).

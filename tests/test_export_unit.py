@@ -301,3 +301,20 @@ def test_the_onnx_check_runs_on_the_cpu_provider_whatever_onnxruntime_build_is_i
     out = run_exported("onnx", tmp_path / "m.onnx", x)
     assert seen == {"path": str(tmp_path / "m.onnx"), "providers": ["CPUExecutionProvider"]}
     assert torch.equal(out, x * 2)
+
+
+def test_loading_torchscript_hides_only_its_deprecation_notice(tmp_path, monkeypatch):
+    """torch.jit.load's FutureWarning is noise for the user; any other warning loading the file gives is theirs."""
+    import warnings
+
+    def load(path, map_location=None):
+        warnings.warn("torch.jit.load is deprecated", FutureWarning)
+        warnings.warn("the file's own warning", UserWarning)
+        return lambda x: x + 1
+
+    monkeypatch.setattr(torch.jit, "load", load)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run_exported("torchscript", tmp_path / "m.pt", torch.zeros(1, 3, 2, 2))
+    assert [(w.category, str(w.message)) for w in caught] == [(UserWarning, "the file's own warning")]
+    assert torch.equal(out, torch.ones(1, 3, 2, 2))

@@ -327,3 +327,32 @@ def test_the_split_is_drawn_with_the_checkpoints_seed(tmp_path):
 
     assert labelled(3) != labelled(0)  # the seed shows in the scores, else this would prove nothing
     assert run(_cfg(ckpt, f"out={tmp_path / 'e'}"))["pixels"] == labelled(3)
+
+
+def test_a_dataset_without_class_names_takes_the_checkpoints_then_class_numbers(ckpt, tmp_path, monkeypatch):
+    """A user's own dataset class need not name its classes: the table then takes the names the checkpoint stored
+    (the shapes data's, written out here), and the class numbers where the checkpoint stored none."""
+    import segrun.eval as ev
+
+    real = ev.build_dataset
+
+    class Unnamed(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            return self.inner[i]
+
+    monkeypatch.setattr(ev, "build_dataset", lambda *a, **k: Unnamed(real(*a, **k)))
+    named = run(_cfg(ckpt, f"out={tmp_path / 'named'}"))
+    assert list(json.loads((named["out"] / "metrics.json").read_text())["class_iou"]) == \
+        ["background", "ellipse", "rectangle", "triangle", "ring"]
+    bare = tmp_path / "bare.pt"
+    state = load_checkpoint(ckpt)
+    del state["class_names"]
+    save_checkpoint(state, bare)
+    numbered = run(_cfg(bare, f"out={tmp_path / 'numbered'}"))
+    assert list(json.loads((numbered["out"] / "metrics.json").read_text())["class_iou"]) == ["0", "1", "2", "3", "4"]

@@ -24,6 +24,7 @@ from segrun.export import (
     metadata,
     onnx_metadata,
     run,
+    run_exported,
     sample_input,
     summary,
 )
@@ -265,3 +266,55 @@ def test_a_models_own_warning_still_reaches_the_user_during_export(tmp_path, mon
     make_checkpoint(ckpt, TINY, model_target="warnnets.Net")
     with pytest.warns(UserWarning, match="warnnets: fused kernels unavailable"):
         run(_cfg(f"ckpt={ckpt}", "format=torchscript", f"out={tmp_path / 'm.pt'}", "trust_checkpoint=true"))
+
+
+def test_checking_onnx_without_onnxruntime_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(ExportError) as exc:
+        run_exported("onnx", tmp_path / "m.onnx", torch.zeros(1, 3, 4, 4))
+    assert str(exc.value) == ("checking an ONNX export needs onnxruntime: pip install onnx onnxruntime onnxscript "
+                              "(from a checkout: pip install -e '.[export]')")
+
+
+def test_the_onnx_check_runs_on_the_cpu_provider_whatever_onnxruntime_build_is_installed(tmp_path, monkeypatch):
+    """onnxruntime-gpu (1.9 and later) refuses a session without ``providers`` when it has several; the check
+    compares on the CPU, beside predict() on the CPU, so it names the CPU provider itself."""
+    import sys
+    import types
+
+    seen = {}
+
+    class Session:
+        def __init__(self, path, sess_options=None, providers=None, **kwargs):
+            if providers is None:
+                raise ValueError("This ORT build has ['CUDAExecutionProvider', 'CPUExecutionProvider'] enabled; "
+                                 "set the providers parameter")
+            seen.update(path=path, providers=providers)
+
+        def run(self, outputs, feeds):
+            return [feeds["images"] * 2]
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(InferenceSession=Session))
+    x = torch.arange(12, dtype=torch.float32).reshape(1, 3, 2, 2)
+    out = run_exported("onnx", tmp_path / "m.onnx", x)
+    assert seen == {"path": str(tmp_path / "m.onnx"), "providers": ["CPUExecutionProvider"]}
+    assert torch.equal(out, x * 2)
+
+
+def test_loading_torchscript_hides_only_its_deprecation_notice(tmp_path, monkeypatch):
+    """torch.jit.load's FutureWarning is noise for the user; any other warning loading the file gives is theirs."""
+    import warnings
+
+    def load(path, map_location=None):
+        warnings.warn("torch.jit.load is deprecated", FutureWarning)
+        warnings.warn("the file's own warning", UserWarning)
+        return lambda x: x + 1
+
+    monkeypatch.setattr(torch.jit, "load", load)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run_exported("torchscript", tmp_path / "m.pt", torch.zeros(1, 3, 2, 2))
+    assert [(w.category, str(w.message)) for w in caught] == [(UserWarning, "the file's own warning")]
+    assert torch.equal(out, torch.ones(1, 3, 2, 2))

@@ -910,3 +910,46 @@ def test_a_user_error_is_written_to_the_run_log_once_and_a_bug_is_not(hydra_job,
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def test_only_a_single_run_restarted_by_torchrun_turns_to_resume_auto(hydra_job, caplog, monkeypatch, tmp_path):
+    """docs/cluster.md: a group restarted by torchrun continues last.pt by itself; a sweep's job does not (sweep.resume
+    decides there). run_job tells resolve_resume which one it is: the note appears for the single run only."""
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for multirun, expected in ((False, ["trainer.resume=auto: no last.pt, starting fresh"]), (True, [])):
+        caplog.clear()
+        cfg, run_dir, _ = hydra_job(multirun=multirun, run_dir=tmp_path / f"multirun={multirun}")
+        with caplog.at_level("INFO", logger="segrun"):
+            assert job.run_job(cfg) == 0.75
+        assert [m for m in caplog.messages if m.startswith("trainer.resume=")] == expected, multirun
+        assert read_status(run_dir)["state"] == "done"
+
+
+def test_a_slurm_task_is_shared_with_the_jobs_own_config(hydra_job, monkeypatch, caplog, torch_threads):
+    """run_job passes the composed config to the SLURM share: its loader and device give the line's worker count."""
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg, run_dir, _ = hydra_job(["trainer.device=cpu", "loader.num_workers=3"])
+    with caplog.at_level("INFO", logger="segrun"):
+        assert job.run_job(cfg) == 0.75
+    assert "SLURM job 41: 1 CPU(s) per task (SLURM_CPUS_PER_TASK): 1 torch thread(s), 3 loader worker(s)" in caplog.messages
+    assert torch.get_num_threads() == 1 and read_status(run_dir)["state"] == "done"
+
+
+def test_parallel_jobs_get_their_gpu_in_the_config_the_trainer_is_built_from(hydra_job, monkeypatch):
+    """run_job passes the job's own config to the parallel share: job 1 of n_jobs=2 is built on cuda:1."""
+    from segrun.engine import runtime
+
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    try:
+        cfg, run_dir, _ = hydra_job(multirun=True, num=1, launcher={"n_jobs": 2})
+        assert job.run_job(cfg) == 0.75
+    finally:
+        runtime.share_cpus(1)
+    assert hydra_job.built["cfg"].trainer.device == "cuda:1"

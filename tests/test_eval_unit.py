@@ -356,3 +356,17 @@ def test_a_dataset_without_class_names_takes_the_checkpoints_then_class_numbers(
     save_checkpoint(state, bare)
     numbered = run(_cfg(bare, f"out={tmp_path / 'numbered'}"))
     assert list(json.loads((numbered["out"] / "metrics.json").read_text())["class_iou"]) == ["0", "1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["mode=slide", "stride=0"], "stride=0: expected a size, an integer > 0 or [height, width]"),
+    (["scales=[0]"], "scales=0: expected a number > 0"),
+    (["mode=slide", "crop_size=-3"], "crop_size=-3: expected a size, an integer > 0 or [height, width]"),
+    (["window_batch=0"], "window_batch=0: expected an integer >= 1"),
+    (["flip=maybe"], "flip='maybe': expected true or false"),
+])
+def test_prediction_settings_are_named_as_typed_in_an_eval_error(ckpt, extra, message):
+    """eval's prediction options are top-level keys (``stride=``, not ``predict.stride=``): the line names them so."""
+    with pytest.raises(EvalError) as exc:
+        run(_cfg(ckpt, *extra))
+    assert type(exc.value) is EvalError and str(exc.value) == message

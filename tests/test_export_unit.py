@@ -336,3 +336,50 @@ def test_an_output_folder_that_cannot_be_made_is_named_in_one_line(ckpt, tmp_pat
         run(_cfg(f"ckpt={ckpt}", f"out={out}", "format=torchscript"))
     assert str(exc.value) == (f"cannot write output folder {tmp_path / 'afile' / 'sub'}: Not a directory "
                               "(a file stands where a folder should be)")
+
+
+def _labels_file(ckpt, tmp_path, monkeypatch, change, *extra):
+    """Export ``ckpt`` as TorchScript class indices, the check seeing the file's real output passed through ``change``."""
+    import segrun.export as export
+
+    real = export.run_exported
+    monkeypatch.setattr(export, "run_exported", lambda fmt, path, x: change(real(fmt, path, x).clone()))
+    return run(_cfg(f"ckpt={ckpt}", f"out={tmp_path / 'm.pt'}", "format=torchscript", "output=labels",
+                    "check_size=[20,30]", *extra))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_min_agreement_1_accepts_a_file_that_agrees_on_every_pixel(ckpt, tmp_path, monkeypatch):
+    result = _labels_file(ckpt, tmp_path, monkeypatch, lambda got: got, "min_agreement=1")
+    assert result["agreement"] == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_a_failed_check_states_the_share_of_agreeing_pixels(ckpt, tmp_path, monkeypatch):
+    """7 of the 2 x 20 x 30 checked pixels given another class: 1193 / 1200 agree, said as 99.417%."""
+    def seven_wrong(got):
+        got[1, 0, :7] = (got[1, 0, :7] + 1) % 5
+        return got
+
+    with pytest.raises(ExportError) as exc:
+        _labels_file(ckpt, tmp_path, monkeypatch, seven_wrong, "min_agreement=0.999")
+    assert str(exc.value) == (f"{tmp_path / 'm.pt'}: the exported model agrees with predict() on 99.417% of pixels at "
+                              "20x30, below min_agreement=0.999; the file is kept for inspection")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_a_file_that_answers_every_image_with_the_first_ones_result_fails_the_check(ckpt, tmp_path, monkeypatch):
+    """The check's batch holds two different images, so a file that mixes up the batch's items cannot pass."""
+    def first_for_all(got):
+        got[1] = got[0]
+        return got
+
+    with pytest.raises(ExportError, match=r"below min_agreement=1\.0; the file is kept for inspection$"):
+        _labels_file(ckpt, tmp_path, monkeypatch, first_for_all, "min_agreement=1")
+
+
+def test_the_onnx_file_has_the_opset_asked_for(ckpt, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="onnx not installed (segrun[export])")
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (segrun[export])")
+    run(_cfg(f"ckpt={ckpt}", f"out={tmp_path / 'm.onnx'}", "format=onnx", "opset=14"))
+    assert {o.domain: o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import}[""] == 14

@@ -370,3 +370,28 @@ def test_prediction_settings_are_named_as_typed_in_an_eval_error(ckpt, extra, me
     with pytest.raises(EvalError) as exc:
         run(_cfg(ckpt, *extra))
     assert type(exc.value) is EvalError and str(exc.value) == message
+
+
+@pytest.mark.parametrize("section", ["augment.val", "dataset"])
+def test_a_hostile_target_in_the_checkpoints_validation_data_is_refused_in_process(ckpt, tmp_path, section):
+    """eval builds the checkpoint's validation transform and dataset: both are checked before anything is built."""
+    state = load_checkpoint(ckpt)
+    node = state["config"]["augment"]["val"] if section == "augment.val" else state["config"]["dataset"]
+    node["_target_"] = "os.system"
+    hostile = tmp_path / "hostile.pt"
+    save_checkpoint(state, hostile)
+    with pytest.raises(UntrustedCheckpointError) as exc:
+        run(_cfg(hostile))
+    assert str(exc.value) == (
+        f"checkpoint {hostile}: {section}._target_=os.system is not under a trusted prefix (segrun., torch.nn., "
+        "torch.optim., torchvision.models., segmentation_models_pytorch.); nothing was built. if you trust this "
+        "checkpoint, allow it with trust.targets=[os.] or trust_checkpoint=true")
+
+
+def test_a_checkpoint_without_num_classes_takes_its_datasets(ckpt, tmp_path):
+    state = load_checkpoint(ckpt)
+    del state["num_classes"]
+    bare = tmp_path / "bare.pt"
+    save_checkpoint(state, bare)
+    result = run(_cfg(bare, f"out={tmp_path / 'out'}"))
+    assert len(json.loads((result["out"] / "metrics.json").read_text())["class_iou"]) == 5

@@ -395,3 +395,10 @@ def test_a_checkpoint_without_num_classes_takes_its_datasets(ckpt, tmp_path):
     save_checkpoint(state, bare)
     result = run(_cfg(bare, f"out={tmp_path / 'out'}"))
     assert len(json.loads((result["out"] / "metrics.json").read_text())["class_iou"]) == 5
+
+
+def test_a_bad_trust_target_list_is_an_eval_error_line(ckpt):
+    with pytest.raises(EvalError) as exc:
+        run(_cfg(ckpt, "trust.targets=abc"))
+    assert type(exc.value) is EvalError
+    assert str(exc.value) == "trust.targets='abc': expected a list of names, e.g. [mypkg.models.]"

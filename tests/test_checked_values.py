@@ -136,11 +136,18 @@ def test_data_tool_values(overrides, line):
     ("eval", ["window_batch=abc"], "window_batch='abc': expected an integer >= 1"),
     ("eval", ["precision=fp8"], "precision='fp8': expected one of fp32, bf16, fp16"),
     ("eval", ["plot_max_classes=0"], "plot_max_classes=0: expected an integer >= 1"),
+    ("eval", ["mode=slide", "stride=0"], "stride=0: expected a size, an integer > 0 or [height, width]"),
+    ("eval", ["scales=[0]"], "scales=0: expected a number > 0"),
+    ("eval", ["mode=slide", "crop_size=-3"], "crop_size=-3: expected a size, an integer > 0 or [height, width]"),
+    ("eval", ["window_batch=0"], "window_batch=0: expected an integer >= 1"),
+    ("eval", ["flip=maybe"], "flip='maybe': expected true or false"),
+    ("eval", ["trust.targets=abc"], "trust.targets='abc': expected a list of names, e.g. [mypkg.models.]"),
     ("export", ["opset=abc"], "opset='abc': expected an integer >= 7"),
     ("export", ["opset=3"], "opset=3: expected an integer >= 7"),
     ("export", ["min_agreement=2"], "min_agreement=2: expected a number in [0, 1]"),
     ("export", ["format=tflite"], "format='tflite': expected onnx or torchscript"),
     ("export", ["check_size=[0,8]"], "check_size=0: expected an integer >= 1"),
+    ("export", ["trust.targets=abc"], "trust.targets='abc': expected a list of names, e.g. [mypkg.models.]"),
 ])
 def test_tool_options_are_checked_before_any_file_is_read(tool, overrides, line, tmp_path):
     import importlib
@@ -152,7 +159,7 @@ def test_tool_options_are_checked_before_any_file_is_read(tool, overrides, line,
     cfg = compose_cfg([f"ckpt={tmp_path / 'missing.pt'}", *extra, *overrides], config_name=tool)
     with pytest.raises(error) as info:  # the tool's own error class, before the missing checkpoint is noticed
         module.run(cfg)
-    assert str(info.value) == line
+    assert type(info.value) is error and str(info.value) == line
 
 
 @pytest.mark.slow

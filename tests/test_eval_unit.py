@@ -358,20 +358,6 @@ def test_a_dataset_without_class_names_takes_the_checkpoints_then_class_numbers(
     assert list(json.loads((numbered["out"] / "metrics.json").read_text())["class_iou"]) == ["0", "1", "2", "3", "4"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["mode=slide", "stride=0"], "stride=0: expected a size, an integer > 0 or [height, width]"),
-    (["scales=[0]"], "scales=0: expected a number > 0"),
-    (["mode=slide", "crop_size=-3"], "crop_size=-3: expected a size, an integer > 0 or [height, width]"),
-    (["window_batch=0"], "window_batch=0: expected an integer >= 1"),
-    (["flip=maybe"], "flip='maybe': expected true or false"),
-])
-def test_prediction_settings_are_named_as_typed_in_an_eval_error(ckpt, extra, message):
-    """eval's prediction options are top-level keys (``stride=``, not ``predict.stride=``): the line names them so."""
-    with pytest.raises(EvalError) as exc:
-        run(_cfg(ckpt, *extra))
-    assert type(exc.value) is EvalError and str(exc.value) == message
-
-
 @pytest.mark.parametrize("section", ["augment.val", "dataset"])
 def test_a_hostile_target_in_the_checkpoints_validation_data_is_refused_in_process(ckpt, tmp_path, section):
     """eval builds the checkpoint's validation transform and dataset: both are checked before anything is built."""
@@ -395,10 +381,3 @@ def test_a_checkpoint_without_num_classes_takes_its_datasets(ckpt, tmp_path):
     save_checkpoint(state, bare)
     result = run(_cfg(bare, f"out={tmp_path / 'out'}"))
     assert len(json.loads((result["out"] / "metrics.json").read_text())["class_iou"]) == 5
-
-
-def test_a_bad_trust_target_list_is_an_eval_error_line(ckpt):
-    with pytest.raises(EvalError) as exc:
-        run(_cfg(ckpt, "trust.targets=abc"))
-    assert type(exc.value) is EvalError
-    assert str(exc.value) == "trust.targets='abc': expected a list of names, e.g. [mypkg.models.]"

@@ -320,13 +320,6 @@ def test_loading_torchscript_hides_only_its_deprecation_notice(tmp_path, monkeyp
     assert torch.equal(out, torch.ones(1, 3, 2, 2))
 
 
-def test_a_bad_trust_target_list_is_an_export_error_line(ckpt):
-    with pytest.raises(ExportError) as exc:
-        run(_cfg(f"ckpt={ckpt}", "trust.targets=abc"))
-    assert type(exc.value) is ExportError
-    assert str(exc.value) == "trust.targets='abc': expected a list of names, e.g. [mypkg.models.]"
-
-
 def test_an_output_folder_that_cannot_be_made_is_named_in_one_line(ckpt, tmp_path):
     from segrun.errors import WriteError
 

@@ -8,6 +8,7 @@ limit's SIGUSR2 come from SLURM itself. Skips with one line where the cluster ca
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -104,29 +105,57 @@ def test_scontrol_requeue_stops_gracefully_and_the_job_finishes_each_epoch_once(
     assert _history_epochs(run) == list(range(1, 61))  # every epoch once
 
 
+def _events(cluster, run: Path, job: str | None) -> str:
+    """What happened to a job, for an assertion message: the run log's signal, stop, requeue and resume
+    lines, the end of submitit's log of the job, and what slurmctld logged about it."""
+    marks = ("SLURM job", "SIG", "Requeue", "resumed", "stopped", "Caught", "timed", "Job ", "rror", "Traceback")
+    log = run / "train.log"
+    lines = [ln for ln in (log.read_text().splitlines() if log.is_file() else []) if any(m in ln for m in marks)]
+    parts = ["train.log:", *lines[-40:]]
+    for err in sorted(run.parent.glob(f".submitit/{job}/*_log.err")) if job else []:
+        parts += [f"{err.name} (end):", *err.read_text().splitlines()[-15:]]
+    ctld = cluster.root / "slurmctld.log"
+    if job and ctld.is_file():
+        parts += ["slurmctld.log:", *[ln for ln in ctld.read_text().splitlines() if f"JobId={job}" in ln][-20:]]
+    return "\n".join(parts)
+
+
 def test_time_limit_signal_writes_last_pt_requeues_and_finishes(cluster, tmp_path):
-    """signal_delay_s=30: SLURM sends SIGUSR2 30 s before the time limit; segrun writes last.pt at the next
-    step and hands the signal to submitit, which requeues the job (max_num_timeout). The limit is lowered to
-    1 minute once training runs (``scontrol update``), so the signal comes mid-run whatever the machine's
-    speed, and raised again once the job is requeued, so the second attempt finishes."""
+    """signal_delay_s=30 becomes sbatch's ``--signal=USR2@30``: SLURM sends SIGUSR2 that long before the time
+    limit; segrun writes last.pt at the next step and hands the signal to submitit, which requeues the job
+    (max_num_timeout). The limit is lowered to 1 minute once training runs (``scontrol update``), which makes
+    the signal due at once: slurmctld sends it at its next time-limit check (every 30 s), so the training
+    after that (79 epochs, 40-60 s on the 2-core machine) is still running when it comes. The limit is
+    raised again once the job is requeued, so the second attempt finishes."""
     sweep, log = tmp_path / "sweep", tmp_path / "sweep.log"
     proc = _segrun_bg(cluster, [*LAUNCH, "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=3", *JOB,
                                 "trainer.epochs=80", "dataset.sizes={train: 240, val: 8, test: 4}",
                                 f"hydra.sweep.dir={sweep}"], log)
-    run = sweep / "0"
+    run, job = sweep / "0", None
     try:
         _wait(lambda: (run / "metrics.json").is_file(), 300, "the first epoch", proc, log)
         job = read_status(run)["slurm_job_id"]
+        assert "#SBATCH --signal=USR2@30" in (sweep / ".submitit" / job / f"{job}_submission.sh").read_text()
         cluster.cmd(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], check=True)
-        _wait(lambda: "Requeued job" in (run / "train.log").read_text(), 200, "the requeue", proc, log)
-        cluster.cmd(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
+        try:
+            _wait(lambda: "Requeued job" in (run / "train.log").read_text(), 120, "the signal and the requeue", proc, log)
+        finally:
+            cluster.cmd(["scontrol", "update", f"JobId={job}", "TimeLimit=10"])
         assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_events(cluster, run, job)}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = (run / "train.log").read_text()
-    assert "received SIGUSR2" in text and "stopped by SIGUSR2" in text, text[-3000:]
-    assert "handing SIGUSR2 over" in text and "resumed from" in text
+    text, events = (run / "train.log").read_text(), _events(cluster, run, job)
+    assert "received SIGUSR2" in text, events
+    stopped = re.search(r"stopped by SIGUSR2 at (?:the end of epoch (\d+)|epoch (\d+), batch \d+/\d+) \(step (\d+)\)", text)
+    resumed = re.search(r"resumed from \S+last\.pt at epoch (\d+), step (\d+)", text)
+    assert stopped and resumed and "handing SIGUSR2 over" in text, events
+    # the requeued attempt continues at the step the signal stopped: after epoch N, or inside epoch N
+    # (then the resume line counts the N - 1 epochs done)
+    done_epochs = int(stopped[1]) if stopped[1] else int(stopped[2]) - 1
+    assert (int(resumed[1]), int(resumed[2])) == (done_epochs, int(stopped[3])), events
     assert read_status(run)["state"] == "done"
     assert _history_epochs(run) == list(range(1, 81))
 

@@ -18,7 +18,35 @@ import torch.nn.functional as F
 from PIL import Image
 
 
-class RunLogFile(logging.FileHandler):
+class SignalSafeEmit:
+    """A handler that a signal handler may re-enter: a record logged while this thread is inside ``emit``
+    (a Python signal handler that logs, as submitit's does for SIGCONT and SIGTERM, runs between any two
+    bytecodes, also in the middle of a write) is written right after the current one, instead of failing
+    with "reentrant call inside <_io.BufferedWriter>" and being lost."""
+
+    _emitting = False
+    _waiting: list[logging.LogRecord] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._emitting:  # re-entered on this thread (other threads wait on the handler's lock)
+            self._waiting = [*(self._waiting or []), record]
+            return
+        self._emitting = True
+        try:
+            super().emit(record)
+            while self._waiting:
+                waiting, self._waiting = self._waiting, None
+                for r in waiting:
+                    super().emit(r)
+        finally:
+            self._emitting = False
+
+
+class Console(SignalSafeEmit, logging.StreamHandler):
+    """The run's console log (conf/hydra/job_logging/segrun.yaml)."""
+
+
+class RunLogFile(SignalSafeEmit, logging.FileHandler):
     """The run's log file (``train.log``). When it cannot be written (disk full, read-only), that is said once,
     in one line naming it, instead of a traceback per log line; the console keeps the log."""
 

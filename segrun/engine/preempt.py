@@ -49,6 +49,7 @@ class ForcedStop(KeyboardInterrupt):
 
 class _State:
     signum: int | None = None
+    announced: bool = False
     pid: int | None = None
     previous: dict[int, object] = {}
 
@@ -57,13 +58,15 @@ _state = _State()
 
 
 def _handle(signum: int, frame: FrameType | None) -> None:
+    """Only records the request. No logging here: Python runs a handler between any two bytecodes, also
+    inside a write to the very log file the line would go to, which then fails ("reentrant call") and the
+    line is lost (SLURM sends SIGCONT, which submitit logs, just before the time limit's SIGUSR2).
+    ``requested()``, called by the training loop, says it in the log."""
     if os.getpid() != _state.pid:  # a forked loader worker: the trainer decides
         return
     if _state.signum is not None:
         raise ForcedStop(signum)
     _state.signum = signum
-    log.warning("received %s: finishing the current step, then writing last.pt and exiting "
-                "(send it again to stop at once)", signal.Signals(signum).name)
 
 
 def install() -> bool:
@@ -71,7 +74,7 @@ def install() -> bool:
     (not the main thread: Python only delivers signals there)."""
     if _state.pid == os.getpid() or threading.current_thread() is not threading.main_thread():
         return False
-    _state.pid, _state.signum = os.getpid(), None
+    _state.pid, _state.signum, _state.announced = os.getpid(), None, False
     _state.previous = {s: signal.signal(s, _handle) for s in SIGNALS}
     return True
 
@@ -108,8 +111,15 @@ def handled() -> Iterator[bool]:
 
 
 def requested() -> int | None:
-    """The signal number of a pending stop request, or None."""
-    return _state.signum if _state.pid == os.getpid() else None
+    """The signal number of a pending stop request, or None. The first call that sees the request says so in
+    the log (the trainer asks after every step, or at each log point when several processes train)."""
+    if _state.pid != os.getpid():
+        return None
+    if _state.signum is not None and not _state.announced:
+        _state.announced = True
+        log.warning("received %s: finishing the current step, then writing last.pt and exiting "
+                    "(send it again to stop at once)", signal.Signals(_state.signum).name)
+    return _state.signum
 
 
 def signal_name(signum: int | None) -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +11,14 @@ import pytest
 from segrun.data import Folder
 from segrun.data.stats import inverse_log_weights, measure, median_frequency_weights
 
+from helpers.cli import run_cli
 from helpers.fixtures import make_folder_fixture, make_voc_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "segrun.data", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return run_cli(list(args), module="segrun.data", cwd=cwd, timeout=120)
 
 
 def test_measure_exact_statistics(tmp_path):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers.cli import run_cli
 from helpers.fixtures import make_folder_fixture, make_voc_fixture
 
 pytestmark = pytest.mark.slow  # subprocess runs of the CLI
@@ -21,9 +20,7 @@ TINY = ["trainer.epochs=1", "model.width=4", "model.depth=2", "dataset.crop_size
 
 
 def train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "segrun", *overrides, *TINY, f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return run_cli([*overrides, *TINY, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=600)
 
 
 @pytest.mark.parametrize("family", ["voc", "folder"])

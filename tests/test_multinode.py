@@ -26,7 +26,6 @@ from helpers.netns import NetNamespace, unavailable
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.xdist_group("engines"),  # one worker, one engine at a time (conftest.py)
-    pytest.mark.alone,  # 4 gloo ranks: nothing else on the machine meanwhile
     pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                        reason="needs torch.distributed with gloo"),
 ]
@@ -69,6 +68,7 @@ def _global_ranks(logs) -> list[int]:
     return sorted(ranks)
 
 
+@pytest.mark.alone  # 4 gloo ranks: nothing else on the machine meanwhile (docs/testing.md)
 def test_two_nodes_train_one_run_equal_to_one_node(netns, tmp_path):
     run, ref = tmp_path / "run", tmp_path / "ref"
     args = [*RUN, "trainer.epochs=2"]
@@ -96,6 +96,7 @@ def _fault_env(rank: int, step: int, attempt: int | None = None) -> dict:
 FAULT = (str(REPO / "tests" / "helpers" / "fault_inject.py"),)
 
 
+@pytest.mark.alone  # 4 gloo ranks: nothing else on the machine meanwhile (docs/testing.md)
 def test_a_rank_killed_on_one_node_ends_both_agents_within_dist_timeout(netns, tmp_path):
     run = tmp_path / "run"
     start = time.monotonic()
@@ -114,6 +115,7 @@ def test_a_rank_killed_on_one_node_ends_both_agents_within_dist_timeout(netns, t
     print(f"both agents ended {took:.1f} s after the start")
 
 
+@pytest.mark.alone  # 4 gloo ranks: nothing else on the machine meanwhile (docs/testing.md)
 def test_max_restarts_resumes_last_pt_by_itself(netns, tmp_path):
     """Elastic restart: a rank on the second node killed in the first attempt; both agents restart the group,
     which continues last.pt by itself (TORCHELASTIC_RESTART_COUNT > 0 means trainer.resume=auto)."""

@@ -57,9 +57,10 @@ def dataset_config(cfg: DictConfig, stored: dict[str, Any]) -> tuple[dict[str, A
 
 
 def predict_settings(cfg: DictConfig, stored_predict: dict[str, Any], crop_fallback: Any) -> PredictSettings:
-    """The user's prediction settings; a null one takes the checkpoint's validation setting."""
-    return PredictSettings.from_config(cfg, prefix="", fallback=stored_predict, crop_fallback=crop_fallback,
-                                       error=EvalError)
+    """The user's prediction settings; a null one takes the checkpoint's validation setting. ``run`` checked the
+    user's own values before reading the checkpoint, so a value refused here is the checkpoint's: it is named as
+    the checkpoint names it, ``predict.<key>``."""
+    return PredictSettings.from_config(cfg, fallback=stored_predict, crop_fallback=crop_fallback, error=EvalError)
 
 
 def _precision(given: str | None, stored_trainer: dict[str, Any], device: torch.device) -> str:

@@ -416,3 +416,16 @@ def test_the_class_count_to_match_is_the_models_not_its_datasets_record(ckpt, tm
         run(_cfg(edited, f"out={tmp_path / 'e'}"))
     assert str(exc.value) == ("dataset (segrun.data.Shapes) has 3 classes, the checkpoint's model 5; evaluate on a "
                               "dataset with the same classes")
+
+
+def test_a_bad_prediction_setting_in_the_checkpoint_is_named_as_the_checkpoint_names_it(ckpt, tmp_path):
+    """The user's ``mode=`` etc. are checked before the checkpoint is read (tests/test_checked_values.py); a null
+    one takes the checkpoint's ``predict.*``, and a bad value there is that key's, in one line."""
+    state = load_checkpoint(ckpt)
+    state["config"]["predict"] = {**(state["config"].get("predict") or {}), "mode": "bogus"}
+    edited = tmp_path / "edited.pt"
+    save_checkpoint(state, edited)
+    with pytest.raises(EvalError) as exc:
+        run(_cfg(edited, f"out={tmp_path / 'e'}"))
+    assert type(exc.value) is EvalError and str(exc.value) == "predict.mode='bogus': expected whole or slide"
+    assert run(_cfg(edited, f"out={tmp_path / 'e'}", "mode=whole"))["images"] == 5  # the user's value wins

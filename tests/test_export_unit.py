@@ -164,6 +164,13 @@ def test_checkpoints_that_cannot_be_exported(tmp_path):
     save_checkpoint({"model": {}}, empty)
     with pytest.raises(CheckpointError, match="lacks config, mean, std;"):
         run(_cfg(f"ckpt={empty}"))
+    misfit = tmp_path / "misfit.pt"  # weights of a width-4 U-Net under a config that says width 8
+    state = make_checkpoint(misfit, TINY)
+    state["config"]["model"]["width"] = 8
+    save_checkpoint(state, misfit)
+    with pytest.raises(CheckpointError) as exc:
+        run(_cfg(f"ckpt={misfit}"))
+    assert str(exc.value).startswith(f"checkpoint {misfit}: weights do not fit its model segrun.models.UNet (")
 
 
 def test_an_export_of_the_wrong_shape_fails_and_keeps_the_file(ckpt, tmp_path, monkeypatch):

@@ -111,7 +111,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                      extra_prefixes=extra, trust_all=trust_all)
     if from_ckpt and not trust_all:  # the user's dataset.* values are merged into the checked config
         check_checkpoint({"config": {"dataset": dataset_cfg}}, ckpt_path, ("dataset",), extra_prefixes=extra)
-    num_classes = int(ckpt.get("num_classes", stored.get("dataset", {}).get("num_classes", 0)))
+    stored_dataset = stored.get("dataset")
+    num_classes = ckpt.get("num_classes", stored_dataset.get("num_classes") if isinstance(stored_dataset, dict) else None)
+    if num_classes is None:
+        raise CheckpointError(f"checkpoint {ckpt_path} records no class count (num_classes, nor its dataset's); "
+                              "was it written by segrun training?")
+    num_classes = int(num_classes)
     if dataset_cfg.get("num_classes") is not None and int(dataset_cfg["num_classes"]) != num_classes:
         raise EvalError(f"dataset ({dataset_cfg['_target_']}) has {dataset_cfg.get('num_classes')} classes, the "
                         f"checkpoint's model {num_classes}; evaluate on a dataset with the same classes")

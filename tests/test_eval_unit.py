@@ -429,3 +429,41 @@ def test_a_bad_prediction_setting_in_the_checkpoint_is_named_as_the_checkpoint_n
         run(_cfg(edited, f"out={tmp_path / 'e'}"))
     assert type(exc.value) is EvalError and str(exc.value) == "predict.mode='bogus': expected whole or slide"
     assert run(_cfg(edited, f"out={tmp_path / 'e'}", "mode=whole"))["images"] == 5  # the user's value wins
+
+
+def test_the_class_count_comes_from_the_checkpoint_or_its_dataset_else_one_line(ckpt, tmp_path):
+    """``num_classes`` of the checkpoint, else of its stored dataset section (the model's head was built from it);
+    a checkpoint with neither is refused naming it, not scored against a model of 0 classes."""
+    state = load_checkpoint(ckpt)
+    del state["config"]["dataset"]  # evaluated on a dataset the user picks: the checkpoint's count still decides
+    no_dataset = tmp_path / "no_dataset.pt"
+    save_checkpoint(state, no_dataset)
+    shapes = ["dataset=shapes", "dataset.sizes={train: 1, val: 2, test: 1}", "dataset.min_size=32", "dataset.max_size=32"]
+    assert run(_cfg(no_dataset, f"out={tmp_path / 'e'}", *shapes))["images"] == 2
+    del state["num_classes"]
+    neither = tmp_path / "neither.pt"
+    save_checkpoint(state, neither)
+    with pytest.raises(CheckpointError) as exc:
+        run(_cfg(neither, f"out={tmp_path / 'n'}", *shapes))
+    assert str(exc.value) == (f"checkpoint {neither} records no class count (num_classes, nor its dataset's); was it "
+                              "written by segrun training?")
+
+
+def test_the_batch_size_is_the_checkpoints_validation_batch_else_1(ckpt, tmp_path):
+    assert run(_cfg(ckpt, f"out={tmp_path / 'a'}"))["batch_size"] == 3  # loader.val_batch_size=3 in the fixture
+    state = load_checkpoint(ckpt)
+    del state["config"]["loader"]["val_batch_size"]
+    edited = tmp_path / "edited.pt"
+    save_checkpoint(state, edited)
+    assert run(_cfg(edited, f"out={tmp_path / 'b'}"))["batch_size"] == 1
+    assert run(_cfg(edited, f"out={tmp_path / 'c'}", "batch_size=2"))["batch_size"] == 2
+
+
+def test_weights_that_do_not_fit_the_model_name_the_checkpoint(ckpt, tmp_path):
+    state = load_checkpoint(ckpt)
+    state["config"]["model"]["width"] = 8  # weights of a width-4 U-Net
+    misfit = tmp_path / "misfit.pt"
+    save_checkpoint(state, misfit)
+    with pytest.raises(CheckpointError) as exc:
+        run(_cfg(misfit, f"out={tmp_path / 'e'}"))
+    assert str(exc.value).startswith(f"checkpoint {misfit}: weights do not fit its model segrun.models.UNet (")

@@ -467,3 +467,23 @@ def test_weights_that_do_not_fit_the_model_name_the_checkpoint(ckpt, tmp_path):
     with pytest.raises(CheckpointError) as exc:
         run(_cfg(misfit, f"out={tmp_path / 'e'}"))
     assert str(exc.value).startswith(f"checkpoint {misfit}: weights do not fit its model segrun.models.UNet (")
+
+
+def test_the_thread_count_is_set_and_said_as_asked(ckpt, tmp_path, caplog, monkeypatch):
+    """``threads=1`` is what eval uses and says (named ``threads``, eval's own key); with ``threads=auto`` its loader
+    workers are left their CPUs."""
+    import logging
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="segrun"):
+            run(_cfg(ckpt, f"out={tmp_path / 'a'}", "threads=1"))
+            assert torch.get_num_threads() == 1
+            assert "CPU threads: 1 (threads)" in caplog.messages
+            caplog.clear()
+            run(_cfg(ckpt, f"out={tmp_path / 'b'}", "threads=auto", "num_workers=1"))
+        said = [m for m in caplog.messages if m.startswith("CPU threads: ")]
+        assert len(said) == 1 and "less 1 loader worker(s)" in said[0], said
+    finally:
+        torch.set_num_threads(before)

@@ -261,6 +261,10 @@ def test_pixels_of_the_ignore_label_are_left_out_of_the_scores(tmp_path):
     del state["config"]["dataset"]["ignore_index"]
     save_checkpoint(state, ckpt)
     assert run(_cfg(ckpt, f"out={tmp_path / 'f'}"))["pixels"] == 128
+    # neither says it: 255, the default, is ignored and label 2 is a class like the others
+    del state["ignore_index"]
+    save_checkpoint(state, ckpt)
+    assert run(_cfg(ckpt, f"out={tmp_path / 'g'}"))["pixels"] == 256
 
 
 def _stored_val_labels(ckpt: Path) -> list[np.ndarray]:

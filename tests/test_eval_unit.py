@@ -491,3 +491,16 @@ def test_the_thread_count_is_set_and_said_as_asked(ckpt, tmp_path, caplog, monke
         assert len(said) == 1 and "less 1 loader worker(s)" in said[0], said
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_checkpoint_without_its_loader_section_evaluates_on_the_loader_defaults(ckpt, tmp_path):
+    """The stored ``loader`` section only tunes the loader; without it eval reads one image per batch with the
+    defaults (no pinned memory off the GPU, no persistent workers) and scores the same split."""
+    state = load_checkpoint(ckpt)
+    del state["config"]["loader"]
+    bare = tmp_path / "bare.pt"
+    save_checkpoint(state, bare)
+    with_loader = run(_cfg(ckpt, f"out={tmp_path / 'a'}", "batch_size=1"))
+    without = run(_cfg(bare, f"out={tmp_path / 'b'}", "num_workers=1"))
+    assert (without["images"], without["batch_size"]) == (5, 1)
+    assert without["mIoU"] == pytest.approx(with_loader["mIoU"], abs=1e-6)

@@ -18,6 +18,7 @@ from segrun.confusion import read_confusion_csv
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segrun.engine.settings import PredictSettings
 from segrun.engine.trust import UntrustedCheckpointError
+from segrun.errors import SegrunError
 from segrun.eval import EvalError, _precision, _safe_name, dataset_argv, dataset_config, eval_dir, main, run, summary
 
 from helpers.cli import TINY, compose_cfg
@@ -504,3 +505,40 @@ def test_a_checkpoint_without_its_loader_section_evaluates_on_the_loader_default
     without = run(_cfg(bare, f"out={tmp_path / 'b'}", "num_workers=1"))
     assert (without["images"], without["batch_size"]) == (5, 1)
     assert without["mIoU"] == pytest.approx(with_loader["mIoU"], abs=1e-6)
+
+
+def test_class_names_are_the_datasets_and_the_palette_the_checkpoints(ckpt, tmp_path):
+    """The dataset read names its classes (the checkpoint's names are only a fallback); the colours of the saved
+    predictions are the checkpoint's palette, the dataset's only without one."""
+    from PIL import Image
+
+    state = load_checkpoint(ckpt)
+    state["class_names"] = ["c0", "c1", "c2", "c3", "c4"]
+    state["palette"] = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15]]
+    edited = tmp_path / "edited.pt"
+    save_checkpoint(state, edited)
+    result = run(_cfg(edited, f"out={tmp_path / 'a'}", "save_predictions=true"))
+    assert list(result["class_iou"]) == ["background", "ellipse", "rectangle", "triangle", "ring"]
+    first = sorted((result["out"] / "predictions").iterdir())[0]
+    assert Image.open(first).getpalette()[:15] == list(range(1, 16))
+    del state["palette"]
+    save_checkpoint(state, edited)
+    result = run(_cfg(edited, f"out={tmp_path / 'b'}", "save_predictions=true"))
+    first = sorted((result["out"] / "predictions").iterdir())[0]
+    shapes_palette = instantiate(load_checkpoint(ckpt)["config"]["dataset"], split="val", transform=None).palette
+    assert Image.open(first).getpalette()[:15] == [c for rgb in shapes_palette for c in rgb]
+
+
+def test_predictions_go_again_into_the_same_folder_and_a_file_in_its_way_is_one_line(ckpt, tmp_path):
+    out = tmp_path / "e"
+    run(_cfg(ckpt, f"out={out}", "save_predictions=true"))
+    assert len(list((out / "predictions").iterdir())) == 5
+    run(_cfg(ckpt, f"out={out}", "save_predictions=true"))  # a second evaluation into the same folder
+    assert len(list((out / "predictions").iterdir())) == 5
+    blocked = tmp_path / "f"
+    blocked.mkdir()
+    (blocked / "predictions").write_text("not a folder")
+    with pytest.raises(SegrunError) as exc:
+        run(_cfg(ckpt, f"out={blocked}", "save_predictions=true"))
+    assert str(exc.value) == (f"cannot write output folder {blocked / 'predictions'}: File exists (a file stands where "
+                              "a folder should be)")

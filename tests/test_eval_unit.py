@@ -542,3 +542,11 @@ def test_predictions_go_again_into_the_same_folder_and_a_file_in_its_way_is_one_
         run(_cfg(ckpt, f"out={blocked}", "save_predictions=true"))
     assert str(exc.value) == (f"cannot write output folder {blocked / 'predictions'}: File exists (a file stands where "
                               "a folder should be)")
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_in_one_line(ckpt, tmp_path):
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    out = tmp_path / "taken" / "eval"
+    with pytest.raises(SegrunError) as exc:
+        run(_cfg(ckpt, f"out={out}"))
+    assert str(exc.value) == f"cannot write output folder {out}: Not a directory (a file stands where a folder should be)"

@@ -12,7 +12,6 @@ Prints the median wall time of each and the ratio real/forked, measured in the s
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -26,17 +25,9 @@ from helpers import cli  # noqa: E402
 
 
 def _time(args: list[str], fresh: bool) -> float:
-    env = {"SEGRUN_NO_ZYGOTE": "1"} if fresh else {}
-    old = os.environ.get("SEGRUN_NO_ZYGOTE")
-    os.environ.update(env) if fresh else os.environ.pop("SEGRUN_NO_ZYGOTE", None)
-    try:
-        start = time.perf_counter()
-        r = cli.run_cli(args)
-        took = time.perf_counter() - start
-    finally:
-        os.environ.pop("SEGRUN_NO_ZYGOTE", None)
-        if old is not None:
-            os.environ["SEGRUN_NO_ZYGOTE"] = old
+    start = time.perf_counter()
+    r = cli.run_cli(args, fresh=fresh)
+    took = time.perf_counter() - start
     if r.returncode != 0:
         raise SystemExit(f"python -m segrun {' '.join(args)} failed ({r.returncode}): {r.stderr[-1500:]}")
     return took

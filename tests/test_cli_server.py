@@ -42,13 +42,8 @@ def probe(tmp_path):
 
 
 def _both(args, cwd, env=None):
-    forked = cli.run_cli(args, module="probe", cwd=cwd, env=env)
-    os.environ["SEGRUN_NO_ZYGOTE"] = "1"
-    try:
-        real = cli.run_cli(args, module="probe", cwd=cwd, env=env)
-    finally:
-        del os.environ["SEGRUN_NO_ZYGOTE"]
-    return forked, real
+    return (cli.run_cli(args, module="probe", cwd=cwd, env=env),
+            cli.run_cli(args, module="probe", cwd=cwd, env=env, fresh=True))
 
 
 @pytest.mark.parametrize("what,code", [("ok", 0), ("exit3", 3), ("boom", 1), ("term", -15)])
@@ -84,11 +79,6 @@ def test_the_timeout_kills_the_run_and_raises_as_subprocess_does(probe):
 
 
 def test_segrun_help_is_the_same_forked_or_real():
-    forked = cli.run_cli(["--help"])
-    os.environ["SEGRUN_NO_ZYGOTE"] = "1"
-    try:
-        real = cli.run_cli(["--help"])
-    finally:
-        del os.environ["SEGRUN_NO_ZYGOTE"]
+    forked, real = cli.run_cli(["--help"]), cli.run_cli(["--help"], fresh=True)
     assert forked.returncode == real.returncode == 0
     assert forked.stdout == real.stdout and "Configuration groups" in forked.stdout

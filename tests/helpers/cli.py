@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,16 +38,16 @@ _BASE_ENV = {"OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 
 
 def run_cli(args: list[str], module: str = "segrun", timeout: float = 300, cwd: Path | None = None,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+            env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
     """``python -m <module> args`` with one intra-op thread (stable on shared 2-core machines).
 
     Runs in a child forked from a server that has torch, Hydra and segrun imported (helpers/zygote.py):
     the same program, argv, environment, folder and exit status, without ~3 s of imports per run. A run
-    whose environment changes a start-up variable (FRESH_PREFIXES), or SEGRUN_NO_ZYGOTE=1 in the test
-    run's environment, gets a real ``python -m`` instead."""
+    whose environment changes a start-up variable (FRESH_PREFIXES), ``fresh=True``, or SEGRUN_NO_ZYGOTE=1 in
+    the test run's environment, gets a real ``python -m`` instead."""
     full_env = {**os.environ, **_BASE_ENV, **(env or {})}
     cmd = [sys.executable, "-m", module, *args]
-    server = _zygote(full_env)
+    server = None if fresh else _zygote(full_env)
     if server is None:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=full_env)
     return server.run(cmd, module, args, full_env, Path(cwd or REPO), timeout)
@@ -104,12 +105,7 @@ class _Zygote:
         self.proc.kill()
         self.proc.wait()
         self.log.close()
-        for f in self.folder.iterdir():
-            f.unlink() if f.is_file() or f.is_socket() else None
-        try:
-            self.folder.rmdir()
-        except OSError:
-            pass
+        shutil.rmtree(self.folder, ignore_errors=True)  # with the output of a run its timeout cut short
 
 
 def _read(path: Path) -> str:

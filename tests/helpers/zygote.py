@@ -2,7 +2,7 @@
 
 Why: most slow tests run ``python -m segrun`` as a subprocess, and importing torch, torchvision, Hydra
 and segrun costs ~3-4 s of CPU per run, a third or more of a tiny run on the 2-core CI machine
-(benchmarks/cli_startup.py measures it). A child forked from this server has those modules imported
+(benchmarks/bench_cli_startup.py measures it). A child forked from this server has those modules imported
 and nothing else done: it never ran a Hydra app, a torch op (no thread pool), or set a signal handler.
 It then does what ``python -m MODULE ARGS`` does (``runpy.run_module(..., alter_sys=True)`` with
 ``sys.path[0]`` the working directory) with the caller's argv, environment, working directory and
@@ -81,8 +81,8 @@ def _serve_one(conn: socket.socket) -> dict | None:
 def serve(path: str) -> dict:
     """Accept runs until the client side closes; returns only in a run's process (with its job).
 
-    Each connection gets its own child process, so concurrent runs (several test processes sharing a
-    server under mutmut) do not wait on each other; the server itself only accepts and reaps."""
+    Each connection gets its own child process, which forks the run, waits for it and reports, so the
+    server itself only accepts and reaps and never waits on a run."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(16)

@@ -24,6 +24,7 @@ from segrun import __version__
 from segrun.build import build_data_loader, build_dataset
 from segrun.config import conf_dir, plain
 from segrun.confusion import class_table, render_confusion_png, write_confusion_csv
+from segrun.data.base import default_palette
 from segrun.engine import evaluate as loop
 from segrun.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from segrun.engine.logging import save_mask, write_json
@@ -155,7 +156,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise EvalError(f"split={split}: the dataset has no samples in this split")
     class_names = list(getattr(dataset, "class_names", None) or ckpt.get("class_names") or range(num_classes))
     class_names = [str(n) for n in class_names]
-    palette = ckpt.get("palette") or getattr(dataset, "palette", None)
+    # a user's own dataset class need not colour its classes, nor a hand-made checkpoint record colours
+    palette = ckpt.get("palette") or getattr(dataset, "palette", None) or default_palette(num_classes)
     loader = build_data_loader(build_cfg, dataset, train=False, device=device)
 
     pred_dir = out / "predictions"

@@ -405,8 +405,16 @@ def test_a_process_of_another_user_counts_as_alive(monkeypatch):
 
 
 def test_probing_a_process_sends_it_no_signal():
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    """The sleeper puts every signal back to its default action first (a runner started under ``nohup`` hands its
+    children SIGHUP ignored, which would hide a probe with signal 1), then says it is ready."""
+    code = ("import signal, sys, time\n"
+            "for s in signal.valid_signals():\n"
+            "    try: signal.signal(s, signal.SIG_DFL)\n"
+            "    except (OSError, ValueError): pass\n"
+            "print('ready', flush=True); time.sleep(30)")
+    sleeper = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
+        assert sleeper.stdout.readline() == "ready\n"
         assert status.pid_alive(sleeper.pid)
         with pytest.raises(subprocess.TimeoutExpired):  # any real signal (SIGHUP...) would end it within this wait
             sleeper.wait(timeout=0.5)
@@ -464,6 +472,7 @@ def test_a_config_without_a_sweep_section_is_not_a_resume(tmp_path, capsys):
 def test_a_claim_without_a_usable_pid_is_not_a_live_process(tmp_path):
     """``kill(0 or -1, 0)`` would probe a process group or every process: no single process answers for it."""
     assert not status.pid_alive(0) and not status.pid_alive(-1)
+    assert status.pid_alive(1)  # the lowest real pid (init) is a process like any other
     here = socket.gethostname()
     assert effective_state({"state": "running", "host": here}) == "killed"
     assert effective_state({"state": "done", "pid": dead_pid(), "host": here}) == "done"  # only a running claim dies

@@ -332,8 +332,11 @@ def test_the_split_is_drawn_with_the_checkpoints_seed(tmp_path):
     def labelled(seed):
         return sum(int((np.asarray(dataset.sample(i, seed, 0)["label"]) != ignore).sum()) for i in range(len(dataset)))
 
-    assert labelled(3) != labelled(0)  # the seed shows in the scores, else this would prove nothing
+    assert labelled(3) != labelled(0) != labelled(1)  # the seed shows in the scores, else this would prove nothing
     assert run(_cfg(ckpt, f"out={tmp_path / 'e'}"))["pixels"] == labelled(3)
+    del config["seed"]  # a hand-made or older checkpoint without one: seed 0
+    save_checkpoint(state, ckpt)
+    assert run(_cfg(ckpt, f"out={tmp_path / 'f'}"))["pixels"] == labelled(0)
 
 
 def test_a_dataset_without_class_names_takes_the_checkpoints_then_class_numbers(ckpt, tmp_path, monkeypatch):
@@ -550,3 +553,194 @@ def test_an_output_folder_that_cannot_be_made_is_named_in_one_line(ckpt, tmp_pat
     with pytest.raises(SegrunError) as exc:
         run(_cfg(ckpt, f"out={out}"))
     assert str(exc.value) == f"cannot write output folder {out}: Not a directory (a file stands where a folder should be)"
+
+
+def _edited(ckpt: Path, path: Path, edit) -> Path:
+    """A copy of ``ckpt`` at ``path`` with ``edit(state)`` applied to its loaded state."""
+    state = load_checkpoint(ckpt)
+    edit(state)
+    save_checkpoint(state, path)
+    return path
+
+
+def test_another_dataset_lends_its_crop_and_ignore_value_to_the_checkpoints_validation_transform(tmp_path, monkeypatch):
+    """Trained with a centre-crop validation at 32 px, scored on another dataset config whose crop is 24 px: each image
+    is scored at 24 x 24 (the shapes labels have no ignored pixel, so pixels = images x 24 x 24), and the transform
+    gets that dataset's ignore value too. A key the stored transform does not take is not forced on it."""
+    import segrun.eval as ev
+
+    ckpt = tmp_path / "best.pt"
+    state = make_checkpoint(ckpt, [*TINY, "augment.val.protocol=center_crop", "dataset.sizes={train: 2, val: 2, test: 2}"])
+    assert state["config"]["augment"]["val"]["crop_size"] == 32
+    built = []
+    real = ev.build_dataset
+    monkeypatch.setattr(ev, "build_dataset", lambda cfg, *a, **k: built.append(OmegaConf.to_container(cfg.augment.val))
+                        or real(cfg, *a, **k))
+    other = ["dataset=shapes", "dataset.sizes={train: 1, val: 3, test: 1}", "dataset.crop_size=24", "dataset.ignore_index=7"]
+    assert run(_cfg(ckpt, f"out={tmp_path / 'a'}", *other))["pixels"] == 3 * 24 * 24
+    assert built[-1] == {"_target_": "segrun.data.ValTransform", "protocol": "center_crop", "crop_size": 24,
+                         "ignore_index": 7}
+    # the checkpoint's own dataset keeps its own crop
+    assert run(_cfg(ckpt, f"out={tmp_path / 'b'}"))["pixels"] == 2 * 32 * 32
+    # a stored transform without an ignore value (a user's own class may not take one) gets none
+    del state["config"]["augment"]["val"]["ignore_index"]
+    save_checkpoint(state, ckpt)
+    assert run(_cfg(ckpt, f"out={tmp_path / 'c'}", *other))["pixels"] == 3 * 24 * 24
+    assert built[-1] == {"_target_": "segrun.data.ValTransform", "protocol": "center_crop", "crop_size": 24}
+
+
+def test_label_255_is_ignored_when_nothing_says_otherwise_even_inside_the_class_range(tmp_path):
+    """With 260 classes 255 is a class number, so only the ignore rule leaves it out: a checkpoint and dataset config
+    that name no ignore value score the 128 pixels labelled 1 of a 16x16 mask whose lower half is 255."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for d in ("images", "masks", "splits"):
+        (root / d).mkdir(parents=True)
+    mask = np.full((16, 16), 255, np.uint8)
+    mask[:8] = 1
+    for name in ("a", "b"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            root / "images" / f"{name}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+    (root / "splits" / "train.txt").write_text("a\n")
+    (root / "splits" / "val.txt").write_text("b\n")
+    ckpt = tmp_path / "best.pt"
+    state = make_checkpoint(ckpt, ["dataset=folder", f"dataset.root={root}", "dataset.num_classes=260", "dataset.crop_size=16",
+                                   "dataset.base_size=16", "dataset.ignore_index=300", "model.width=4", "model.depth=2",
+                                   f"dataset.class_names=[{','.join(f'c{i}' for i in range(260))}]",
+                                   f"dataset.palette=[{','.join(f'[{i % 256},0,0]' for i in range(260))}]"])
+    assert run(_cfg(ckpt, f"out={tmp_path / 'e'}"))["pixels"] == 256  # ignore 300: label 255 is a class here
+    del state["config"]["dataset"]["ignore_index"], state["config"]["augment"]["val"]["ignore_index"], state["ignore_index"]
+    save_checkpoint(state, ckpt)
+    assert run(_cfg(ckpt, f"out={tmp_path / 'f'}"))["pixels"] == 128
+
+
+def test_predictions_of_a_dataset_without_sample_ids_are_numbered_in_order(ckpt, tmp_path):
+    """A dataset config without ``return_id`` gives no sample ids: prediction files are numbered 000000, 000001...
+    in the split's order over batches of 2 (each file the size of that sample's label, the shapes images differing in
+    size), and metrics.json records the dataset as configured. Five images in batches of 2: the first batch is
+    warm-up, so 3 images are timed."""
+    from PIL import Image
+
+    no_ids = _edited(ckpt, tmp_path / "no_ids.pt", lambda s: s["config"]["dataset"].pop("return_id"))
+    result = run(_cfg(no_ids, f"out={tmp_path / 'a'}", "save_predictions=true", "batch_size=2"))
+    files = sorted((result["out"] / "predictions").iterdir())
+    assert [f.name for f in files] == [f"00000{i}.png" for i in range(5)]
+    labels = _stored_val_labels(ckpt)
+    assert len({m.shape for m in labels}) > 1  # sizes differ, else the order would go unseen
+    assert [Image.open(f).size[::-1] for f in files] == [m.shape for m in labels]
+    assert result["throughput"]["timed_images"] == 3
+    assert "return_id" not in result["dataset"]
+    # with ids in the config: named by sample id when saving, recorded as configured when not
+    assert run(_cfg(ckpt, f"out={tmp_path / 'b'}"))["dataset"]["return_id"] is False
+    assert run(_cfg(ckpt, f"out={tmp_path / 'c'}", "save_predictions=true"))["dataset"]["return_id"] is True
+
+
+def test_the_throughput_is_images_over_seconds_after_the_warm_up_batch(ckpt, tmp_path, monkeypatch):
+    """A clock that ticks one second per reading: batches of 2, 2, 1 read t0/t1 around each forward pass and the
+    wall clock starts after the first (warm-up) batch, so 3 images take 2 s of model time in 5 s of wall time. A clock
+    that never moves gives no figure rather than a division by zero."""
+    import itertools
+    import types
+
+    import segrun.engine.evaluate as evaluate_module
+
+    ticks = itertools.count(1)
+    monkeypatch.setattr(evaluate_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    result = run(_cfg(ckpt, f"out={tmp_path / 'a'}", "batch_size=2"))
+    assert result["throughput"] == {"img_per_s": 3 / 5, "model_img_per_s": 3 / 2, "timed_images": 3}
+    monkeypatch.setattr(evaluate_module, "time", types.SimpleNamespace(perf_counter=lambda: 7.0))
+    result = run(_cfg(ckpt, f"out={tmp_path / 'b'}", "batch_size=2"))
+    assert result["throughput"] == {"img_per_s": None, "model_img_per_s": None, "timed_images": 3}
+
+
+def test_eval_uses_its_own_worker_count_not_the_trainings(ckpt, tmp_path, monkeypatch):
+    import segrun.data.loader as loader_module
+
+    workers = []
+
+    class Recording(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            workers.append(kwargs.get("num_workers", 0))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "DataLoader", Recording)
+    trained_with_2 = _edited(ckpt, tmp_path / "w2.pt", lambda s: s["config"]["loader"].update(num_workers=2))
+    run(_cfg(trained_with_2, f"out={tmp_path / 'a'}", "num_workers=0"))
+    assert workers == [0]
+
+
+def test_a_users_dataset_with_an_empty_split_is_one_line(ckpt, tmp_path, monkeypatch):
+    """The built-in datasets refuse an empty split themselves; a user's own class may hand back nothing."""
+    import segrun.eval as ev
+
+    monkeypatch.setattr(ev, "build_dataset", lambda *a, **k: [])
+    with pytest.raises(EvalError) as exc:
+        run(_cfg(ckpt, f"out={tmp_path / 'a'}"))
+    assert str(exc.value) == "split=val: the dataset has no samples in this split"
+
+
+def test_without_a_palette_anywhere_predictions_get_the_default_colours(ckpt, tmp_path, monkeypatch):
+    """A user's own dataset class with no ``palette`` and a checkpoint that stored none: the predictions are still
+    written, coloured with segrun's default palette (background black)."""
+    from PIL import Image
+
+    import segrun.eval as ev
+
+    real = ev.build_dataset
+
+    class Plain(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner, self.class_names = inner, inner.class_names
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            return self.inner[i]
+
+    monkeypatch.setattr(ev, "build_dataset", lambda *a, **k: Plain(real(*a, **k)))
+    bare = _edited(ckpt, tmp_path / "bare.pt", lambda s: s.pop("palette"))
+    result = run(_cfg(bare, f"out={tmp_path / 'a'}", "save_predictions=true"))
+    files = sorted((result["out"] / "predictions").iterdir())
+    assert len(files) == 5 and Image.open(files[0]).getpalette()[:3] == [0, 0, 0]
+
+
+def test_a_prediction_file_that_cannot_be_written_is_named(ckpt, tmp_path):
+    out = tmp_path / "e"
+    (out / "predictions" / "shapes_1_00000.png").mkdir(parents=True)  # a folder where the first file goes
+    with pytest.raises(SegrunError) as exc:
+        run(_cfg(ckpt, f"out={out}", "save_predictions=true"))
+    assert str(exc.value).startswith(f"cannot write {out / 'predictions' / 'shapes_1_00000.png'}: Is a directory")
+
+
+def test_a_bf16_evaluation_runs_the_model_under_bf16_autocast(ckpt, tmp_path, monkeypatch):
+    import segrun.eval as ev
+
+    seen = []
+    real = ev.model_from_checkpoint
+
+    def recording(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_pre_hook(lambda *_: seen.append((torch.is_autocast_enabled("cpu"),
+                                                                  torch.get_autocast_dtype("cpu"))))
+        return model
+
+    monkeypatch.setattr(ev, "model_from_checkpoint", recording)
+    assert run(_cfg(ckpt, f"out={tmp_path / 'a'}", "precision=bf16"))["precision"] == "bf16"
+    assert seen and set(seen) == {(True, torch.bfloat16)}
+    seen.clear()
+    run(_cfg(ckpt, f"out={tmp_path / 'b'}"))
+    assert seen and not any(enabled for enabled, _ in seen)
+
+
+def test_the_confusion_picture_is_titled_with_the_checkpoint_and_split_and_bounded_in_classes(ckpt, tmp_path):
+    """Reference: the picture drawn from eval's own CSV with the documented title and ``plot_max_classes=2``."""
+    from segrun.confusion import render_confusion_png
+
+    result = run(_cfg(ckpt, f"out={tmp_path / 'a'}", "plot_max_classes=2"))
+    names, mat = read_confusion_csv(result["out"] / "confusion_matrix.csv")
+    reference = render_confusion_png(mat, names, tmp_path / "ref.png",
+                                     title="best.pt on val (rows: ground truth, normalised)", max_classes=2)
+    assert (result["out"] / "confusion_matrix.png").read_bytes() == reference.read_bytes()

@@ -607,3 +607,20 @@ def test_an_invalid_status_file_is_a_warning_on_stderr(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"warning: {run / 'status.json'} ") and \
         err.endswith("; the job counts as not done\n") and err.count("\n") == 1
+
+
+def test_a_metrics_file_holding_no_object_is_named_with_what_it_holds(tmp_path, capsys):
+    run = write_run(tmp_path / "a", [], state="done")
+    (run / "metrics.json").write_text("[0.5]")
+    row = report.read_row(run, tmp_path)
+    assert (row.best_metric, row.history) == (None, [])
+    assert capsys.readouterr().err == f"warning: {run / 'metrics.json'} expected a JSON object, found list; its row " \
+                                      "shows no metrics\n"
+
+
+def test_a_hand_written_monitor_without_a_direction_still_names_the_history_key(tmp_path):
+    """``monitor`` is "<max|min> <key>" as segrun writes it; a hand-written bare key is read as the key itself."""
+    run = write_run(tmp_path / "a", [epoch(1, 0.2, 0.9), epoch(2, 0.6, 0.5)])
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "monitor": "val/mIoU"}))
+    assert report.read_row(run, tmp_path).history == [(1, 0.2), (2, 0.6)]

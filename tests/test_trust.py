@@ -357,6 +357,9 @@ def test_replayed_override_rules_see_through_packages_quotes_and_nested_groups()
             check_overrides([override], source="checkpoint c.pt")
         assert str(exc.value) == f"checkpoint c.pt: stored override {override!r} refused: {why}{tail}", override
     check_overrides(["dataset.root=../data", "+experiment@_global_=x", "loss@aux=ce"], source="c")
+    # only where a package lands counts: a node named hydra or trust deeper down is a value like any other
+    check_overrides(["model@extra.hydra=unet", "+model@_global_.extra.hydra=unet", "+model@_global_.extra.trust=unet"],
+                    source="c")
     # the key is everything before the first '=' and the first '@', without the leading +/~ (and only those)
     assert override_key_parts("a.b=c=d") == ["a", "b"]
     assert override_key_parts("model@a@b=x") == ["model"]

@@ -39,6 +39,14 @@ def _cfg(ckpt, *extra):
     return compose_cfg([f"ckpt={ckpt}", "progress=false", *extra], config_name="eval")
 
 
+def _edited(ckpt: Path, path: Path, edit) -> Path:
+    """A copy of ``ckpt`` at ``path`` with ``edit(state)`` applied to its loaded state."""
+    state = load_checkpoint(ckpt)
+    edit(state)
+    save_checkpoint(state, path)
+    return path
+
+
 def test_the_eval_folder_names_the_checkpoint_split_and_prediction(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
     whole = PredictSettings()
@@ -385,10 +393,7 @@ def test_a_hostile_target_in_the_checkpoints_validation_data_is_refused_in_proce
 
 
 def test_a_checkpoint_without_num_classes_takes_its_datasets(ckpt, tmp_path):
-    state = load_checkpoint(ckpt)
-    del state["num_classes"]
-    bare = tmp_path / "bare.pt"
-    save_checkpoint(state, bare)
+    bare = _edited(ckpt, tmp_path / "bare.pt", lambda s: s.pop("num_classes"))
     result = run(_cfg(bare, f"out={tmp_path / 'out'}"))
     assert len(json.loads((result["out"] / "metrics.json").read_text())["class_iou"]) == 5
 
@@ -416,10 +421,7 @@ def test_a_dataset_class_on_the_users_own_command_line_is_not_a_checkpoint_to_tr
 def test_the_class_count_to_match_is_the_models_not_its_datasets_record(ckpt, tmp_path):
     """The weights have the checkpoint's ``num_classes`` outputs; a stored dataset section saying otherwise (a
     hand-edited file) is a dataset of other classes, refused in one line naming both counts."""
-    state = load_checkpoint(ckpt)
-    state["config"]["dataset"]["num_classes"] = 3
-    edited = tmp_path / "edited.pt"
-    save_checkpoint(state, edited)
+    edited = _edited(ckpt, tmp_path / "edited.pt", lambda s: s["config"]["dataset"].update(num_classes=3))
     with pytest.raises(EvalError) as exc:
         run(_cfg(edited, f"out={tmp_path / 'e'}"))
     assert str(exc.value) == ("dataset (segrun.data.Shapes) has 3 classes, the checkpoint's model 5; evaluate on a "
@@ -459,19 +461,14 @@ def test_the_class_count_comes_from_the_checkpoint_or_its_dataset_else_one_line(
 
 def test_the_batch_size_is_the_checkpoints_validation_batch_else_1(ckpt, tmp_path):
     assert run(_cfg(ckpt, f"out={tmp_path / 'a'}"))["batch_size"] == 3  # loader.val_batch_size=3 in the fixture
-    state = load_checkpoint(ckpt)
-    del state["config"]["loader"]["val_batch_size"]
-    edited = tmp_path / "edited.pt"
-    save_checkpoint(state, edited)
+    edited = _edited(ckpt, tmp_path / "edited.pt", lambda s: s["config"]["loader"].pop("val_batch_size"))
     assert run(_cfg(edited, f"out={tmp_path / 'b'}"))["batch_size"] == 1
     assert run(_cfg(edited, f"out={tmp_path / 'c'}", "batch_size=2"))["batch_size"] == 2
 
 
 def test_weights_that_do_not_fit_the_model_name_the_checkpoint(ckpt, tmp_path):
-    state = load_checkpoint(ckpt)
-    state["config"]["model"]["width"] = 8  # weights of a width-4 U-Net
-    misfit = tmp_path / "misfit.pt"
-    save_checkpoint(state, misfit)
+    # weights of a width-4 U-Net
+    misfit = _edited(ckpt, tmp_path / "misfit.pt", lambda s: s["config"]["model"].update(width=8))
     with pytest.raises(CheckpointError) as exc:
         run(_cfg(misfit, f"out={tmp_path / 'e'}"))
     assert str(exc.value).startswith(f"checkpoint {misfit}: weights do not fit its model segrun.models.UNet (")
@@ -500,10 +497,7 @@ def test_the_thread_count_is_set_and_said_as_asked(ckpt, tmp_path, caplog, monke
 def test_a_checkpoint_without_its_loader_section_evaluates_on_the_loader_defaults(ckpt, tmp_path):
     """The stored ``loader`` section only tunes the loader; without it eval reads one image per batch with the
     defaults (no pinned memory off the GPU, no persistent workers) and scores the same split."""
-    state = load_checkpoint(ckpt)
-    del state["config"]["loader"]
-    bare = tmp_path / "bare.pt"
-    save_checkpoint(state, bare)
+    bare = _edited(ckpt, tmp_path / "bare.pt", lambda s: s["config"].pop("loader"))
     with_loader = run(_cfg(ckpt, f"out={tmp_path / 'a'}", "batch_size=1"))
     without = run(_cfg(bare, f"out={tmp_path / 'b'}", "num_workers=1"))
     assert (without["images"], without["batch_size"]) == (5, 1)
@@ -553,14 +547,6 @@ def test_an_output_folder_that_cannot_be_made_is_named_in_one_line(ckpt, tmp_pat
     with pytest.raises(SegrunError) as exc:
         run(_cfg(ckpt, f"out={out}"))
     assert str(exc.value) == f"cannot write output folder {out}: Not a directory (a file stands where a folder should be)"
-
-
-def _edited(ckpt: Path, path: Path, edit) -> Path:
-    """A copy of ``ckpt`` at ``path`` with ``edit(state)`` applied to its loaded state."""
-    state = load_checkpoint(ckpt)
-    edit(state)
-    save_checkpoint(state, path)
-    return path
 
 
 def test_another_dataset_lends_its_crop_and_ignore_value_to_the_checkpoints_validation_transform(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def test_booleans():
 
 @pytest.mark.parametrize("value, seconds", [(90, 90.0), (0.5, 0.5), ("90s", 90.0), ("90 s", 90.0), ("2sec", 2.0),
                                             ("10min", 600.0), ("10m", 600.0), ("1.5h", 5400.0), ("2hr", 7200.0),
-                                            (" 3H ", 10800.0), ("5MIN", 300.0)])
+                                            (" 3H ", 10800.0), ("5MIN", 300.0), ("0.5s", 0.5), ("0.25min", 15.0)])
 def test_durations(value, seconds):
     assert parse_duration("k", value) == seconds
 
@@ -76,7 +76,8 @@ def test_bad_durations_are_one_line(value):
 
 def test_checkpoint_every_is_iterations_or_a_duration():
     assert parse_every("k", None) == parse_every("k", 0) == parse_every("k", "0") == parse_every("k", "") == (0, 0.0)
-    assert parse_every("k", 25) == (25, 0.0) and parse_every("k", " 7 ") == (7, 0.0)
+    assert parse_every("k", 25) == (25, 0.0) and parse_every("k", " 7 ") == (7, 0.0) and parse_every("k", "1") == (1, 0.0)
+    assert parse_every("k", "00") == (0, 0.0)
     assert parse_every("k", "10min") == (0, 600.0)
     assert _error(parse_every, "k", -2) == "k=-2: expected an integer >= 1"
     assert parse_every("k", False) == (0, 0.0)  # false: off, like null
@@ -461,3 +462,21 @@ def test_read_settings_reads_every_option_after_a_given_or_plain_field():
 
     s = read_settings(Tool, OmegaConf.create({"workers": 5, "batch": 3}), given=("a.",))
     assert (s.given, s.plain, s.workers, s.batch) == (("a.",), [], 5, 3)
+
+
+def test_a_trainer_config_without_the_optional_keys_reads_as_the_shipped_defaults():
+    """A user's own trainer config written before an option existed lacks its key: it then means what
+    conf/trainer/default.yaml ships, read from the YAML here, not from the code's fallbacks."""
+    from segrun.config import conf_dir
+    from segrun.engine.settings import TrainSettings
+
+    full = compose_cfg([])
+    optional = ["threads", "precision", "channels_last", "compile", "accumulate", "ema", "prefetch", "keep_last",
+                "checkpoint_every", "dist_timeout", "sync_bn", "find_unused_parameters", "dist_backend",
+                "limit_train_batches", "limit_val_batches"]
+    shipped = OmegaConf.load(conf_dir() + "/trainer/default.yaml")
+    assert all(k in shipped for k in optional)
+    bare = OmegaConf.create(OmegaConf.to_container(full, resolve=True))
+    for key in optional:
+        del bare.trainer[key]
+    assert TrainSettings.from_config(bare) == TrainSettings.from_config(full)

@@ -75,12 +75,12 @@ def parse_duration(key: str, value: Any) -> float:
 def parse_every(key: str, value: Any) -> tuple[int, float]:
     """``trainer.checkpoint_every``: iterations (an integer) or a duration; returns (iterations, seconds),
     one of them 0; null or 0 turns it off."""
-    if value in (None, 0, "0", ""):
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # "25" as quoted in YAML or by a shell; "0" and "00" turn it off as 0 does
+    if value in (None, 0, ""):
         return 0, 0.0
     if isinstance(value, int) and not isinstance(value, bool):
         return check_int(key, value, 1), 0.0
-    if isinstance(value, str) and value.strip().isdigit():
-        return check_int(key, int(value), 1), 0.0
     if isinstance(value, (float, bool)):
         raise ConfigError(f"{key}={value!r}: expected a number of iterations or a duration such as 10min")
     return 0, parse_duration(key, value)
@@ -227,7 +227,7 @@ class TrainSettings:
             checkpoint_every_s=every[1],
             keep_last=check_int("trainer.keep_last", t.get("keep_last", 0) or 0, 0),
             dist_timeout_s=parse_duration("trainer.dist_timeout", t.get("dist_timeout", "5min")),
-            sync_bn=check_bool("trainer.sync_bn", t.get("sync_bn", True)),
+            sync_bn=check_bool("trainer.sync_bn", t.get("sync_bn", False)),
             find_unused_parameters=check_bool("trainer.find_unused_parameters", t.get("find_unused_parameters", False)),
             dist_backend=DIST_BACKENDS_CHECK("trainer.dist_backend", t.get("dist_backend", "auto")),
             predict=PredictSettings.from_config(cfg.predict),

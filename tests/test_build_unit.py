@@ -284,3 +284,49 @@ def test_a_dataset_config_without_the_bad_sample_keys_takes_their_defaults():
         del cfg.trainer.precision, cfg.trainer.dist_backend, cfg.trainer.keep_last
     s = check_config(cfg)
     assert (s.precision, s.dist_backend, s.keep_last) == ("fp32", "auto", 0)
+
+
+def test_build_parts_sets_deterministic_algorithms_and_leaves_the_loader_workers_their_cpus(caplog, monkeypatch):
+    """``trainer.deterministic=true`` reaches torch; with ``trainer.threads=auto`` and ``loader.num_workers=auto`` on
+    the CPU (no workers there) the thread line is the one without workers, with ``num_workers=1`` it says so."""
+    import logging
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="segrun"):
+            cfg = _composed([*TINY, "trainer.device=cpu", "trainer.deterministic=true", "trainer.threads=auto",
+                             "loader.num_workers=auto"])
+            parts = build.build_parts(cfg, check_config(cfg))
+            assert torch.are_deterministic_algorithms_enabled()
+            assert parts.train_loader.num_workers == 0
+            said = [m for m in caplog.messages if m.startswith("CPU threads: ")]
+            assert len(said) == 1 and "loader worker" not in said[0], said
+            caplog.clear()
+            cfg = _composed([*TINY, "trainer.device=cpu", "trainer.threads=auto", "loader.num_workers=1"])
+            build.build_parts(cfg, check_config(cfg))
+        said = [m for m in caplog.messages if m.startswith("CPU threads: ")]
+        assert len(said) == 1 and "less 1 loader worker(s)" in said[0], said
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.set_num_threads(threads)
+
+
+def test_a_resumed_runs_tensorboard_curves_continue_from_the_checkpoints_step(tmp_path):
+    """A killed run logged steps 1-10; resumed from step 5's checkpoint, the logger build_logger makes drops steps
+    6-10, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _composed([*TINY, "logger=[tensorboard]"])
+    settings = check_config(cfg)
+    first = build.build_logger(cfg, tmp_path, settings)
+    for step in range(1, 11):
+        first.scalar("train/loss", float(step), step)
+    first.close()
+    resumed = build.build_logger(cfg, tmp_path, settings, resume_step=5)
+    resumed.scalar("train/loss", 60.0, 6)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
+                                                                       (5, 5.0), (6, 60.0)]

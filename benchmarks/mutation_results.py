@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "mutants" / "results.txt"
 SAMPLED = ROOT / "mutants" / "sampled.txt"
 EQUIVALENTS = ROOT / "benchmarks" / "mutation_equivalents.txt"
+#: survivors of the fast tests that a slow test kills, each checked by applying the mutant by hand
+SLOW_KILLS = ROOT / "benchmarks" / "mutation_slow_kills.txt"
 #: statuses of a mutant no test run has decided yet
 UNTESTED = ("not checked", "skipped")
 
@@ -36,10 +38,13 @@ def read_results(modules: list[str]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def read_equivalents() -> set[str]:
-    """The mutant names listed in mutation_equivalents.txt (``name [name...]: reason`` lines)."""
+def read_equivalents(path: Path = EQUIVALENTS) -> set[str]:
+    """The mutant names listed in mutation_equivalents.txt, or another list of the same form
+    (``name [name...]: reason`` lines)."""
     names: set[str] = set()
-    for line in EQUIVALENTS.read_text(encoding="utf-8").splitlines():
+    if not path.exists():
+        return names
+    for line in path.read_text(encoding="utf-8").splitlines():
         if not line.startswith("#") and ": " in line:
             names.update(line.split(": ", 1)[0].split())
     return names
@@ -57,7 +62,7 @@ def sample(n: int, modules: list[str], seed: int = 20) -> list[str]:
 def open_survivors(modules: list[str]) -> list[str]:
     equivalent = read_equivalents()
     return [name for _, name, status in read_results(modules)
-            if status in ("survived", "no tests") and name not in equivalent]
+            if status in ("survived", "no tests") and name not in equivalent | read_equivalents(SLOW_KILLS)]
 
 
 def _tested(c: Counter) -> int:
@@ -65,7 +70,7 @@ def _tested(c: Counter) -> int:
 
 
 def _row(label: str, c: Counter, s: Counter) -> str:
-    n, caught = _tested(c), c["killed"] + c["timeout"]
+    n, caught = _tested(c), c["killed"] + c["timeout"] + c["slow"]
     score = 100.0 * caught / n if n else float("nan")
     # a sample drawn from the mutants the exhaustive part had not reached stands for all of them
     estimate = ""
@@ -73,19 +78,21 @@ def _row(label: str, c: Counter, s: Counter) -> str:
         s_caught = s["killed"] + s["timeout"]
         whole = caught - s_caught + s_caught / _tested(s) * (_tested(s) + c["not checked"])
         estimate = f"{100.0 * whole / (n + c['not checked']):6.1f}%"
-    return (f"{label:28s} {n + c['not checked']:7d} {n:7d} {c['killed']:7d} {c['timeout']:8d} {c['equivalent']:10d} "
+    return (f"{label:28s} {n + c['not checked']:7d} {n:7d} {c['killed']:7d} {c['timeout']:8d} {c['slow']:5d} {c['equivalent']:10d} "
             f"{c['survived']:5d} {c['no tests']:8d} {c['not checked']:8d} {score:6.1f}% {estimate:>9s}")
 
 
 def table(modules: list[str]) -> str:
     sampled = set(SAMPLED.read_text().split()) if SAMPLED.exists() else set()
-    equivalent = read_equivalents()
+    equivalent, slow = read_equivalents(), read_equivalents(SLOW_KILLS)
     by_module: dict[str, Counter] = defaultdict(Counter)
     in_sample: dict[str, Counter] = defaultdict(Counter)
     survivors, stale = [], []
     for module, name, status in read_results(modules):
         if status == "survived" and name in equivalent:
             status = "equivalent"
+        elif status == "survived" and name in slow:
+            status = "slow"
         elif name in equivalent and status not in UNTESTED:  # listed, yet a test tells it apart: a moved name?
             stale.append(f"{name} ({status})")
         by_module[module][status] += 1
@@ -93,7 +100,7 @@ def table(modules: list[str]) -> str:
             in_sample[module][status] += 1
         if status in ("survived", "no tests"):
             survivors.append(f"{name} ({status})")
-    lines = [f"{'module':28s} {'mutants':>7s} {'tested':>7s} {'killed':>7s} {'timeouts':>8s} {'equivalent':>10s} "
+    lines = [f"{'module':28s} {'mutants':>7s} {'tested':>7s} {'killed':>7s} {'timeouts':>8s} {'slow':>5s} {'equivalent':>10s} "
              f"{'open':>5s} {'no tests':>8s} {'untested':>8s} {'score':>7s} {'estimate':>9s}"]
     total: Counter = Counter()
     for mod in modules:
@@ -102,7 +109,8 @@ def table(modules: list[str]) -> str:
             total.update(by_module[mod])
     lines += [_row("total", total, Counter()), "",
               "equivalent: survivors listed in benchmarks/mutation_equivalents.txt; open: the other survivors",
-              "score: (killed + timeouts) / tested. estimate: the whole module's score when SAMPLE= drew a random",
+              "slow: survivors of the fast tests that a slow test kills (benchmarks/mutation_slow_kills.txt)",
+              "score: (killed + timeouts + slow) / tested. estimate: the whole module's score when SAMPLE= drew a random",
               "sample of the mutants not yet tested (tested part exactly + the sample's rate for the untested rest)", "",
               "open survivors and mutants without a fast test (mutmut show <name>):"]
     lines += ["  " + name for name in survivors]

@@ -330,3 +330,20 @@ def test_a_resumed_runs_tensorboard_curves_continue_from_the_checkpoints_step(tm
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
                                                                        (5, 5.0), (6, 60.0)]
+
+
+def test_a_launched_process_asks_torch_for_its_group_with_the_configured_backend_and_timeout(monkeypatch):
+    """Under torchrun, build_parts joins the process group with ``trainer.dist_backend`` and ``trainer.dist_timeout``
+    (what bounds a collective when a rank hangs: a rank that dies is ended by torchrun's agent first, so the
+    multi-process tests cannot see the timeout). torch's own call is recorded instead of run."""
+    import datetime
+
+    import segrun.engine.distributed as distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "launched_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: calls.append(kw))
+    cfg = _composed([*TINY, "trainer.device=cpu", "trainer.threads=1", "trainer.dist_backend=gloo",
+                     "trainer.dist_timeout=7s"])
+    build.build_parts(cfg, check_config(cfg))
+    assert calls == [{"backend": "gloo", "timeout": datetime.timedelta(seconds=7)}]

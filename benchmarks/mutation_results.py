@@ -78,8 +78,8 @@ def _row(label: str, c: Counter, s: Counter) -> str:
         s_caught = s["killed"] + s["timeout"]
         whole = caught - s_caught + s_caught / _tested(s) * (_tested(s) + c["not checked"])
         estimate = f"{100.0 * whole / (n + c['not checked']):6.1f}%"
-    return (f"{label:28s} {n + c['not checked']:7d} {n:7d} {c['killed']:7d} {c['timeout']:8d} {c['slow']:5d} {c['equivalent']:10d} "
-            f"{c['survived']:5d} {c['no tests']:8d} {c['not checked']:8d} {score:6.1f}% {estimate:>9s}")
+    return (f"{label:28s} {n + c['not checked']:7d} {n:7d} {c['killed']:7d} {c['timeout']:8d} {c['slow']:5d} "
+            f"{c['equivalent']:10d} {c['survived']:5d} {c['no tests']:8d} {c['not checked']:8d} {score:6.1f}% {estimate:>9s}")
 
 
 def table(modules: list[str]) -> str:

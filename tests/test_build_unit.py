@@ -313,17 +313,16 @@ def test_build_parts_sets_deterministic_algorithms_and_leaves_the_loader_workers
 
 
 def test_a_resumed_runs_tensorboard_curves_continue_from_the_checkpoints_step(tmp_path):
-    """A killed run logged steps 1-10; resumed from step 5's checkpoint, the logger build_logger makes drops steps
-    6-10, read back with TensorBoard's own reader."""
+    """A killed run logged steps 1-10; resumed from step 5's checkpoint, the trainer's logger (build_trainer's factory,
+    called with the step it resumes at) drops steps 6-10, read back with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = _composed([*TINY, "logger=[tensorboard]"])
-    settings = check_config(cfg)
-    first = build.build_logger(cfg, tmp_path, settings)
+    trainer = build.build_trainer(compose_cfg([*TINY, "trainer.device=cpu", "logger=[tensorboard]"]), tmp_path)
+    first = trainer.loggers(0)
     for step in range(1, 11):
         first.scalar("train/loss", float(step), step)
     first.close()
-    resumed = build.build_logger(cfg, tmp_path, settings, resume_step=5)
+    resumed = trainer.loggers(5)
     resumed.scalar("train/loss", 60.0, 6)
     resumed.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))

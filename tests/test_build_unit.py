@@ -346,3 +346,56 @@ def test_a_launched_process_asks_torch_for_its_group_with_the_configured_backend
                      "trainer.dist_timeout=7s"])
     build.build_parts(cfg, check_config(cfg))
     assert calls == [{"backend": "gloo", "timeout": datetime.timedelta(seconds=7)}]
+
+
+def test_a_compiled_model_is_checked_first_and_compiled_in_the_configured_mode(monkeypatch):
+    """``trainer.compile=max-autotune``: the support check runs for the run's device (here without a C++ compiler:
+    refused in one line), then torch.compile gets the model and the mode; torch's call is recorded instead of run
+    (compiling on the CPU takes minutes)."""
+    import shutil
+
+    calls = []
+
+    def recording(model, **kwargs):
+        calls.append((model, kwargs))
+        return model
+
+    monkeypatch.setattr(torch, "compile", recording)
+    cfg = _composed([*TINY, "trainer.compile=max-autotune"])
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError) as exc:
+        build.build_model(cfg, torch.device("cpu"), check_config(cfg))
+    assert str(exc.value) == NO_COMPILER and calls == []
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    model = build.build_model(cfg, torch.device("cpu"), check_config(cfg))
+    assert len(calls) == 1 and calls[0][0] is model and calls[0][1] == {"mode": "max-autotune"}
+    assert type(model).__name__ == "UNet"
+
+
+def test_under_several_processes_the_model_is_wrapped_in_ddp_as_configured(monkeypatch):
+    """Two processes on the CPU: DistributedDataParallel gets the model itself, no device ids (CPU modules take
+    none) and ``trainer.find_unused_parameters``; no SyncBatchNorm off CUDA. torch's wrapper is recorded instead
+    of run (it needs a process group; tests/test_distributed.py runs the real one)."""
+    from torch import nn
+
+    from segrun.engine import distributed as dist
+
+    calls = []
+
+    class Recording(nn.Module):
+        def __init__(self, module, **kwargs):
+            super().__init__()
+            calls.append((module, kwargs))
+            self.module = module
+
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", Recording)
+    cfg = _composed([*TINY, "trainer.find_unused_parameters=true", "trainer.sync_bn=true"])
+    monkeypatch.setattr(dist, "world_size", lambda: 1)
+    assert type(build.build_model(cfg, torch.device("cpu"), check_config(cfg))).__name__ == "UNet" and calls == []
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    wrapped = build.build_model(cfg, torch.device("cpu"), check_config(cfg))
+    assert isinstance(wrapped, Recording) and len(calls) == 1
+    module, kwargs = calls[0]
+    assert module is wrapped.module and type(module).__name__ == "UNet"
+    assert kwargs == {"device_ids": None, "find_unused_parameters": True}
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())

@@ -25,6 +25,9 @@ command -v mutmut >/dev/null || { echo "error: mutmut is not installed (pip inst
 
 # a forked child that inherits a busy OpenMP pool can deadlock: one thread per test process
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# each mutant's forked pytest run leaves a basetemp that pytest's own cleanup keeps (its lock is never released):
+# about 66 GB in /tmp over 7,000 mutants filled the disk once; keep them under mutants/tmp, removed after the run
+export PYTEST_DEBUG_TEMPROOT="$PWD/mutants/tmp"
 JOBS=${JOBS:-1}
 MODULES=("$@")
 if [ ${#MODULES[@]} -eq 0 ]; then
@@ -35,7 +38,7 @@ if [ ${#MODULES[@]} -eq 0 ]; then
              segrun.report segrun.engine.trust segrun.eval segrun.export segrun.engine.preempt segrun.class_weights
              segrun.data.bad_samples segrun.checks)
 fi
-mkdir -p mutants
+mkdir -p mutants "$PYTEST_DEBUG_TEMPROOT"
 if [ "${REPORT_ONLY:-0}" != 1 ]; then
     TARGETS=()
     if [ -n "${SAMPLE:-}" ]; then
@@ -55,6 +58,7 @@ if [ "${REPORT_ONLY:-0}" != 1 ]; then
         echo "mutmut run over ${MODULES[*]} (log: mutants/run.log)" >&2
     fi
     [ ${#TARGETS[@]} -eq 0 ] || nice -n 10 mutmut run --max-children "$JOBS" "${TARGETS[@]}" > mutants/run.log 2>&1 || true
+    rm -rf "$PYTEST_DEBUG_TEMPROOT"
 fi
 
 mutmut results --all true > mutants/results.txt 2>/dev/null

@@ -242,16 +242,14 @@ def test_a_checkpoint_without_a_seed_still_evaluates(tmp_path):
     assert run(_cfg(ckpt, f"out={tmp_path / 'e'}"))["images"] == 2
 
 
-def test_pixels_of_the_ignore_label_are_left_out_of_the_scores(tmp_path):
-    """The checkpoint's dataset says which label is ignored (here 2, inside the class range, so leaving it out
-    is the ignore rule's doing and not a range check): eval counts only the 128 other pixels of a 16x16 mask
-    whose lower half is 2 -- the same rule as validation."""
+def _half_labelled_folder(root: Path, lower: int) -> Path:
+    """A folder dataset of one 16x16 image per split (a train, b val) whose mask is 1 in its upper half and
+    ``lower`` in its lower half."""
     from PIL import Image
 
-    root = tmp_path / "data"
     for d in ("images", "masks", "splits"):
         (root / d).mkdir(parents=True)
-    mask = np.full((16, 16), 2, np.uint8)
+    mask = np.full((16, 16), lower, np.uint8)
     mask[:8] = 1
     for name in ("a", "b"):
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
@@ -259,6 +257,14 @@ def test_pixels_of_the_ignore_label_are_left_out_of_the_scores(tmp_path):
         Image.fromarray(mask).save(root / "masks" / f"{name}.png")
     (root / "splits" / "train.txt").write_text("a\n")
     (root / "splits" / "val.txt").write_text("b\n")
+    return root
+
+
+def test_pixels_of_the_ignore_label_are_left_out_of_the_scores(tmp_path):
+    """The checkpoint's dataset says which label is ignored (here 2, inside the class range, so leaving it out
+    is the ignore rule's doing and not a range check): eval counts only the 128 other pixels of a 16x16 mask
+    whose lower half is 2 -- the same rule as validation."""
+    root = _half_labelled_folder(tmp_path / "data", 2)
     ckpt = tmp_path / "best.pt"
     make_checkpoint(ckpt, ["dataset=folder", f"dataset.root={root}", "dataset.num_classes=3", "dataset.crop_size=16",
                            "dataset.base_size=16", "dataset.ignore_index=2", "dataset.class_names=[bg,one,two]",
@@ -578,19 +584,7 @@ def test_another_dataset_lends_its_crop_and_ignore_value_to_the_checkpoints_vali
 def test_label_255_is_ignored_when_nothing_says_otherwise_even_inside_the_class_range(tmp_path):
     """With 260 classes 255 is a class number, so only the ignore rule leaves it out: a checkpoint and dataset config
     that name no ignore value score the 128 pixels labelled 1 of a 16x16 mask whose lower half is 255."""
-    from PIL import Image
-
-    root = tmp_path / "data"
-    for d in ("images", "masks", "splits"):
-        (root / d).mkdir(parents=True)
-    mask = np.full((16, 16), 255, np.uint8)
-    mask[:8] = 1
-    for name in ("a", "b"):
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
-            root / "images" / f"{name}.png")
-        Image.fromarray(mask).save(root / "masks" / f"{name}.png")
-    (root / "splits" / "train.txt").write_text("a\n")
-    (root / "splits" / "val.txt").write_text("b\n")
+    root = _half_labelled_folder(tmp_path / "data", 255)
     ckpt = tmp_path / "best.pt"
     state = make_checkpoint(ckpt, ["dataset=folder", f"dataset.root={root}", "dataset.num_classes=260", "dataset.crop_size=16",
                                    "dataset.base_size=16", "dataset.ignore_index=300", "model.width=4", "model.depth=2",

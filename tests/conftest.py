@@ -3,6 +3,7 @@
 ``pytest -m "not slow"`` leaves out the tests marked ``slow`` (subprocess, fault and real-engine
 tests: see docs/testing.md); the marker is registered in pyproject.toml."""
 
+import fcntl
 import logging
 import os
 
@@ -37,6 +38,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     the files' order."""
     if hasattr(config, "workerinput"):  # an xdist worker: every worker sorts alike, as xdist requires
         items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
+@pytest.fixture(autouse=True)
+def _alone_tests_run_alone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Spread over workers, a test marked ``alone`` holds the machine to itself: it takes an exclusive lock that
+    every other test takes shared, so it starts once the running tests end and the others wait for it. Sharing
+    two cores with other tests, the 4-rank gloo runs of tests/test_multinode.py aborted a rank at random; alone
+    they behave as in a one-process run. The lock file is in the run's shared pytest temporary folder (each
+    worker's own is one level down)."""
+    if not hasattr(request.config, "workerinput"):
+        yield
+        return
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(tmp_path_factory.getbasetemp().parent / "alone.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(autouse=True)

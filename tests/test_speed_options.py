@@ -146,8 +146,9 @@ def test_cuda_prefetcher_overlaps_and_matches():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_precision_trains_and_resumes(tmp_path, precision):
+    # grad_clip: at fp16 the gradients are unscaled before clipping (the scaler's unscale_ of the optimizer)
     args = [f"trainer.precision={precision}", "trainer.device=cuda", "logger=[]", "trainer.epochs=2",
-            "trainer.deterministic=true", "trainer.ema.decay=0.9"]
+            "trainer.deterministic=true", "trainer.ema.decay=0.9", "trainer.grad_clip=1.0"]
     full = make_trainer(tmp_path / "full", args)
     assert full.scaler.is_enabled() == (precision == "fp16")
     full.fit()

@@ -5,9 +5,12 @@ and checkpoint state, the logger calls. The loop's numbers are checked elsewhere
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import re
+import types
 from importlib.metadata import version
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 
 from segrun.engine.checkpoint import load_checkpoint, save_checkpoint
 from segrun.engine.settings import TrainSettings
-from segrun.engine.trainer import Trainer, _config_diff, _LossWindow, _prefixed
+from segrun.engine.trainer import NonFiniteLossError, Trainer, _config_diff, _LossWindow, _prefixed
 from segrun.errors import SegrunError
 
 from helpers.parts import hand_made_parts
@@ -590,3 +593,278 @@ def test_training_autocasts_at_the_configured_precision(tmp_path):
         assert torch.mm(a, b).dtype == torch.bfloat16
     with trainer(tmp_path / "fp32", epochs=1).autocast():
         assert torch.mm(a, b).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop's arithmetic and timing against hand-made references
+# ----------------------------------------------------------------------------------------------
+def _normalised(images: torch.Tensor) -> torch.Tensor:
+    """helpers.parts' normalisation written out: (x / 255 - 0.4) / 0.3 on every channel."""
+    return (images.float() / 255 - 0.4) / 0.3
+
+
+class _TopRowsIgnored(torch.utils.data.Dataset):
+    """Pixels' images with labels 1 (dark) and 2 (bright); the top two rows are 0, the ignore value, which lies
+    inside the class range here (3 classes), so only the ignore value itself can leave them out. Every image keeps
+    48 labelled pixels."""
+
+    def __init__(self):
+        from helpers.parts import Pixels
+
+        self.pixels = Pixels()
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, key):
+        item = self.pixels[key]
+        label = item["label"] + 1
+        label[:2] = 0
+        return {**item, "label": label}
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_a_frozen_models_training_metrics_match_a_hand_count(tmp_path, batch_size):
+    """lr 0: the weights never move, so an epoch's train loss, pixel accuracy and mIoU are the model's on the
+    eight images, counted here over the labelled pixels only. Every image has 48 of them and every batch as many
+    images, so the mean of the batch losses is the mean over all labelled pixels (4 batches, or 1)."""
+    from segrun.build import DatasetMeta
+    from segrun.data.loader import build_loader
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1))
+    t = trainer(tmp_path, epochs=1, batch_size=batch_size, sgd={"lr": 0.0}, logger=Recorder(), model=model)
+    t.meta = DatasetMeta(["void", "dark", "bright"], [[9, 9, 9], [0, 0, 0], [255, 255, 255]], 3, 0, [0.4] * 3, [0.3] * 3)
+    t.criterion = torch.nn.CrossEntropyLoss(ignore_index=0)
+    t.train_loader = t.batches = build_loader(_TopRowsIgnored(), batch_size, train=True)
+    t.open_logger()
+    metrics = t.train_one_epoch(1)
+
+    data, nll, labelled, mat = _TopRowsIgnored(), 0.0, 0, torch.zeros(3, 3)
+    with torch.no_grad():
+        for i in range(8):
+            logits = model(_normalised(data[i]["image"][None]))[0]  # 3 x 8 x 8
+            y = data[i]["label"].long()
+            keep = y != 0
+            nll += float(-logits.log_softmax(0).gather(0, y[None])[0][keep].sum())
+            labelled += int(keep.sum())
+            for true, pred in zip(y[keep].tolist(), logits.argmax(0)[keep].tolist()):
+                mat[true, pred] += 1
+    assert labelled == 8 * 48
+    ious = [mat[c, c] / (mat[c].sum() + mat[:, c].sum() - mat[c, c]) for c in range(3)
+            if mat[c].sum() + mat[:, c].sum() > 0]
+    assert metrics["loss"] == pytest.approx(nll / labelled, rel=1e-5)
+    assert metrics["pixel_acc"] == pytest.approx(float(mat.diag().sum() / labelled))
+    assert metrics["mIoU"] == pytest.approx(float(sum(ious) / len(ious)))
+
+
+def test_accumulation_steps_on_each_groups_mean_gradient_even_a_short_last_group(tmp_path):
+    """accumulate=3 over 4 batches: optimizer steps after batches 3 and 4, the first on the mean of three batches'
+    gradients, the last on batch 4's alone (a group of one). Plain SGD redone by hand at the poly schedule's two
+    rates gives the same weights; afterwards no gradient is kept (freed, not zeroed)."""
+    t = trainer(tmp_path, epochs=1, accumulate=3, logger=Recorder())
+    ref = copy.deepcopy(t.model)
+    t.train_loader.sampler.set_epoch(1)
+    batches = list(t.train_loader)
+    assert len(batches) == 4 and t.iters_per_epoch == 2
+    t.open_logger()
+    t.train_one_epoch(1)
+    for group, lr in zip((batches[:3], batches[3:]), (0.1, 0.1 * (1 - 1 / 2) ** 0.9)):  # poly, 2 steps, power 0.9
+        grads = [torch.zeros_like(p) for p in ref.parameters()]
+        for b in group:
+            loss = torch.nn.functional.cross_entropy(ref(_normalised(b["image"])), b["label"].long())
+            for g, d in zip(grads, torch.autograd.grad(loss, list(ref.parameters()))):
+                g += d / len(group)
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads):
+                p -= lr * g
+    for a, b in zip(t.model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert t.global_step == 2 and all(p.grad is None for p in t.model.parameters())
+
+
+def test_run_step_alone_is_one_plain_sgd_step_on_its_batch(tmp_path):
+    t = trainer(tmp_path, epochs=1, sgd={"lr": 1.0})
+    ref = copy.deepcopy(t.model)
+    batch = next(iter(t.train_loader))
+    loss, _, labels = t.run_step(batch)
+    expected = torch.nn.functional.cross_entropy(ref(_normalised(batch["image"])), batch["label"].long())
+    grads = torch.autograd.grad(expected, list(ref.parameters()))
+    assert float(loss) == pytest.approx(float(expected.detach())) and labels.dtype == torch.int64
+    for p, q, g in zip(t.model.parameters(), ref.parameters(), grads):
+        torch.testing.assert_close(p, q - g)  # lr 1: the weights move by exactly the gradient
+    assert t.global_step == 1 and all(p.grad is None for p in t.model.parameters())
+
+
+@pytest.mark.parametrize("log_every, accumulate, stopped_at, blamed", [(1, 1, 3, 3), (2, 1, 4, 3), (2, 2, 2, 2)])
+def test_a_non_finite_loss_stops_the_run_at_the_next_log_point(tmp_path, log_every, accumulate, stopped_at, blamed):
+    """The third (micro-)batch's loss is NaN. The host looks at the losses at log points only (every log_every
+    batches): the run stops at the first one after it, naming the optimizer step the batch fed (with accumulate=2,
+    micro-batch 3 feeds step 2)."""
+    t = trainer(tmp_path, epochs=2, log_every=log_every, accumulate=accumulate, logger=Recorder())
+    criterion, calls = t.criterion, []
+
+    def nan_on_the_third(outputs, labels):
+        calls.append(1)
+        loss = criterion(outputs, labels)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    t.criterion = nan_on_the_third
+    with pytest.raises(NonFiniteLossError, match=rf"^loss became non-finite at epoch 1, step {blamed} \(global\)"):
+        t.fit()
+    assert t.global_step == stopped_at
+
+
+def test_a_trial_hears_each_validation_and_nothing_else(tmp_path):
+    t = trainer(tmp_path, epochs=3, val_every=2, logger=Recorder())
+    t.trial = StandInTrial(prune=False)
+    t.fit()
+    assert t.trial.calls == [(2, t.history[1]["val/mIoU"], True), (3, t.history[2]["val/mIoU"], False)]
+
+
+def test_a_stop_asked_during_validation_ends_the_run_at_the_epochs_end(tmp_path, monkeypatch):
+    from segrun.engine import preempt
+
+    t = trainer(tmp_path, epochs=3, logger=Recorder())
+    validate, validated = t.validate, []
+    monkeypatch.setattr(t, "validate", lambda epoch: validated.append(epoch) or validate(epoch))
+    monkeypatch.setattr(preempt, "requested", lambda: 15 if validated else None)  # SIGTERM while validating
+    with pytest.raises(preempt.Preempted) as exc:
+        t.fit()
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert str(exc.value) == (f"stopped by SIGTERM at the end of epoch 1 (step 4); {last} holds this point: "
+                              f"resume with trainer.resume={last}")
+    assert load_checkpoint(last)["epoch"] == 1 and [h["epoch"] for h in t.history] == [1]
+
+
+def test_the_logged_throughput_is_images_over_the_clock(tmp_path, monkeypatch):
+    from segrun.engine import trainer as trainer_module
+
+    ticks = iter(range(1000))  # the trainer's clock moves one second each time it is read
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    log = Recorder()
+    trainer(tmp_path, epochs=1, logger=log).fit()
+    assert [c[1][1] for c in log.calls if c[0] == "scalar" and c[1][0] == "train/img_per_s"] == [4.0, 4.0]  # 2 x 2 / 1 s
+
+
+def test_the_throughput_counts_every_ranks_images(monkeypatch):
+    from segrun.engine import trainer as trainer_module
+
+    clock = iter([100.0, 100.5, 100.5])  # start, flush, restart
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(trainer_module.dist, "world_size", lambda: 2)
+    monkeypatch.setattr(trainer_module.dist, "all_reduce_mean", lambda t: t)
+    w = _LossWindow(torch.device("cpu"), 0)
+    w.add(torch.tensor(1.0), 4)
+    assert w.flush() == (1.0, 16.0)  # 4 images on each of 2 ranks in 0.5 s
+
+
+def test_the_progress_bar_shows_loss_lr_and_speed_and_goes_away(tmp_path, capsys, monkeypatch):
+    """The bar counts batches (from those a mid-epoch checkpoint already trained), shows the window's loss, the
+    learning rate and images/s at log points, and is erased when the epoch ends. tqdm redraws at most every 0.1 s,
+    so the counts and postfixes are recorded from the bar itself."""
+    import tqdm
+
+    from segrun.engine import preempt
+    from segrun.engine import trainer as trainer_module
+
+    class Bar(tqdm.tqdm):
+        made: list = []
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.counts, self.postfixes = [self.n], []
+            Bar.made.append(self)
+
+        def update(self, n=1):
+            super().update(n)
+            self.counts.append(self.n)
+
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            self.postfixes.append(kwargs)
+            super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "tqdm", Bar)
+    trainer(tmp_path / "shown", epochs=1, progress=True).fit()
+    err = capsys.readouterr().err
+    (bar,) = Bar.made
+    assert bar.counts == [0, 2, 4] and len(bar.postfixes) == 2  # log_every=2
+    for postfix in bar.postfixes:
+        assert list(postfix) == ["loss", "lr", "img_s"]
+        assert re.fullmatch(r"\d\.\d{4}", postfix["loss"]) and re.fullmatch(r"\d\.\d\de[-+]\d\d", postfix["lr"])
+        assert re.fullmatch(r"\d+\.\d", postfix["img_s"])
+    assert bar.postfixes[0]["lr"] == f"{0.1 * (1 - 2 / 4) ** 0.9:.2e}"
+    assert "epoch 1/1" in err and not re.search(r"epoch 1/1[^\r\n]*\n", err)  # erased, not left as a line
+    stopped = trainer(tmp_path / "run", epochs=1)
+    monkeypatch.setattr(preempt, "requested", lambda: 15 if stopped.global_step >= 2 else None)
+    with pytest.raises(preempt.Preempted):
+        stopped.fit()
+    monkeypatch.setattr(preempt, "requested", lambda: None)
+    resumed = trainer(tmp_path / "run", epochs=1, progress=True)
+    resumed.resume(tmp_path / "run" / "checkpoints" / "last.pt")
+    Bar.made.clear()
+    resumed.fit()
+    assert Bar.made[0].counts == [2, 4]  # resumed after batch 2 of 4
+
+
+def test_the_confusion_picture_is_titled_with_the_best_epoch(tmp_path, monkeypatch):
+    from segrun.engine import trainer as trainer_module
+
+    render, titles = trainer_module.render_confusion_png, []
+
+    def recording(mat, names, path, **kwargs):
+        titles.append(kwargs.get("title"))
+        return render(mat, names, path, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "render_confusion_png", recording)
+    trainer(tmp_path, epochs=2, sgd={"lr": 0.0}).fit()  # lr 0: only the first validation is a new best
+    assert titles == ["validation, epoch 1"]
+
+
+def test_prefetching_follows_the_setting_and_the_device(tmp_path, monkeypatch):
+    """prefetch=auto prefetches on CUDA only. A Trainer is built for a CUDA device here with the prefetcher (which
+    makes a CUDA stream) recorded instead of made; on the CPU, prefetch=true yields the loader's batches."""
+    import dataclasses
+
+    from segrun.data.prefetch import DevicePrefetcher
+    from segrun.engine import trainer as trainer_module
+
+    from helpers.parts import hand_made_parts
+
+    def build(setting, device):
+        model = torch.nn.Conv2d(3, 2, 1)
+        parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, 4)
+        parts = dataclasses.replace(parts, device=torch.device(device))
+        return Trainer(parts, TrainSettings(epochs=1, progress=False, prefetch=setting), tmp_path / f"{setting}-{device}")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "DevicePrefetcher", lambda loader, device: ("prefetcher", loader, device))
+        for setting, device, prefetches in (("auto", "cuda", True), ("auto", "cpu", False), ("false", "cuda", False),
+                                            ("true", "cpu", True)):
+            t = build(setting, device)
+            expected = ("prefetcher", t.train_loader, torch.device(device)) if prefetches else t.train_loader
+            assert t.batches == expected, (setting, device)
+    t = build("true", "cpu")
+    assert isinstance(t.batches, DevicePrefetcher)
+    t.train_loader.sampler.set_epoch(1)
+    expected = list(t.train_loader)
+    t.train_loader.sampler.set_epoch(1)
+    got = list(t.batches)
+    assert len(got) == 4 and all(torch.equal(a["image"], b["image"]) for a, b in zip(got, expected))
+
+
+def test_a_cpu_trainer_warns_nothing_and_opens_tensorboard_at_its_step(tmp_path, monkeypatch):
+    """No fp16 on the CPU: the grad scaler stays off without torch's "CUDA is not available" warning. Without a
+    logger factory the trainer opens TensorBoard at the step the run stands at (which drops the events past it:
+    tests/test_build_unit.py reads them back)."""
+    import warnings
+
+    from segrun.engine import trainer as trainer_module
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = trainer(tmp_path, epochs=1)
+    assert not t.scaler.is_enabled()
+    monkeypatch.setattr(trainer_module, "TensorBoard", lambda run_dir, resume_step=0: ("TensorBoard", run_dir, resume_step))
+    t.global_step = 3
+    assert t.open_logger() == ("TensorBoard", tmp_path, 3)

@@ -6,6 +6,7 @@ and checkpoint state, the logger calls. The loop's numbers are checked elsewhere
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -34,13 +35,16 @@ class Recorder:
         return lambda *args, **kwargs: self.calls.append((name, args))
 
 
-def trainer(tmp_path, epochs=2, batch_size=2, logger=None, width=4, sgd=None, model=None, **settings) -> Trainer:
+def trainer(tmp_path, epochs=2, batch_size=2, logger=None, width=4, sgd=None, model=None, device="cpu",
+            **settings) -> Trainer:
+    """A Trainer on helpers.parts' data; ``device`` only labels the parts (a "cuda" one is never used here)."""
     torch.manual_seed(0)
     if model is None:
         model = torch.nn.Sequential(torch.nn.Conv2d(3, width, 1), torch.nn.ReLU(), torch.nn.Conv2d(width, 2, 1))
     s = TrainSettings(**{"epochs": epochs, "progress": False, "log_every": 2, "vis_samples": 0, **settings})
     steps = epochs * math.ceil(8 // batch_size / s.accumulate)
     parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), **(sgd or {"lr": 0.1})), batch_size, steps)
+    parts = dataclasses.replace(parts, device=torch.device(device))
     return Trainer(parts, s, tmp_path, config={"seed": 0, "trainer": {"epochs": epochs}}, overrides=["seed=0"],
                    loggers=(lambda step: logger) if logger is not None else None)
 
@@ -824,27 +828,17 @@ def test_the_confusion_picture_is_titled_with_the_best_epoch(tmp_path, monkeypat
 def test_prefetching_follows_the_setting_and_the_device(tmp_path, monkeypatch):
     """prefetch=auto prefetches on CUDA only. A Trainer is built for a CUDA device here with the prefetcher (which
     makes a CUDA stream) recorded instead of made; on the CPU, prefetch=true yields the loader's batches."""
-    import dataclasses
-
     from segrun.data.prefetch import DevicePrefetcher
     from segrun.engine import trainer as trainer_module
-
-    from helpers.parts import hand_made_parts
-
-    def build(setting, device):
-        model = torch.nn.Conv2d(3, 2, 1)
-        parts = hand_made_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, 4)
-        parts = dataclasses.replace(parts, device=torch.device(device))
-        return Trainer(parts, TrainSettings(epochs=1, progress=False, prefetch=setting), tmp_path / f"{setting}-{device}")
 
     with monkeypatch.context() as m:
         m.setattr(trainer_module, "DevicePrefetcher", lambda loader, device: ("prefetcher", loader, device))
         for setting, device, prefetches in (("auto", "cuda", True), ("auto", "cpu", False), ("false", "cuda", False),
                                             ("true", "cpu", True)):
-            t = build(setting, device)
+            t = trainer(tmp_path / f"{setting}-{device}", epochs=1, device=device, prefetch=setting)
             expected = ("prefetcher", t.train_loader, torch.device(device)) if prefetches else t.train_loader
             assert t.batches == expected, (setting, device)
-    t = build("true", "cpu")
+    t = trainer(tmp_path / "real", epochs=1, prefetch="true")
     assert isinstance(t.batches, DevicePrefetcher)
     t.train_loader.sampler.set_epoch(1)
     expected = list(t.train_loader)
